@@ -1,0 +1,208 @@
+"""Fix symbolic ONNX input dims and fold run-time shape computations before import.
+
+Exporters emit ``Shape -> Gather/Slice -> Concat -> Reshape`` chains for models with
+symbolic batch/height/width.  Once input shapes are fixed these chains are constants;
+folding them (ONNX shape inference + ``onnx.reference`` on the small shape tensors)
+gives the Relax frontend static Reshape targets.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, ModelImportError
+
+# Ops that are folded when all their inputs are known constants (shape arithmetic).
+_FOLDABLE = {
+    "Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Add", "Sub",
+    "Mul", "Div", "Floor", "Ceil", "Neg", "Abs", "Min", "Max", "Equal", "Less", "Greater",
+    "Where", "Not", "And", "Or", "Range", "ConstantOfShape", "Identity", "ReduceProd",
+    "Reshape", "Expand", "Constant", "Mod", "Sqrt",
+}
+# Do not materialise big tensors while folding (weights stay as the exporter wrote them).
+_MAX_FOLDED_ELEMENTS = 1 << 16
+
+
+def graph_inputs(proto) -> list[Any]:
+    """Graph inputs that are real inputs (not initializers)."""
+    inits = {i.name for i in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in inits]
+
+
+def fix_input_shapes(proto, overrides: dict[str, tuple[int, ...]], where: str):
+    """Write static dims into the graph inputs; returns (model, shapes, dtypes)."""
+    from onnx import helper
+
+    inputs = graph_inputs(proto)
+    names = [i.name for i in inputs]
+    resolved: dict[str, tuple[int, ...]] = {}
+    for key, shape in overrides.items():
+        if key == "":
+            if len(names) != 1:
+                raise ConfigError(f"{where}: --input-shape without a name is ambiguous; inputs are {', '.join(names)}")
+            key = names[0]
+        if key not in names:
+            raise ConfigError(f"{where}: --input-shape names {key!r}, but the inputs are {', '.join(names)}")
+        resolved[key] = shape
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for inp in inputs:
+        ttype = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in ttype.shape.dim]
+        if inp.name in resolved:
+            new = resolved[inp.name]
+            if len(new) != len(dims):
+                raise ConfigError(
+                    f"{where}: --input-shape {inp.name}:{'x'.join(map(str, new))} has rank {len(new)}, "
+                    f"but the model's input has rank {len(dims)} ({dims})"
+                )
+            for want, have in zip(new, dims):
+                if isinstance(have, int) and have > 0 and have != want:
+                    raise ConfigError(
+                        f"{where}: --input-shape {inp.name}:{'x'.join(map(str, new))} conflicts with the "
+                        f"model's static shape {dims}"
+                    )
+            dims = list(new)
+        unknown = [str(d) for d in dims if not (isinstance(d, int) and d > 0)]
+        if unknown:
+            raise ModelImportError(
+                f"{where}: input {inp.name!r} has symbolic dims {dims}; "
+                f"fix them with --input-shape {inp.name}:{'x'.join(map(str, dims))} (sizes in place of {', '.join(unknown)})"
+            )
+        shapes[inp.name] = tuple(int(d) for d in dims)
+        dtypes[inp.name] = helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+        del ttype.shape.dim[:]
+        for d in shapes[inp.name]:
+            ttype.shape.dim.add().dim_value = d
+    return proto, shapes, dtypes
+
+
+def fold_shape_computations(proto, max_rounds: int = 8):
+    """Replace shape-arithmetic nodes whose inputs are known by initializers."""
+    import onnx
+
+    for _ in range(max_rounds):
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        except Exception:  # inference is best effort; folding still helps without it
+            pass
+        if not _fold_once(proto):
+            break
+    return proto
+
+
+def _fold_once(proto) -> bool:
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    known: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    static_shapes = _static_shapes(graph)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
+    kept, folded = [], False
+    for node in graph.node:
+        value = _try_fold(node, known, static_shapes, opset)
+        if value is None:
+            kept.append(node)
+            continue
+        known[node.output[0]] = value
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        folded = True
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+        _drop_unused_initializers(graph)
+    return folded
+
+
+def _try_fold(node, known, static_shapes, opset) -> np.ndarray | None:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE or len(node.output) != 1:
+        return None
+    if node.op_type == "Shape":
+        shape = static_shapes.get(node.input[0])
+        if shape is None:
+            return None
+        start = _attr(node, "start", 0)
+        end = _attr(node, "end", None)
+        return np.array(shape[start:end], dtype=np.int64)
+    if node.op_type == "Size":
+        shape = static_shapes.get(node.input[0])
+        return None if shape is None else np.array(int(np.prod(shape)), dtype=np.int64)
+    inputs = [i for i in node.input if i]
+    if node.op_type != "Constant" and not all(i in known for i in inputs):
+        return None
+    if any(known[i].size > _MAX_FOLDED_ELEMENTS for i in inputs):
+        return None
+    value = _evaluate(node, [known[i] for i in inputs], opset)
+    if value is None or value.size > _MAX_FOLDED_ELEMENTS:
+        return None
+    return value
+
+
+def _evaluate(node, values: list[np.ndarray], opset: int) -> np.ndarray | None:
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {}
+    graph_inputs = []
+    for name, value in zip([i for i in node.input if i], values):
+        feeds[name] = value
+        graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+    out = helper.make_tensor_value_info(node.output[0], 0, None)
+    graph = helper.make_graph([node], "fold", graph_inputs, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        result = ReferenceEvaluator(model).run(None, feeds)[0]
+    except Exception:
+        return None  # leave the node for the frontend
+    return np.asarray(result)
+
+
+def _static_shapes(graph) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        ttype = vi.type.tensor_type
+        if not ttype.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        if all(d is not None for d in dims):
+            shapes[vi.name] = tuple(dims)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dropped = {i.name for i in graph.initializer if i.name not in used}
+    keep = [i for i in graph.initializer if i.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    # Old exporters also list initializers as graph inputs: drop those entries too.
+    inputs = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def check_reshapes_static(proto, where: str) -> None:
+    """Name the first Reshape whose target shape is still computed at run time."""
+    known = {i.name for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] not in known:
+            producer = next((n for n in proto.graph.node if node.input[1] in n.output), None)
+            what = f"{producer.op_type} node {producer.name!r}" if producer is not None else "a graph input"
+            raise ModelImportError(
+                f"{where}: Reshape node {node.name!r} takes its target shape from {what}, which "
+                "could not be folded to a constant with the given input shapes; "
+                "re-export the model with static shapes or simplify it (onnxsim)"
+            )
+
