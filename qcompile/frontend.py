@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, MissingDependencyError, ModelImportError, first_line
+from .manifest import sha256_file
 from .model import ImportedModel, ModelSource, TensorInfo
 
 # Default input sizes for torchvision models (batch 1, NCHW).
@@ -113,7 +114,7 @@ def import_pt2(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Imported
             program = torch.export.export(program.module(), tuple(examples))
         except Exception as exc:
             raise ModelImportError(f"model file {path}: re-export with static shapes failed: {first_line(exc)}") from exc
-    source = ModelSource("pt2", path.stem, str(path.resolve()), None, _sha256_file(path))
+    source = ModelSource("pt2", path.stem, str(path.resolve()), None, sha256_file(path))
     return _from_exported_program(program, source)
 
 
@@ -162,7 +163,7 @@ def import_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Importe
         mod = from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()}, dtype_dict=dtypes)
     except Exception as exc:
         raise ModelImportError(f"model file {path}: Relax ONNX import failed: {first_line(exc)}") from exc
-    source = ModelSource("onnx", path.stem, str(path.resolve()), None, _sha256_file(path))
+    source = ModelSource("onnx", path.stem, str(path.resolve()), None, sha256_file(path))
     return _finish(mod, source, output_names=[o.name for o in proto.graph.output])
 
 
@@ -231,14 +232,6 @@ def _single_input_shape(shapes: dict[str, tuple[int, ...]], default: tuple[int, 
 def _default_image_shape(name: str) -> tuple[int, ...]:
     size = _DEFAULT_IMAGE_SIZE.get(name, 224)
     return (1, 3, size, size)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sha256_state_dict(net) -> str:

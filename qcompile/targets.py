@@ -3,6 +3,7 @@
 TVM 0.27 accepts targets only as dicts (``{"kind": "llvm", "mcpu": ...}``); it rejects
 the ``"llvm -mcpu=..."`` strings TVMC users know.  This module accepts all of:
 
+* ``native``: this machine, from the CPU flags the kernel reports,
 * a preset name from ``targets/`` (``x86-avx512``, ``rpi4`` ...),
 * a path to a preset-style or target-dict JSON file,
 * an inline JSON object,
@@ -103,6 +104,10 @@ def resolve_target(spec: str) -> TargetSpec:
     text = spec.strip()
     if not text:
         raise ConfigError("--target is empty: give a preset (see `qcompile targets`) or e.g. 'llvm -mcpu=cascadelake'")
+    if text == "native":
+        from .hostcpu import native_target
+
+        return TargetSpec(name="native", target=native_target(), description="this machine (from /proc/cpuinfo)")
     preset = presets_dir() / f"{text}.json"
     if preset.is_file():
         return _load_preset_file(preset, text)

@@ -1,0 +1,150 @@
+"""Build: compile an imported (optionally quantized) model into one ``.so`` + manifest.
+
+The library and manifest are written under temporary names and renamed into place
+only when both are complete, so a failed build leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from .errors import BuildError, ConfigError, QcompileError, first_line
+from .manifest import Manifest, manifest_path, sha256_file
+from .model import ImportedModel
+from .targets import TargetSpec
+
+Progress = Callable[[str], None]
+
+_CROSS_INSTALL_HINT = {
+    "aarch64-linux-gnu-g++": "sudo apt-get install g++-aarch64-linux-gnu",
+}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built library and its manifest."""
+
+    library: Path
+    manifest: Manifest
+
+    @property
+    def manifest_file(self) -> Path:
+        return manifest_path(self.library)
+
+
+def build(
+    model: ImportedModel,
+    target: TargetSpec,
+    out_dir: Path,
+    name: str | None = None,
+    quantization: dict[str, Any] | None = None,
+    dump_ir: Path | None = None,
+    progress: Progress | None = None,
+) -> Artifact:
+    """Compile ``model`` for ``target``; write ``out_dir/name.so`` and its manifest."""
+    say = progress or (lambda _msg: None)
+    name = name or model.source.name
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"artifact name {name!r} is not a plain file name")
+    tvm_target = target.to_tvm()
+    fcompile = _export_compiler(target)
+    library = out_dir / f"{name}.so"
+
+    started = time.perf_counter()
+    say(f"compiling {model.source.name} for {target.name} ...")
+    try:
+        from .pipeline import compile_module
+
+        executable = compile_module(model.mod, tvm_target, dump_ir=dump_ir)
+    except QcompileError:
+        raise
+    except Exception as exc:
+        raise BuildError(f"compiling {model.source.name} for {target.name} failed: {first_line(exc)}") from exc
+    compile_s = time.perf_counter() - started
+
+    say(f"exporting {library} ...")
+    from .hostcpu import required_features
+
+    with _atomic_outputs(out_dir, [library, manifest_path(library)]) as (tmp_lib, tmp_manifest):
+        try:
+            executable.export_library(str(tmp_lib), fcompile=fcompile)
+        except Exception as exc:
+            raise BuildError(f"exporting {library} failed: {first_line(exc)}") from exc
+        manifest = Manifest(
+            model=model.source.to_json(),
+            inputs=list(model.inputs),
+            outputs=list(model.outputs),
+            target=target.to_json(),
+            library={"file": library.name, "sha256": sha256_file(tmp_lib), "bytes": tmp_lib.stat().st_size},
+            quantization=quantization or {"scheme": "none"},
+            cpu_features=required_features(tvm_target if not target.is_gpu else tvm_target.host),
+            versions=_versions(),
+            build={
+                "compile_seconds": round(compile_s, 2),
+                "host": platform.node(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+        manifest.write(tmp_manifest)
+    say(f"wrote {library} ({library.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
+    return Artifact(library=library, manifest=manifest)
+
+
+def _export_compiler(target: TargetSpec):
+    """``fcompile`` for export_library: the cross-compiler when the target needs one."""
+    if not target.needs_cross_compile():
+        return None
+    compiler = target.cross_compiler
+    if not compiler:
+        raise ConfigError(
+            f"target {target.name!r} is for {target.triple} but no cross-compiler is known; "
+            "set \"cross_compiler\" in the target preset"
+        )
+    if shutil.which(compiler) is None:
+        hint = _CROSS_INSTALL_HINT.get(compiler, f"install {compiler}")
+        raise BuildError(f"cross-compiler {compiler} for target {target.name!r} is not installed: {hint}")
+    from tvm.support import cc
+
+    return cc.cross_compiler(compiler)
+
+
+@contextlib.contextmanager
+def _atomic_outputs(out_dir: Path, finals: list[Path]) -> Iterator[list[Path]]:
+    """Yield temporary paths in ``out_dir``; rename them onto ``finals`` only on success."""
+    created_dir = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
+    staging = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=out_dir))
+    temps = [staging / f.name for f in finals]
+    try:
+        yield temps
+        for tmp, final in zip(temps, finals):
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_dir and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _versions() -> dict[str, str]:
+    import tvm
+
+    versions = {"qcompile": __version__, "tvm": tvm.__version__, "python": sys.version.split()[0]}
+    try:
+        import tvm_ffi
+
+        versions["tvm_ffi"] = getattr(tvm_ffi, "__version__", "unknown")
+    except ImportError:
+        pass
+    return versions

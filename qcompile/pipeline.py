@@ -1,0 +1,74 @@
+"""The Relax compile pipeline, assembled in one place as named phases.
+
+1. ``inference``: fold batch-norm into conv, decompose training-style ops, fold constants.
+2. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
+                  (GPU backends add dlight schedules here).
+3. ``lower``:     the backend's dataflow lowering and VM finalisation.
+
+``dump_ir`` writes the module after each phase (``01-inference.py`` ...) for debugging.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import tvm
+from tvm import relax
+
+Phase = tuple[str, Callable[[tvm.target.Target], list]]
+
+
+def _inference_passes(_target: tvm.target.Target) -> list:
+    return [
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+    ]
+
+
+def _legalize_passes(target: tvm.target.Target) -> list:
+    return relax.pipeline.library_dispatch_passes(target) + relax.pipeline.legalize_passes(target)
+
+
+def _lower_passes(target: tvm.target.Target) -> list:
+    # relax.pipeline.dataflow_lower_passes() fails in TVM 0.27 (the backends do not export
+    # it); these four passes are what every backend's version returns.
+    dataflow_lower = [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+    ]
+    return dataflow_lower + relax.pipeline.finalize_passes(target)
+
+
+PHASES: list[Phase] = [
+    ("inference", _inference_passes),
+    ("legalize", _legalize_passes),
+    ("lower", _lower_passes),
+]
+
+
+def run_phases(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    phases: list[Phase] = PHASES,
+    dump_ir: Path | None = None,
+) -> tvm.IRModule:
+    """Apply ``phases`` in order under ``target``; optionally dump the IR after each."""
+    if dump_ir is not None:
+        dump_ir.mkdir(parents=True, exist_ok=True)
+        (dump_ir / "00-imported.py").write_text(mod.script())
+    with target:
+        for index, (name, make_passes) in enumerate(phases, start=1):
+            mod = tvm.transform.Sequential(make_passes(target), name=f"qcompile.{name}")(mod)
+            if dump_ir is not None:
+                (dump_ir / f"{index:02d}-{name}.py").write_text(mod.script())
+    return mod
+
+
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None):
+    """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``."""
+    lowered = run_phases(mod, target, dump_ir=dump_ir)
+    return tvm.compile(lowered, target, relax_pipeline=None)

@@ -1,0 +1,212 @@
+"""Run and benchmark built artifacts: numpy in, numpy out.
+
+Needs only TVM's runtime and numpy (never torch).  Inputs are checked against the
+manifest (names, shapes, dtypes) before they reach the library, and the library's
+hash and CPU requirements are checked before it is loaded.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import ArtifactError, RuntimeInputError, first_line
+from .manifest import Manifest, load_manifest, verify_library
+from .model import TensorInfo
+
+Inputs = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Latency statistics over ``repeat`` timed runs (each the mean of ``number`` calls)."""
+
+    times_ms: tuple[float, ...]
+    number: int
+    warmup: int
+    batch: int
+
+    def _pct(self, q: float) -> float:
+        return float(np.percentile(self.times_ms, q))
+
+    def to_json(self) -> dict[str, Any]:
+        median = self._pct(50)
+        return {
+            "median_ms": round(median, 4),
+            "mean_ms": round(float(np.mean(self.times_ms)), 4),
+            "p90_ms": round(self._pct(90), 4),
+            "p99_ms": round(self._pct(99), 4),
+            "min_ms": round(float(np.min(self.times_ms)), 4),
+            "max_ms": round(float(np.max(self.times_ms)), 4),
+            "std_ms": round(float(np.std(self.times_ms)), 4),
+            "repeat": len(self.times_ms),
+            "number": self.number,
+            "warmup": self.warmup,
+            "throughput_per_s": round(1000.0 * self.batch / median, 3) if median > 0 else None,
+        }
+
+
+def default_inputs(infos: Sequence[TensorInfo], seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for a smoke run (as TVMC's 'random' fill did)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for info in infos:
+        if np.dtype(info.dtype).kind == "f":
+            out[info.name] = rng.standard_normal(info.shape).astype(info.dtype)
+        else:
+            out[info.name] = rng.integers(0, 10, size=info.shape).astype(info.dtype)
+    return out
+
+
+def check_inputs(infos: Sequence[TensorInfo], inputs: Inputs) -> list[np.ndarray]:
+    """Validate ``inputs`` against ``infos``; return the arrays in signature order."""
+    names = [i.name for i in infos]
+    if isinstance(inputs, np.ndarray):
+        inputs = [inputs]
+    if isinstance(inputs, Mapping):
+        unknown = sorted(set(inputs) - set(names))
+        missing = [n for n in names if n not in inputs]
+        if unknown or missing:
+            raise RuntimeInputError(
+                f"inputs {unknown or ''}{' are unknown' if unknown else ''}"
+                f"{'; ' if unknown and missing else ''}{'missing ' + str(missing) if missing else ''}: "
+                f"the model takes {names}"
+            )
+        arrays = [inputs[n] for n in names]
+    else:
+        arrays = list(inputs)
+        if len(arrays) != len(names):
+            raise RuntimeInputError(f"got {len(arrays)} inputs, the model takes {len(names)}: {names}")
+    checked = []
+    for info, arr in zip(infos, arrays):
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != tuple(info.shape):
+            raise RuntimeInputError(
+                f"input {info.name!r} has shape {list(arr.shape)}, the model expects {list(info.shape)}"
+            )
+        if arr.dtype != np.dtype(info.dtype):
+            raise RuntimeInputError(
+                f"input {info.name!r} has dtype {arr.dtype}, the model expects {info.dtype} "
+                f"(convert with .astype('{info.dtype}'))"
+            )
+        checked.append(np.ascontiguousarray(arr))
+    return checked
+
+
+class CompiledModel:
+    """A loaded artifact: ``run`` numpy inputs, ``benchmark`` latency."""
+
+    def __init__(self, library: Path, manifest: Manifest, vm, device) -> None:
+        self.library = library
+        self.manifest = manifest
+        self._vm = vm
+        self._device = device
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return list(self.manifest.inputs)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return list(self.manifest.outputs)
+
+    @classmethod
+    def load(cls, library: str | Path, verify: bool = True) -> "CompiledModel":
+        """Load ``library`` (and its manifest) on this machine."""
+        library = Path(library)
+        if not library.is_file():
+            raise ArtifactError(f"{library} does not exist")
+        manifest = load_manifest(library)
+        if verify:
+            verify_library(library, manifest)
+        _check_runs_here(library, manifest)
+        import tvm
+        from tvm import relax
+
+        try:
+            lib = tvm.runtime.load_module(str(library))
+        except Exception as exc:
+            raise ArtifactError(f"{library}: cannot load: {first_line(exc)}") from exc
+        device = _device_for(manifest, library)
+        return cls(library, manifest, relax.VirtualMachine(lib, device), device)
+
+    def default_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        return default_inputs(self.inputs, seed)
+
+    def _set_inputs(self, inputs: Inputs | None) -> None:
+        import tvm
+
+        arrays = check_inputs(self.inputs, self.default_inputs() if inputs is None else inputs)
+        self._vm.set_input("main", *[tvm.runtime.tensor(a, self._device) for a in arrays])
+
+    def run(self, inputs: Inputs | None = None) -> dict[str, np.ndarray]:
+        """Run once; returns ``{output name: array}``."""
+        self._set_inputs(inputs)
+        self._vm.invoke_stateful("main")
+        return self._collect_outputs()
+
+    def _collect_outputs(self) -> dict[str, np.ndarray]:
+        result = self._vm.get_outputs("main")
+        flat = _flatten(result)
+        names = [o.name for o in self.outputs]
+        if len(flat) != len(names):
+            raise ArtifactError(f"{self.library}: produced {len(flat)} outputs, the manifest lists {len(names)}")
+        return {n: t.numpy() for n, t in zip(names, flat)}
+
+    def benchmark(
+        self, inputs: Inputs | None = None, repeat: int = 50, warmup: int = 5, number: int = 1
+    ) -> BenchResult:
+        """Time ``repeat`` runs after ``warmup`` untimed ones (TVM's time evaluator)."""
+        if repeat < 1 or number < 1 or warmup < 0:
+            raise RuntimeInputError("benchmark needs repeat >= 1, number >= 1, warmup >= 0")
+        self._set_inputs(inputs)
+        for _ in range(warmup):
+            self._vm.invoke_stateful("main")
+        timer = self._vm.time_evaluator("invoke_stateful", self._device, number=number, repeat=repeat)
+        times = timer("main").results
+        batch = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else 1
+        return BenchResult(tuple(t * 1000.0 for t in times), number, warmup, batch)
+
+
+def _flatten(value) -> list:
+    if hasattr(value, "numpy"):
+        return [value]
+    out = []
+    for item in value:
+        out.extend(_flatten(item))
+    return out
+
+
+def _device_for(manifest: Manifest, library: Path):
+    import tvm
+
+    kind = manifest.target["target"]["kind"]
+    if kind == "llvm":
+        return tvm.cpu(0)
+    device = tvm.device(kind, 0)
+    if not device.exist:
+        raise ArtifactError(f"{library} was built for {kind}, but this machine has no {kind} device")
+    return device
+
+
+def _check_runs_here(library: Path, manifest: Manifest) -> None:
+    """Refuse (instead of crashing with SIGILL) artifacts this CPU cannot execute."""
+    from .hostcpu import missing_features
+
+    target = manifest.target["target"] if manifest.target["target"]["kind"] == "llvm" else (manifest.target.get("host") or {})
+    triple = str(target.get("mtriple") or "")
+    machine = platform.machine()
+    if triple and not triple.startswith(machine):
+        raise ArtifactError(
+            f"{library} was built for {triple}, this machine is {machine}: run it on the device "
+            "(copy the .so and its manifest) or over RPC"
+        )
+    missing = missing_features(manifest.cpu_features, triple)
+    if missing:
+        raise ArtifactError(
+            f"{library} was built for {manifest.target['name']!r} and uses {', '.join(missing)}, "
+            "which this CPU lacks: rebuild with --target native"
+        )
