@@ -111,9 +111,13 @@ def import_pt2(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Imported
                 static = tuple(shape)
             examples.append(torch.zeros(static, dtype=dtype))
         try:
-            program = torch.export.export(program.module(), tuple(examples))
+            # Guards pin the shapes the program was exported with; the new shapes replace them.
+            program = torch.export.export(program.module(check_guards=False), tuple(examples))
         except Exception as exc:
-            raise ModelImportError(f"model file {path}: re-export with static shapes failed: {first_line(exc)}") from exc
+            raise ModelImportError(
+                f"model file {path}: re-exporting at input shapes {[tuple(e.shape) for e in examples]} failed "
+                f"({first_line(exc)}); export the program with these shapes or with dynamic_shapes"
+            ) from exc
     source = ModelSource("pt2", path.stem, str(path.resolve()), None, sha256_file(path))
     return _from_exported_program(program, source)
 

@@ -1,0 +1,139 @@
+"""Shared fixtures: tiny models built in-process, and CLI runners.
+
+Everything is written under pytest's tmp_path; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qcompile.cli.main import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class TinyResNet(nn.Module):
+    """Conv-BN-ReLU stem, one residual block, pooling, dense head: the op mix of real CNNs."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = torch.relu(y + self.block(y))
+        y = self.pool(y).mean(dim=(2, 3))
+        return self.head(y)
+
+
+class ShapeHeadNet(nn.Module):
+    """Its ONNX export with dynamic axes computes Reshape targets from Shape at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        y = y.reshape(y.shape[0], y.shape[1], -1).mean(-1)
+        return self.fc(y.reshape(y.shape[0], -1))
+
+
+def make_tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = TinyResNet().eval()
+    with torch.no_grad():  # non-trivial BN statistics so folding is really tested
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+@pytest.fixture(scope="session")
+def tiny_net() -> nn.Module:
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_input() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype("float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_pt2(tmp_path_factory, tiny_net, tiny_input) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.pt2"
+    torch.export.save(torch.export.export(tiny_net, (torch.from_numpy(tiny_input),)), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_net, tiny_input) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    torch.onnx.export(tiny_net, (torch.from_numpy(tiny_input),), str(path), input_names=["input"],
+                      output_names=["logits"], dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dynamic_onnx(tmp_path_factory) -> Path:
+    """ShapeHeadNet exported with symbolic batch/height/width."""
+    torch.manual_seed(0)
+    net = ShapeHeadNet().eval()
+    path = tmp_path_factory.mktemp("models") / "dynamic.onnx"
+    torch.onnx.export(net, (torch.zeros(2, 3, 16, 16),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}}, dynamo=False)
+    return path
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli():
+    """Run ``qcompile ARGS`` in-process; returns exit code, stdout, stderr."""
+
+    def _run(*args: str) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse errors
+                code = int(exc.code or 0)
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return _run
+
+
+@pytest.fixture
+def cli_subprocess():
+    """Run the installed ``qcompile`` console script (what a user runs)."""
+
+    def _run(*args: str, timeout: int = 900) -> CliResult:
+        exe = Path(sys.executable).with_name("qcompile")
+        proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ))
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return _run

@@ -1,0 +1,122 @@
+"""Build: numerics against the source framework, manifest, cross-compile, CUDA, atomic failure."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from qcompile.build import build
+from qcompile.errors import BuildError
+from qcompile.frontend import import_model
+from qcompile.manifest import load_manifest, manifest_path, sha256_file
+from qcompile.runtime import CompiledModel
+from qcompile.targets import resolve_target
+
+HAS_CROSS = shutil.which("aarch64-linux-gnu-g++") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory, tiny_pt2):
+    out = tmp_path_factory.mktemp("build")
+    return build(import_model(str(tiny_pt2)), resolve_target("native"), out)
+
+
+def test_pt2_build_matches_pytorch(tiny_artifact, tiny_net, tiny_input):
+    outputs = CompiledModel.load(tiny_artifact.library).run({"x": tiny_input})
+    expected = tiny_net(torch.from_numpy(tiny_input)).detach().numpy()
+    np.testing.assert_allclose(outputs["output0"], expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_build_matches_onnxruntime(tmp_path, tiny_onnx, tiny_input):
+    artifact = build(import_model(str(tiny_onnx)), resolve_target("native"), tmp_path)
+    ours = CompiledModel.load(artifact.library).run({"input": tiny_input})["logits"]
+    theirs = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": tiny_input})[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_dynamic_onnx_with_input_shape_matches_onnxruntime(tmp_path, dynamic_onnx):
+    shape = (3, 3, 20, 12)
+    artifact = build(import_model(str(dynamic_onnx), {"input": shape}), resolve_target("native"), tmp_path)
+    x = np.random.default_rng(2).standard_normal(shape).astype("float32")
+    ours = CompiledModel.load(artifact.library).run({"input": x})["logits"]
+    theirs = ort.InferenceSession(str(dynamic_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert ours.shape == (3, 5)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_manifest_describes_the_build(tiny_artifact, tiny_pt2):
+    lib = tiny_artifact.library
+    assert lib.name == "tiny.so" and manifest_path(lib).name == "tiny.manifest.json"
+    data = json.loads(manifest_path(lib).read_text())
+    assert data["format"] == "qcompile-manifest/1"
+    assert data["model"]["kind"] == "pt2" and data["model"]["sha256"] == sha256_file(tiny_pt2)
+    assert data["inputs"] == [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+    assert data["outputs"] == [{"name": "output0", "shape": [1, 10], "dtype": "float32"}]
+    assert data["target"]["name"] == "native" and data["target"]["target"]["kind"] == "llvm"
+    assert data["quantization"] == {"scheme": "none"}
+    assert data["library"] == {"file": "tiny.so", "sha256": sha256_file(lib), "bytes": lib.stat().st_size}
+    assert {"qcompile", "tvm", "python"} <= set(data["versions"])
+    assert "avx2" in data["cpu_features"] or data["target"]["target"].get("mcpu") not in ("haswell", "cascadelake")
+    assert load_manifest(lib) == tiny_artifact.manifest
+
+
+def test_weights_are_inside_the_library(tiny_artifact):
+    # Only the .so and its manifest are written: no separate params file.
+    assert sorted(p.name for p in tiny_artifact.library.parent.iterdir()) == ["tiny.manifest.json", "tiny.so"]
+
+
+def test_batchnorm_is_folded(tmp_path, tiny_pt2):
+    dump = tmp_path / "ir"
+    build(import_model(str(tiny_pt2)), resolve_target("native"), tmp_path / "o", dump_ir=dump)
+    assert "batch_norm" in (dump / "00-imported.py").read_text()
+    assert "batch_norm" not in (dump / "01-inference.py").read_text()
+    assert {p.name for p in dump.iterdir()} >= {"02-legalize.py", "03-lower.py"}
+
+
+@pytest.mark.skipif(not HAS_CROSS, reason="aarch64-linux-gnu-g++ not installed (apt-get install g++-aarch64-linux-gnu)")
+def test_cross_compile_aarch64(tmp_path, tiny_pt2):
+    artifact = build(import_model(str(tiny_pt2)), resolve_target("llvm -mcpu=cortex-a72"), tmp_path)
+    described = subprocess.run(["file", str(artifact.library)], capture_output=True, text=True).stdout
+    assert "ARM aarch64" in described
+    assert artifact.manifest.target["target"]["mtriple"] == "aarch64-linux-gnu"
+    assert "neon" in artifact.manifest.cpu_features
+
+
+def test_cuda_build_compiles_without_gpu(tmp_path, tiny_pt2):
+    artifact = build(import_model(str(tiny_pt2)), resolve_target("cuda-sm80"), tmp_path)
+    assert artifact.library.stat().st_size > 0
+    assert artifact.manifest.target["target"] == {"kind": "cuda", "arch": "sm_80"}
+
+
+def test_missing_cross_compiler_leaves_nothing(tmp_path, tiny_pt2):
+    preset = tmp_path / "board.json"
+    preset.write_text(json.dumps({"target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53"},
+                                  "cross_compiler": "no-such-aarch64-g++"}))
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="cross-compiler no-such-aarch64-g\\+\\+ .* is not installed"):
+        build(import_model(str(tiny_pt2)), resolve_target(str(preset)), out)
+    assert not out.exists()
+
+
+def test_failed_export_leaves_no_partial_files(tmp_path, tiny_pt2, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+
+    def broken_export(self, *args, **kwargs):
+        Path(args[0]).write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    import tvm
+
+    monkeypatch.setattr(tvm.runtime.Executable, "export_library", broken_export)
+    with pytest.raises(BuildError, match="disk full"):
+        build(import_model(str(tiny_pt2)), resolve_target("native"), out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+

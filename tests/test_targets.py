@@ -1,0 +1,102 @@
+"""Target parsing: TVMC strings, presets, JSON, native, and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qcompile.cli.main import join_target_tokens
+from qcompile.errors import ConfigError
+from qcompile.targets import list_presets, parse_tvmc_string, resolve_target
+
+
+def test_tvmc_arm_cpu_without_triple_means_aarch64_linux():
+    spec = resolve_target("llvm -mcpu=cortex-a72")
+    assert spec.target == {"kind": "llvm", "mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu"}
+    assert spec.cross_compiler == "aarch64-linux-gnu-g++"
+    assert "arm_cpu" in list(spec.to_tvm().keys)
+
+
+def test_tvmc_full_string_with_list_attrs():
+    spec = parse_tvmc_string("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a72 -mattr=+neon,+dotprod")
+    assert spec.target["mattr"] == ["+neon", "+dotprod"]
+    assert bool(spec.to_tvm().attrs["feature.has_dotprod"])
+
+
+def test_tvmc_space_separated_value_and_ints():
+    spec = parse_tvmc_string("llvm -mcpu haswell -num-cores=4")
+    assert spec.target == {"kind": "llvm", "mcpu": "haswell", "num-cores": 4}
+    assert not spec.needs_cross_compile()
+
+
+def test_cuda_string_gets_llvm_host():
+    spec = resolve_target("cuda -arch=sm_86")
+    assert spec.is_gpu and spec.host == {"kind": "llvm"}
+    assert spec.to_tvm().host is not None
+
+
+@pytest.mark.parametrize("name", ["x86-avx512", "x86-avx2", "rpi4", "cuda-sm80"])
+def test_presets_resolve_and_validate(name):
+    spec = resolve_target(name)
+    assert spec.name == name and spec.description
+    spec.to_tvm()
+    assert spec.tuning.get("trials", 0) > 0
+
+
+def test_rpi4_preset_is_cross_compiled_cortex_a72():
+    spec = resolve_target("rpi4")
+    assert spec.target["mcpu"] == "cortex-a72" and spec.triple == "aarch64-linux-gnu"
+    assert spec.needs_cross_compile() and spec.cross_compiler == "aarch64-linux-gnu-g++"
+
+
+def test_list_presets_has_the_shipped_ones():
+    names = {p.name for p in list_presets()}
+    assert {"x86-avx512", "x86-avx2", "rpi4", "cuda-sm80"} <= names
+
+
+def test_native_matches_this_cpu():
+    spec = resolve_target("native")
+    assert spec.target["kind"] == "llvm" and not spec.needs_cross_compile()
+
+
+def test_inline_json_and_json_file(tmp_path):
+    spec = resolve_target('{"kind": "llvm", "mcpu": "haswell"}')
+    assert spec.target == {"kind": "llvm", "mcpu": "haswell"}
+    preset = tmp_path / "mine.json"
+    preset.write_text(json.dumps({"target": {"kind": "llvm", "mcpu": "skylake"}, "tuning": {"trials": 8}}))
+    spec = resolve_target(str(preset))
+    assert spec.name == "mine" and spec.target["mcpu"] == "skylake" and spec.tuning == {"trials": 8}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nosuchtarget", "unknown target 'nosuchtarget'"),
+        ("llvm -bogus=1", "Unknown config option 'bogus'"),
+        ("llvm -mcpu", "option -mcpu has no value"),
+        ("cuda", "needs -arch"),
+        ("-mcpu=haswell", "must start with a target kind"),
+        ("{not json", "malformed"),
+        ('{"mcpu": "x"}', "needs a 'kind'"),
+        ("missing.json", "does not exist"),
+        ("", "empty"),
+    ],
+)
+def test_bad_targets_raise_config_error(text, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_target(text)
+
+
+def test_unquoted_tvmc_target_tokens_are_joined():
+    argv = ["build", "resnet18", "--target", "llvm", "-mcpu=cortex-a72", "-mattr=+neon", "-o", "out/"]
+    assert join_target_tokens(argv) == ["build", "resnet18", "--target", "llvm -mcpu=cortex-a72 -mattr=+neon",
+                                        "-o", "out/"]
+    assert join_target_tokens(["build", "m", "--target", "rpi4", "--quiet"]) == ["build", "m", "--target", "rpi4",
+                                                                                 "--quiet"]
+
+
+def test_cli_targets_lists_presets(cli):
+    result = cli("targets")
+    assert result.code == 0
+    for name in ("native", "x86-avx512", "x86-avx2", "rpi4", "cuda-sm80"):
+        assert name in result.out
