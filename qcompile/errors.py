@@ -49,6 +49,12 @@ class MissingDependencyError(QcompileError):
     exit_code = 7
 
 
+class CalibrationError(QcompileError):
+    """Calibration data that is empty, non-finite or of the wrong shape."""
+
+    exit_code = 9
+
+
 def first_line(exc: BaseException, limit: int = 400) -> str:
     """The message part of a (possibly multi-line, traceback-carrying) exception."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]

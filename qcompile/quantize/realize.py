@@ -1,0 +1,266 @@
+"""Realize: turn QDQ regions into integer kernels.
+
+Input is any Relax module in QDQ form (``quantize``/``dequantize`` around float ops,
+weights as int8 constants behind ``dequantize``).  Matched regions become:
+
+* ``quantize([relu](conv2d|matmul(dq(xq), dq(Wq)) [+ dq(Bq)]))`` ->
+  ``conv2d|matmul(xq, Wq, out_dtype=int32) + (Bq - zx * sum(Wq))`` then requantize;
+  with a non-zero input zero point the input is padded with ``zx`` explicitly.
+* ``quantize(max_pool2d|reshape|...(dq(xq)))`` with the same scale -> the op on ``xq``.
+* ``quantize([relu](add(dq(a), dq(b))))`` and ``quantize(mean(dq(x)))`` -> integer inputs,
+  float32 arithmetic inside the fused kernel, integer output.
+
+Requantize: ``y = clip(round(float32(acc) * float32(sx * sw / sy)) + zy, lo, hi)`` with
+round-half-to-even (``relax.op.round``, like ``numpy.round``); a fused relu raises ``lo``
+to ``zy``.  Everything else is re-emitted unchanged: unmatched ops stay float, their
+boundaries are the remaining ``dequantize``/``quantize`` calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .ir import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
+
+_QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
+_SAME_SCALE = {"relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
+               "relax.squeeze", "relax.expand_dims"}
+
+
+@dataclass
+class RealizeReport:
+    """Which layers became integer and with which parameters (for the manifest)."""
+
+    layers: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Q:
+    """A quantized tensor: its integer var (new module) and scale/zero point."""
+
+    var: object
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+
+def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
+    """Rewrite QDQ regions of ``main`` into integer ops; returns the module and a report."""
+    func = mod["main"]
+    graph = Graph.from_main(func)
+    report = RealizeReport()
+    counters: dict[str, int] = {}
+
+    def dq_source(em: Emitter, expr) -> _Q | None:
+        """If ``expr`` is ``dequantize(xq, s, z)`` of a tensor, the integer side in the new module."""
+        call = graph.call_of(expr, "relax.dequantize")
+        if call is None:
+            return None
+        scale, zp = const_value(call.args[1]), const_value(call.args[2])
+        if scale is None or zp is None:
+            return None
+        return _Q(em.subst(call.args[0]), scale, zp, int(call.attrs.axis))
+
+    def weight_of(expr) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+        call = graph.call_of(expr, "relax.dequantize")
+        if call is None:
+            return None
+        values = [const_value(a) for a in call.args]
+        if any(v is None for v in values):
+            return None
+        return values[0], values[1], values[2], int(call.attrs.axis)
+
+    def rewrite(em: Emitter, var, value):
+        if op_name(value) != "relax.quantize":
+            return None
+        sy, zy = const_value(value.args[1]), const_value(value.args[2])
+        if sy is None or zy is None or sy.size != 1:
+            return None
+        out = _OutQ(float(sy.reshape(-1)[0]), int(zy.reshape(-1)[0]), str(value.attrs.out_dtype))
+        for matcher in (_match_layer, _match_same_scale, _match_add, _match_mean):
+            new = matcher(em, graph, value.args[0], out, dq_source, weight_of, report, counters)
+            if new is not None:
+                return new
+        return None
+
+    main = rebuild(func, rewrite)
+    new_mod = relax.transform.DeadCodeElimination(["main"])(with_main(mod, main))
+    return new_mod, report
+
+
+@dataclass(frozen=True)
+class _OutQ:
+    scale: float
+    zero_point: int
+    dtype: str
+
+
+def _activation(graph: Graph, expr):
+    """Peel relu / clip(0, hi) off ``expr``: (inner expr, lo, hi in float units or None)."""
+    call = graph.producer.get(expr) if isinstance(expr, relax.Var) else None
+    name = op_name(call) if call is not None else None
+    if name == "relax.nn.relu":
+        return call.args[0], 0.0, None
+    if name == "relax.clip":
+        lo, hi = getattr(call.args[1], "value", None), getattr(call.args[2], "value", None)
+        if lo == 0:
+            return call.args[0], 0.0, float(hi) if hi is not None else None
+    return expr, None, None
+
+
+def _requantize(em: Emitter, acc, multiplier: np.ndarray, out: _OutQ, lo: float | None, hi: float | None):
+    """int32/float ``acc`` * multiplier -> round -> + zy -> clip -> out dtype."""
+    qmin, qmax = _QRANGE[out.dtype]
+    if lo is not None:
+        qmin = max(qmin, out.zero_point + int(np.round(lo / out.scale)))
+    if hi is not None:
+        qmax = min(qmax, out.zero_point + int(np.round(hi / out.scale)))
+    y = acc if dtype_of(acc) == "float32" else em.emit(relax.op.astype(acc, "float32"))
+    y = em.emit(relax.op.multiply(y, relax.const(multiplier.astype(np.float32))))
+    y = em.emit(relax.op.round(y))
+    if out.zero_point:
+        y = em.emit(relax.op.add(y, relax.const(float(out.zero_point), "float32")))
+    y = em.emit(relax.op.clip(y, float(qmin), float(qmax)))
+    return em.emit(relax.op.astype(y, out.dtype))
+
+
+def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
+    inner, lo, hi = _activation(graph, expr)
+    bias = None
+    add = graph.call_of(inner, "relax.add")
+    anchor_expr = inner
+    if add is not None:
+        for i in (0, 1):
+            w = weight_of(add.args[1 - i])
+            if w is not None and graph.producer.get(add.args[i]) is not None and op_name(graph.producer[add.args[i]]) in ("relax.nn.conv2d", "relax.matmul"):
+                bias, anchor_expr = w, add.args[i]
+                break
+        else:
+            return None
+    anchor = graph.producer.get(anchor_expr) if isinstance(anchor_expr, relax.Var) else None
+    kind = op_name(anchor) if anchor is not None else None
+    if kind not in ("relax.nn.conv2d", "relax.matmul"):
+        return None
+    x = dq_source(em, anchor.args[0])
+    w = weight_of(anchor.args[1])
+    if x is None or w is None or x.scale.size != 1 or x.zero_point.size != 1:
+        return None
+    wq, wscale, wzp, waxis = w
+    if wq.dtype != np.int8 or np.any(wzp != 0):
+        return None
+    conv = kind == "relax.nn.conv2d"
+    channel_axis = 0 if conv else 1
+    if wscale.size not in (1, wq.shape[channel_axis]) or (wscale.size > 1 and waxis % wq.ndim != channel_axis):
+        return None
+    channels = wq.shape[channel_axis]
+    sx, zx = float(x.scale.reshape(-1)[0]), int(x.zero_point.reshape(-1)[0])
+    wscale = np.broadcast_to(wscale.reshape(-1).astype(np.float32), (channels,))
+    wconst = relax.const(wq)
+    data = x.var
+    if conv:
+        attrs = anchor.attrs
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
+            return None
+        padding = [int(p) for p in attrs.padding]
+        if zx != 0 and any(padding):  # padded zeros must be the zero point, not 0
+            top, left, bottom, right = padding
+            data = em.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
+            padding = [0, 0, 0, 0]
+        acc = em.emit(relax.op.nn.conv2d(data, wconst, strides=attrs.strides, padding=padding,
+                                         dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32"))
+        wsum = wq.astype(np.int64).reshape(channels, -1).sum(axis=1)
+        bshape = (1, channels, 1, 1)
+    else:
+        if len(shape_of(wconst)) != 2:
+            return None
+        acc = em.emit(relax.op.matmul(data, wconst, out_dtype="int32"))
+        wsum = wq.astype(np.int64).sum(axis=0)
+        bshape = (channels,)
+    bias_int = np.zeros(channels, np.int64)
+    if bias is not None:
+        bq, bscale, _bzp, _ = bias
+        bias_int = bq.astype(np.int64).reshape(-1)
+        if bias_int.size != channels:
+            return None
+        expected = (sx * wscale).astype(np.float32)
+        if not np.allclose(bscale.reshape(-1), expected, rtol=1e-5):
+            return None  # bias scale must be sx * sw to add in the int32 domain
+    correction = bias_int - zx * wsum
+    if np.any(correction):
+        acc = em.emit(relax.op.add(acc, relax.const(correction.astype(np.int32).reshape(bshape))))
+    multiplier = (np.float32(sx) * wscale / np.float32(out.scale)).astype(np.float32).reshape(bshape)
+    result = _requantize(em, acc, multiplier, out, lo, hi)
+    name = "conv2d" if conv else "matmul"
+    index = counters.get(name, 0)
+    counters[name] = index + 1
+    report.layers.append({
+        "name": f"{name}_{index}", "op": name, "dtype": f"{dtype_of(x.var)}x int8 -> int32 -> {out.dtype}",
+        "input_scale": sx, "input_zero_point": zx, "output_scale": out.scale, "output_zero_point": out.zero_point,
+        "weight_scale_min": float(wscale.min()), "weight_scale_max": float(wscale.max()),
+        "fused_relu": lo is not None,
+    })
+    return result
+
+
+def _match_same_scale(em, graph, expr, out, dq_source, weight_of, report, counters):
+    call = graph.producer.get(expr) if isinstance(expr, relax.Var) else None
+    if call is None or op_name(call) not in _SAME_SCALE:
+        return None
+    x = dq_source(em, call.args[0])
+    if x is None or x.scale.size != 1 or not np.isclose(float(x.scale.reshape(-1)[0]), out.scale, rtol=1e-6):
+        return None
+    if int(x.zero_point.reshape(-1)[0]) != out.zero_point or dtype_of(x.var) != out.dtype:
+        return None
+    return em.emit(relax.Call(call.op, [x.var] + [em.subst(a) for a in call.args[1:]], call.attrs, call.ty_args))
+
+
+def _dequant_float(em, q: _Q):
+    """(x - zx) * sx in float32, to be fused into the consumer's kernel."""
+    y = em.emit(relax.op.astype(q.var, "float32"))
+    zx = int(q.zero_point.reshape(-1)[0])
+    if zx:
+        y = em.emit(relax.op.subtract(y, relax.const(float(zx), "float32")))
+    return y
+
+
+def _match_add(em, graph, expr, out, dq_source, weight_of, report, counters):
+    inner, lo, hi = _activation(graph, expr)
+    call = graph.call_of(inner, "relax.add")
+    if call is None:
+        return None
+    a, b = (dq_source(em, arg) for arg in call.args)
+    if a is None or b is None or a.scale.size != 1 or b.scale.size != 1:
+        return None
+    fa = em.emit(relax.op.multiply(_dequant_float(em, a), relax.const(np.float32(a.scale.reshape(-1)[0] / out.scale))))
+    fb = em.emit(relax.op.multiply(_dequant_float(em, b), relax.const(np.float32(b.scale.reshape(-1)[0] / out.scale))))
+    total = em.emit(relax.op.add(fa, fb))
+    index = counters.get("add", 0)
+    counters["add"] = index + 1
+    report.layers.append({"name": f"add_{index}", "op": "add", "dtype": f"{out.dtype} (float32 inside)",
+                          "output_scale": out.scale, "output_zero_point": out.zero_point, "fused_relu": lo is not None})
+    return _requantize(em, total, np.array(1.0, np.float32), out, lo, hi)
+
+
+def _match_mean(em, graph, expr, out, dq_source, weight_of, report, counters):
+    call = graph.call_of(expr, "relax.mean")
+    if call is None:
+        return None
+    x = dq_source(em, call.args[0])
+    if x is None or x.scale.size != 1:
+        return None
+    shape = shape_of(call.args[0])
+    axes = [int(a) for a in call.attrs.axis] if call.attrs.axis is not None else list(range(len(shape)))
+    count = int(np.prod([shape[a] for a in axes]))
+    zx = int(x.zero_point.reshape(-1)[0])
+    total = em.emit(relax.op.sum(relax.op.astype(x.var, "int32"), axis=axes, keepdims=bool(call.attrs.keepdims)))
+    if zx:
+        total = em.emit(relax.op.subtract(total, relax.const(count * zx, "int32")))
+    index = counters.get("mean", 0)
+    counters["mean"] = index + 1
+    report.layers.append({"name": f"mean_{index}", "op": "mean", "dtype": f"{dtype_of(x.var)} -> int32 sum -> {out.dtype}",
+                          "output_scale": out.scale, "output_zero_point": out.zero_point})
+    multiplier = np.array(np.float32(x.scale.reshape(-1)[0]) / np.float32(count) / np.float32(out.scale), np.float32)
+    return _requantize(em, total, multiplier, out, None, None)
