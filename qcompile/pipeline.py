@@ -1,6 +1,7 @@
 """The Relax compile pipeline, assembled in one place as named phases.
 
-1. ``inference``: fold batch-norm into conv, decompose training-style ops, fold constants.
+1. ``inference``: fold batch-norm (and per-channel affine chains) into conv, decompose
+                  training-style ops, fold constants.
 2. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
                   (GPU backends add dlight schedules here).
 3. ``lower``:     the backend's dataflow lowering and VM finalisation.
@@ -19,10 +20,14 @@ Phase = tuple[str, Callable[[tvm.target.Target], list]]
 
 
 def _inference_passes(_target: tvm.target.Target) -> list:
+    from .passes.fold_channel_affine import FoldChannelAffine
+
     return [
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+        FoldChannelAffine,
         relax.transform.FoldConstant(),
     ]
 

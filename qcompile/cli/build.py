@@ -1,11 +1,14 @@
 """``qcompile build``: import a model and compile it into ``OUT/NAME.so`` + manifest."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..build import build
 from ..frontend import import_model
+from ..errors import ConfigError
 from ..model import parse_input_shapes
+from ..quantize.config import CALIBRATION_METHODS
 from ..targets import resolve_target
 from .common import Progress
 
@@ -18,7 +21,22 @@ def register(sub) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME:SHAPE",
                    help="fix an input's shape, e.g. input:1x3x224x224 (repeat per input)")
     p.add_argument("--weights", metavar="FILE", help="state_dict for a torchvision model (torch.load, weights_only)")
-    p.add_argument("--quantize", choices=["none"], default="none", help="quantization scheme (default: none)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: calibrate and build integer kernels (default: none)")
+    q = p.add_argument_group("int8 quantization")
+    q.add_argument("--calib-data", metavar="PATH",
+                   help=".npz keyed by input name (samples first), .npy, or a folder of images")
+    q.add_argument("--calib-samples", type=int, default=64, metavar="N", help="samples to calibrate on (default: 64)")
+    q.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="minmax", help="range estimate (default: minmax)")
+    q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: 99.99)")
+    q.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                   help="one weight scale per layer (default: per output channel)")
+    q.add_argument("--per-channel", dest="per_channel", action="store_true", help=argparse.SUPPRESS)
+    q.add_argument("--symmetric", action="store_true",
+                   help="int8 activations with zero point 0 (default: asymmetric uint8, as ONNX Runtime's U8S8)")
+    q.add_argument("--asymmetric", dest="symmetric", action="store_false", help=argparse.SUPPRESS)
+    q.add_argument("--keep-float", nargs="+", default=[], metavar="LAYER",
+                   help="layers to leave in float: conv2d_N, matmul_N, or a whole op kind (conv2d, matmul)")
     p.add_argument("-o", "--output", default="out", metavar="DIR", help="output folder (default: out)")
     p.add_argument("--name", help="artifact name (default: the model's name)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase into DIR")
@@ -30,16 +48,48 @@ def run(args) -> int:
     progress = Progress(args.quiet)
     target = resolve_target(args.target)
     shapes = parse_input_shapes(args.input_shape)
+    config = _quant_config(args)
     progress(f"importing {args.model} ...")
     model = import_model(args.model, shapes, weights=args.weights)
+    quantization = None
+    name = args.name
+    if config is not None:
+        from ..quantize import quantize_model
+        from ..quantize.data import calibration_batches
+
+        progress(f"calibrating on {args.calib_data} ({config.calibration_method}, up to {config.num_samples} samples) ...")
+        batches = calibration_batches(args.calib_data, model.inputs)
+        model, quantization = quantize_model(model, batches, config, target.to_tvm(), progress)
+        name = name or f"{model.source.name}-int8"
     artifact = build(
         model,
         target,
         Path(args.output),
-        name=args.name,
+        name=name,
+        quantization=quantization,
         dump_ir=Path(args.dump_ir) if args.dump_ir else None,
         progress=progress,
     )
     print(artifact.library)
     print(artifact.manifest_file)
     return 0
+
+
+def _quant_config(args):
+    """The QuantConfig for --quantize int8, or None; quantization flags need --quantize int8."""
+    if args.quantize == "none":
+        if args.calib_data or args.keep_float:
+            raise ConfigError("--calib-data/--keep-float apply with --quantize int8")
+        return None
+    if not args.calib_data:
+        raise ConfigError("--quantize int8 needs --calib-data PATH (.npz, .npy or a folder of images)")
+    from ..quantize.config import QuantConfig
+
+    return QuantConfig(
+        calibration_method=args.calib_method,
+        percentile=args.percentile,
+        activation_symmetric=args.symmetric,
+        per_channel=args.per_channel,
+        num_samples=args.calib_samples,
+        keep_float=tuple(args.keep_float),
+    )

@@ -32,7 +32,7 @@ def to_qdq(
     plan = annotate(mod["main"], config)
     ranges = calibrate(mod, plan, batches, config, target, progress)
     main, qparams, _ = emit_qdq(mod["main"], plan, ranges, config)
-    from .ir import with_main
+    from ..passes.bindings import with_main
 
     return with_main(mod, main), plan, qparams
 

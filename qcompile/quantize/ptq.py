@@ -20,7 +20,7 @@ from tvm import relax
 
 from ..errors import CalibrationError
 from .config import QuantConfig
-from .ir import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
+from ..passes.bindings import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
 from .observers import make_observer
 
 ANCHORS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
@@ -98,6 +98,7 @@ def annotate(func, config: QuantConfig) -> Plan:
     region_of_anchor = {r.anchor: r for r in regions}
     inner = {r.bias_var for r in regions if r.bias_var is not None} | {r.anchor for r in regions}
     region_outs = {r.out for r in regions}
+    pending_add: set = set()
     skipped: dict[str, int] = {}
     for var, value in graph.bindings:
         region = region_of_anchor.get(var)
@@ -116,9 +117,12 @@ def annotate(func, config: QuantConfig) -> Plan:
             quantized.add(var)
             alias[var] = alias.get(tensor_args[0], tensor_args[0])
         elif name in OWN_SCALE_OPS and _all_inputs_quantized(graph, value, quantized):
+            if name == "relax.add" and _single_relu_user(graph, var):
+                pending_add.add(var)  # quantize after the relu: add+relu is one int8 op
+            else:
+                need(var)
+        elif name in ACTIVATIONS and tensor_args[0] in pending_add:
             need(var)
-        elif name in ACTIVATIONS and tensor_args[0] in quantized and op_name(graph.producer.get(tensor_args[0])) == "relax.add":
-            need(var)  # relu after a residual add
         elif name not in ("relax.nn.relu",):
             skipped[name] = skipped.get(name, 0) + 1
     return Plan(regions, observed, alias, kept, skipped)
@@ -139,6 +143,13 @@ def _extend_region(graph: Graph, region: Region) -> None:
     if graph.single_use(var) and len(users) == 1 and _is_relu(users[0][1]):
         var = users[0][0]
     region.out = var
+
+
+def _single_relu_user(graph: Graph, var) -> bool:
+    if not graph.single_use(var):
+        return False
+    users = [val for _, val in graph.bindings if any(a.same_as(var) for a in getattr(val, "args", []))]
+    return len(users) == 1 and _is_relu(users[0])
 
 
 def _bias_on_channel_axis(bias: np.ndarray, kind: str) -> bool:

@@ -7,8 +7,8 @@ weights as int8 constants behind ``dequantize``).  Matched regions become:
   ``conv2d|matmul(xq, Wq, out_dtype=int32) + (Bq - zx * sum(Wq))`` then requantize;
   with a non-zero input zero point the input is padded with ``zx`` explicitly.
 * ``quantize(max_pool2d|reshape|...(dq(xq)))`` with the same scale -> the op on ``xq``.
-* ``quantize([relu](add(dq(a), dq(b))))`` and ``quantize(mean(dq(x)))`` -> integer inputs,
-  float32 arithmetic inside the fused kernel, integer output.
+* ``quantize([relu](add|concat|mean|avg_pool2d(dq(x)...)))`` -> integer inputs, rescaled
+  to the output scale in float32 inside the fused kernel, integer output.
 
 Requantize: ``y = clip(round(float32(acc) * float32(sx * sw / sy)) + zy, lo, hi)`` with
 round-half-to-even (``relax.op.round``, like ``numpy.round``); a fused relu raises ``lo``
@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .ir import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
+from ..passes.bindings import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
 
 _QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 _SAME_SCALE = {"relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
@@ -80,7 +80,7 @@ def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
         if sy is None or zy is None or sy.size != 1:
             return None
         out = _OutQ(float(sy.reshape(-1)[0]), int(zy.reshape(-1)[0]), str(value.attrs.out_dtype))
-        for matcher in (_match_layer, _match_same_scale, _match_add, _match_mean):
+        for matcher in (_match_layer, _match_same_scale, _match_linear):
             new = matcher(em, graph, value.args[0], out, dq_source, weight_of, report, counters)
             if new is not None:
                 return new
@@ -226,41 +226,40 @@ def _dequant_float(em, q: _Q):
     return y
 
 
-def _match_add(em, graph, expr, out, dq_source, weight_of, report, counters):
+# Linear ops whose int8 form dequantizes the inputs inside the fused kernel:
+# op((x - zx) * sx / sy) is op(x_float) / sy because each op is linear.
+_LINEAR = {"relax.add", "relax.concat", "relax.mean", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d"}
+
+
+def _match_linear(em, graph, expr, out, dq_source, weight_of, report, counters):
     inner, lo, hi = _activation(graph, expr)
-    call = graph.call_of(inner, "relax.add")
-    if call is None:
+    call = graph.producer.get(inner) if isinstance(inner, relax.Var) else None
+    name = op_name(call) if call is not None else None
+    if name not in _LINEAR:
         return None
-    a, b = (dq_source(em, arg) for arg in call.args)
-    if a is None or b is None or a.scale.size != 1 or b.scale.size != 1:
+    if name == "relax.concat":
+        fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
+        sources = [dq_source(em, f) for f in fields] if fields else [None]
+    else:
+        sources = [dq_source(em, a) for a in call.args]
+        if name != "relax.add":
+            sources = sources[:1]
+    if any(q is None or q.scale.size != 1 for q in sources):
         return None
-    fa = em.emit(relax.op.multiply(_dequant_float(em, a), relax.const(np.float32(a.scale.reshape(-1)[0] / out.scale))))
-    fb = em.emit(relax.op.multiply(_dequant_float(em, b), relax.const(np.float32(b.scale.reshape(-1)[0] / out.scale))))
-    total = em.emit(relax.op.add(fa, fb))
-    index = counters.get("add", 0)
-    counters["add"] = index + 1
-    report.layers.append({"name": f"add_{index}", "op": "add", "dtype": f"{out.dtype} (float32 inside)",
+    scaled = []
+    for q in sources:
+        ratio = np.float32(np.float32(q.scale.reshape(-1)[0]) / np.float32(out.scale))
+        scaled.append(em.emit(relax.op.multiply(_dequant_float(em, q), relax.const(ratio))))
+    if name == "relax.concat":
+        total = em.emit(relax.Call(call.op, [relax.Tuple(scaled)], call.attrs, call.ty_args))
+    elif name == "relax.add":
+        total = em.emit(relax.op.add(scaled[0], scaled[1]))
+    else:
+        total = em.emit(relax.Call(call.op, [scaled[0]] + [em.subst(a) for a in call.args[1:]], call.attrs, call.ty_args))
+    kind = name.split(".")[-1]
+    index = counters.get(kind, 0)
+    counters[kind] = index + 1
+    report.layers.append({"name": f"{kind}_{index}", "op": kind,
+                          "dtype": f"{'/'.join(sorted({dtype_of(q.var) for q in sources}))} -> {out.dtype} (float32 inside)",
                           "output_scale": out.scale, "output_zero_point": out.zero_point, "fused_relu": lo is not None})
     return _requantize(em, total, np.array(1.0, np.float32), out, lo, hi)
-
-
-def _match_mean(em, graph, expr, out, dq_source, weight_of, report, counters):
-    call = graph.call_of(expr, "relax.mean")
-    if call is None:
-        return None
-    x = dq_source(em, call.args[0])
-    if x is None or x.scale.size != 1:
-        return None
-    shape = shape_of(call.args[0])
-    axes = [int(a) for a in call.attrs.axis] if call.attrs.axis is not None else list(range(len(shape)))
-    count = int(np.prod([shape[a] for a in axes]))
-    zx = int(x.zero_point.reshape(-1)[0])
-    total = em.emit(relax.op.sum(relax.op.astype(x.var, "int32"), axis=axes, keepdims=bool(call.attrs.keepdims)))
-    if zx:
-        total = em.emit(relax.op.subtract(total, relax.const(count * zx, "int32")))
-    index = counters.get("mean", 0)
-    counters["mean"] = index + 1
-    report.layers.append({"name": f"mean_{index}", "op": "mean", "dtype": f"{dtype_of(x.var)} -> int32 sum -> {out.dtype}",
-                          "output_scale": out.scale, "output_zero_point": out.zero_point})
-    multiplier = np.array(np.float32(x.scale.reshape(-1)[0]) / np.float32(count) / np.float32(out.scale), np.float32)
-    return _requantize(em, total, multiplier, out, None, None)

@@ -1,0 +1,1 @@
+"""Relax passes written for qcompile, one per file."""
