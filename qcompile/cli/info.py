@@ -11,6 +11,7 @@ def register(sub) -> None:
     p = sub.add_parser("info", help="show the manifest of a built .so")
     p.add_argument("library", help="built .so")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--layers", action="store_true", help="list each quantized layer's dtype and scales")
     p.set_defaults(handler=run)
 
 
@@ -25,9 +26,34 @@ def run(args) -> int:
     print(f"library:      {library} ({m['library']['bytes'] / 1e6:.2f} MB, sha256 {m['library']['sha256'][:16]}...)")
     print(f"model:        {m['model']['name']} ({m['model']['kind']}{', ' + m['model']['path'] if m['model']['path'] else ''})")
     print(f"target:       {m['target']['name']} -> {json.dumps(m['target']['target'])}")
-    print(f"quantization: {m['quantization'].get('scheme', 'none')}")
+    quant = m["quantization"]
+    summary = quant.get("scheme", "none")
+    if summary != "none":
+        summary += (f" ({quant.get('activation_dtype')} activations x {quant.get('weight_dtype')} weights, "
+                    f"{len(quant.get('layers', []))} integer layers, {len(quant.get('float_layers', []))} kept float)")
+    print(f"quantization: {summary}")
     for label, tensors in (("input", manifest.inputs), ("output", manifest.outputs)):
         for t in tensors:
             print(f"{label + ':':<13} {t.name} {list(t.shape)} {t.dtype}")
     print("versions:     " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    if args.layers:
+        print_layers(m["quantization"])
     return 0
+
+
+def print_layers(quantization: dict) -> None:
+    """One line per layer: integer layers with scales, then what stayed float."""
+    layers = quantization.get("layers", [])
+    if not layers:
+        print("layers:       all float (not quantized)")
+        return
+    print(f"{'layer':<16} {'dtype':<40} {'in scale/zp':<18} {'out scale/zp':<18}")
+    for layer in layers:
+        inp = f"{layer['input_scale']:.4g}/{layer['input_zero_point']}" if "input_scale" in layer else "-"
+        out = f"{layer['output_scale']:.4g}/{layer['output_zero_point']}"
+        relu = " +relu" if layer.get("fused_relu") else ""
+        print(f"{layer['name']:<16} {layer['dtype'] + relu:<40} {inp:<18} {out:<18}")
+    for name in quantization.get("float_layers", []):
+        print(f"{name:<16} float32 (kept float by --keep-float)")
+    for op, count in sorted(quantization.get("float_ops", {}).items()):
+        print(f"{op:<16} float32 x{count} (no int8 lowering)")

@@ -197,7 +197,7 @@ def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
     index = counters.get(name, 0)
     counters[name] = index + 1
     report.layers.append({
-        "name": f"{name}_{index}", "op": name, "dtype": f"{dtype_of(x.var)}x int8 -> int32 -> {out.dtype}",
+        "name": f"{name}_{index}", "op": name, "dtype": f"{dtype_of(x.var)} x int8 -> int32 -> {out.dtype}",
         "input_scale": sx, "input_zero_point": zx, "output_scale": out.scale, "output_zero_point": out.zero_point,
         "weight_scale_min": float(wscale.min()), "weight_scale_max": float(wscale.max()),
         "fused_relu": lo is not None,
@@ -214,6 +214,12 @@ def _match_same_scale(em, graph, expr, out, dq_source, weight_of, report, counte
         return None
     if int(x.zero_point.reshape(-1)[0]) != out.zero_point or dtype_of(x.var) != out.dtype:
         return None
+    kind = op_name(call).split(".")[-1]
+    if kind == "max_pool2d":  # reshapes and the like are not layers worth listing
+        index = counters.get(kind, 0)
+        counters[kind] = index + 1
+        report.layers.append({"name": f"{kind}_{index}", "op": kind, "dtype": f"{out.dtype} -> {out.dtype}",
+                              "output_scale": out.scale, "output_zero_point": out.zero_point})
     return em.emit(relax.Call(call.op, [x.var] + [em.subst(a) for a in call.args[1:]], call.attrs, call.ty_args))
 
 
