@@ -1,0 +1,191 @@
+"""int8 accuracy on real data: qcompile PTQ vs ONNX Runtime quantize_static vs PyTorch PT2E.
+
+Trains a small ResNet-style CNN on scikit-learn's 8x8 handwritten digits (1,797 real
+scans shipped with the package; nothing is downloaded), holds out a test split, and
+quantizes the same model with the same calibration samples three ways.  Prints a table
+and writes benchmarks/results/digits_accuracy.{json,md}.
+
+    .venv/bin/python benchmarks/digits_accuracy.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIB_SAMPLES = 200
+
+
+class DigitsNet(nn.Module):
+    """Conv-BN-ReLU stem, two residual blocks (one strided), global pool, linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                    nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+        self.skip = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = self.relu1(y + self.block1(y))
+        y = self.relu2(self.skip(y) + self.down(y))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train x, train y, test x, test y); x is N x 1 x 8 x 8 float32 in [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = (data.images / 16.0).astype(np.float32)[:, None]
+    y = data.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    return x[:1297], y[:1297], x[1297:], y[1297:]
+
+
+def train(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = DigitsNet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(xt)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
+def accuracy(predict, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent, one sample at a time (batch 1, as deployed)."""
+    hits = sum(int(np.argmax(predict(x[i:i + 1])) == y[i]) for i in range(len(x)))
+    return 100.0 * hits / len(x)
+
+
+def qcompile_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dict:
+    """fp32 and int8 builds of ``net`` with qcompile; returns {name: (predict, bytes)}."""
+    from qcompile.build import build
+    from qcompile.frontend import import_model
+    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.runtime import CompiledModel
+    from qcompile.targets import resolve_target
+
+    pt2 = workdir / "digits.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 8, 8),)), str(pt2))
+    target = resolve_target("native")
+    model = import_model(str(pt2))
+    out = {}
+    art = build(model, target, workdir, name="digits-fp32")
+    out["qcompile fp32"] = art
+    for method in ("minmax", "percentile"):
+        batches = [{"x": calib[i:i + 1]} for i in range(len(calib))]
+        config = QuantConfig(calibration_method=method, num_samples=len(calib))
+        qmodel, info = quantize_model(model, batches, config, target.to_tvm())
+        out[f"qcompile int8 ({method})"] = build(qmodel, target, workdir, name=f"digits-int8-{method}",
+                                                 quantization=info)
+    result = {}
+    for name, artifact in out.items():
+        runner = CompiledModel.load(artifact.library)
+        result[name] = (lambda x, r=runner: r.run({"x": x})["output0"], artifact.library.stat().st_size)
+    return result
+
+
+def ort_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dict:
+    """ONNX Runtime fp32 and quantize_static (QDQ, U8S8, per-channel, MinMax)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = workdir / "digits.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(fp32), input_names=["x"], output_names=["y"], dynamo=False)
+    pre = workdir / "digits-pre.onnx"
+    quant_pre_process(str(fp32), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"x": calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    int8 = workdir / "digits-ort-int8.onnx"
+    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    result = {}
+    for name, path in (("ONNX Runtime fp32", fp32), ("ONNX Runtime int8 (quantize_static QDQ)", int8)):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        result[name] = (lambda x, s=sess: s.run(None, {"x": x})[0], path.stat().st_size)
+    return result
+
+
+def pt2e_predictor(net: nn.Module, calib: np.ndarray) -> dict:
+    """PyTorch PT2E with torchao's X86InductorQuantizer (static, per-channel weights)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(net, (torch.zeros(1, 1, 8, 8),), strict=True).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            prepared(torch.from_numpy(calib[i:i + 1]))
+    converted = convert_pt2e(prepared)
+
+    def predict(x):
+        with torch.no_grad():
+            return converted(torch.from_numpy(x)).numpy()
+
+    return {"PyTorch int8 (PT2E, X86InductorQuantizer)": (predict, None)}
+
+
+def run() -> dict:
+    torch.set_num_threads(2)
+    xtr, ytr, xte, yte = load_digits()
+    started = time.perf_counter()
+    net = train(xtr, ytr)
+    train_s = time.perf_counter() - started
+    calib = xtr[:CALIB_SAMPLES]
+    rows = {"PyTorch fp32 (reference)": (lambda x: net(torch.from_numpy(x)).detach().numpy(), None)}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows.update(qcompile_predictors(net, calib, work))
+        rows.update(ort_predictors(net, calib, work))
+        rows.update(pt2e_predictor(net, calib))
+        table = {name: {"top1": round(accuracy(pred, xte, yte), 2), "bytes": size} for name, (pred, size) in rows.items()}
+    ref = table["PyTorch fp32 (reference)"]["top1"]
+    for entry in table.values():
+        entry["drop_vs_fp32"] = round(ref - entry["top1"], 2)
+    return {"dataset": "scikit-learn digits 8x8: 1297 train / 500 test", "calibration_samples": CALIB_SAMPLES,
+            "train_seconds": round(train_s, 1), "results": table}
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"{report['dataset']}, {report['calibration_samples']} calibration samples (same for all)", "",
+             "| model | top-1 % | drop vs fp32 (points) | file bytes |", "|---|---|---|---|"]
+    for name, row in report["results"].items():
+        size = row["bytes"] if row["bytes"] is not None else "-"
+        lines.append(f"| {name} | {row['top1']:.2f} | {row['drop_vs_fp32']:+.2f} | {size} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    report = run()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "digits_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "digits_accuracy.md").write_text(to_markdown(report))
+    sys.stdout.write(to_markdown(report))
