@@ -61,6 +61,12 @@ def run(args) -> int:
         batches = calibration_batches(args.calib_data, model.inputs)
         model, quantization = quantize_model(model, batches, config, target.to_tvm(), progress)
         name = name or f"{model.source.name}-int8"
+    else:
+        from ..quantize import has_qdq, realize_prequantized
+
+        if has_qdq(model.mod):  # pre-quantized ONNX / PT2E: integer kernels, no calibration
+            progress("model is pre-quantized (QDQ): realizing integer kernels ...")
+            model, quantization = realize_prequantized(model, source=f"{model.source.kind}-qdq")
     artifact = build(
         model,
         target,

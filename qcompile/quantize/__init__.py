@@ -13,11 +13,12 @@ import tvm
 
 from ..model import ImportedModel
 from ..pipeline import PHASES, run_phases
+from .canonicalize import canonicalize_qdq, has_qdq
 from .config import QuantConfig
 from .ptq import annotate, calibrate, emit_qdq
 from .realize import realize
 
-__all__ = ["QuantConfig", "quantize_model", "to_qdq", "realize"]
+__all__ = ["QuantConfig", "quantize_model", "to_qdq", "realize", "realize_prequantized", "has_qdq"]
 
 
 def to_qdq(
@@ -61,3 +62,29 @@ def quantize_model(
     }
     quantized = ImportedModel(mod=int_mod, source=model.source, inputs=model.inputs, outputs=model.outputs)
     return quantized, info
+
+
+def realize_prequantized(model: ImportedModel, source: str) -> tuple[ImportedModel, dict]:
+    """Integer kernels for a model imported in QDQ form (ONNX QDQ/QOperator, PT2E)."""
+    mod = canonicalize_qdq(model.mod)
+    int_mod, report = realize(mod)
+    info = {
+        "scheme": "int8",
+        "source": source,
+        "layers": report.layers,
+        "float_layers": [],
+        "float_ops": _float_anchor_count(int_mod),
+    }
+    return ImportedModel(mod=int_mod, source=model.source, inputs=model.inputs, outputs=model.outputs), info
+
+
+def _float_anchor_count(mod) -> dict:
+    """conv2d/matmul calls still on float inputs: pre-quantized layers realize could not match."""
+    from ..passes.bindings import Graph, dtype_of, op_name
+
+    counts: dict[str, int] = {}
+    for _, value in Graph.from_main(mod["main"]).bindings:
+        name = op_name(value)
+        if name in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32":
+            counts[name] = counts.get(name, 0) + 1
+    return counts
