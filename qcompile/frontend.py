@@ -91,6 +91,7 @@ def torchvision_module(name: str, weights: str | None = None):
 def import_pt2(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> ImportedModel:
     """Import a saved ``torch.export`` program; re-export with static shapes if needed."""
     torch, _ = _import_torch()
+    _register_pt2e_ops()
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
@@ -122,6 +123,17 @@ def import_pt2(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Imported
     return _from_exported_program(program, source)
 
 
+def _register_pt2e_ops() -> None:
+    """Register ``quantized_decomposed`` ops so PT2E-quantized programs deserialize."""
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+    except ImportError:
+        try:
+            import torchao.quantization.pt2e  # noqa: F401
+        except ImportError:
+            pass
+
+
 def _pt2_input_specs(program) -> list[tuple[str, tuple, Any]]:
     from torch.export.graph_signature import InputKind
 
@@ -138,8 +150,10 @@ def _pt2_input_specs(program) -> list[tuple[str, tuple, Any]]:
 def _from_exported_program(program, source: ModelSource) -> ImportedModel:
     from tvm.relax.frontend.torch import from_exported_program
 
+    from .pt2e import CONVERT_MAP
+
     try:
-        mod = from_exported_program(program)
+        mod = from_exported_program(program, custom_convert_map=CONVERT_MAP)
     except Exception as exc:
         raise ModelImportError(f"{source.kind} model {source.name}: Relax import failed: {first_line(exc)}") from exc
     return _finish(mod, source, output_names=None)

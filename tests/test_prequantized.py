@@ -1,6 +1,8 @@
-"""Pre-quantized models (ONNX Runtime QDQ, ...) build to integer kernels and agree with
-their own QDQ semantics.
+"""Pre-quantized models (ONNX Runtime QDQ, PyTorch PT2E) build to integer kernels and
+agree with their own quantized semantics.
 
+PT2E's reference is the converted PyTorch module itself (quantize/dequantize ops around
+float aten ops).
 The reference is ONNX Runtime with graph optimizations off, which executes the QDQ
 graph as written (DequantizeLinear -> float op -> QuantizeLinear).  ONNX Runtime's
 optimized int8 kernels are not used as the reference: on this AVX2 machine (no VNNI) they
@@ -95,3 +97,60 @@ def test_onnxruntime_qdq_resnet18(cli, tmp_path):
     ort_quantize(fp32, qdq, [rng.standard_normal((1, 3, 224, 224)).astype("float32") for _ in range(4)], "input")
     xs = [rng.standard_normal((1, 3, 224, 224)).astype("float32") for _ in range(6)]
     check_against_reference(cli, qdq, tmp_path, xs, "input", max_lsb=2.0)
+
+
+def pt2e_program(net, example: torch.Tensor, calib: list[torch.Tensor]):
+    """PT2E static quantization with torchao's X86InductorQuantizer, re-exported for saving."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    # strict=True: torchvision blocks reuse one nn.ReLU, which non-strict export cannot partition.
+    prepared = prepare_pt2e(torch.export.export(net, (example,), strict=True).module(), quantizer)
+    with torch.no_grad():
+        for x in calib:
+            prepared(x)
+    converted = convert_pt2e(prepared)
+    return converted, torch.export.export(converted, (example,))
+
+
+def check_pt2e(cli, tmp_path, net, shape, n_calib: int, n_eval: int):
+    rng = np.random.default_rng(9)
+    sample = lambda: torch.from_numpy(rng.standard_normal(shape).astype("float32"))  # noqa: E731
+    converted, program = pt2e_program(net, sample(), [sample() for _ in range(n_calib)])
+    path = tmp_path / "model-pt2e.pt2"
+    torch.export.save(program, str(path))
+    result = cli("build", path, "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "out" / "model-pt2e.manifest.json").read_text())
+    quant = manifest["quantization"]
+    assert quant["source"] == "pt2-qdq" and quant["float_ops"] == {}, quant["float_ops"]
+    # The last quantized tensor before the float output: its scale is the LSB that matters.
+    last_scale = min(layer["input_scale"] for layer in quant["layers"] if layer["op"] == "matmul")
+    ours = CompiledModel.load(tmp_path / "out" / "model-pt2e.so")
+    diffs, agree = [], []
+    for _ in range(n_eval):
+        x = sample()
+        a = ours.run({"x": x.numpy()})["output0"]
+        with torch.no_grad():
+            b = converted(x).numpy()
+        diffs.append(np.abs(a - b).max())
+        agree.append(a.argmax() == b.argmax())
+    assert max(diffs) <= 2 * last_scale, f"max diff {max(diffs):.3g} > 2 LSB ({last_scale:.3g})"
+    assert np.mean(agree) >= 0.99
+    return quant
+
+
+def test_pt2e_tiny_model(cli, tmp_path, tiny_net):
+    quant = check_pt2e(cli, tmp_path, tiny_net, (1, 3, 32, 32), 8, 40)
+    dtypes = [layer["dtype"] for layer in quant["layers"]]
+    assert "uint8 x int8 -> int32 -> uint8" in dtypes[0]  # conv-relu fully int8
+    assert any(d.endswith("-> float32") for d in dtypes)  # PT2E leaves conv -> add in float: int kernel, float out
+
+
+@pytest.mark.slow
+def test_pt2e_resnet18(cli, tmp_path):
+    from qcompile.frontend import torchvision_module
+
+    check_pt2e(cli, tmp_path, torchvision_module("resnet18"), (1, 3, 224, 224), 2, 4)

@@ -50,7 +50,7 @@ def print_layers(quantization: dict) -> None:
     print(f"{'layer':<16} {'dtype':<40} {'in scale/zp':<18} {'out scale/zp':<18}")
     for layer in layers:
         inp = f"{layer['input_scale']:.4g}/{layer['input_zero_point']}" if "input_scale" in layer else "-"
-        out = f"{layer['output_scale']:.4g}/{layer['output_zero_point']}"
+        out = f"{layer['output_scale']:.4g}/{layer['output_zero_point']}" if "output_scale" in layer else "float32"
         relu = " +relu" if layer.get("fused_relu") else ""
         print(f"{layer['name']:<16} {layer['dtype'] + relu:<40} {inp:<18} {out:<18}")
     for name in quantization.get("float_layers", []):

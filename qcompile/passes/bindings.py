@@ -109,7 +109,7 @@ class Emitter:
 
 
 # A rewrite gets (emitter, old var, old value) and returns the new var/expr to bind to
-# the old var, or None to re-emit the binding unchanged.
+# the old var (a constant replaces the var at its uses), or None to re-emit the binding.
 Rewrite = Callable[[Emitter, object, object], object]
 
 
@@ -131,8 +131,8 @@ def rebuild(func, rewrite: Rewrite, extra_outputs: Callable[[Emitter], list] | N
                 new = rewrite(em, var, value)
                 if new is None:
                     new = em.emit(em.subst(value), var.name)
-                elif not isinstance(new, relax.Var):
-                    new = em.emit(new, var.name)
+                elif not isinstance(new, relax.Var) and const_value(new) is None:
+                    new = em.emit(new, var.name)  # constants are substituted, not bound
                 em.vmap[var] = new
             out = em.subst(graph.producer.get(output_var, output_var))
             if extra_outputs is not None:

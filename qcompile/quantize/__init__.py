@@ -68,9 +68,12 @@ def realize_prequantized(model: ImportedModel, source: str) -> tuple[ImportedMod
     """Integer kernels for a model imported in QDQ form (ONNX QDQ/QOperator, PT2E)."""
     mod = canonicalize_qdq(model.mod)
     int_mod, report = realize(mod)
+    activations = sorted({layer["dtype"].split()[0] for layer in report.layers if layer["op"] in ("conv2d", "matmul")})
     info = {
         "scheme": "int8",
         "source": source,
+        "activation_dtype": "/".join(activations) or None,
+        "weight_dtype": "int8",
         "layers": report.layers,
         "float_layers": [],
         "float_ops": _float_anchor_count(int_mod),

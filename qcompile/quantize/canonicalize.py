@@ -25,21 +25,27 @@ def has_qdq(mod: tvm.IRModule) -> bool:
 
 
 def canonicalize_qdq(mod: tvm.IRModule) -> tvm.IRModule:
-    """Fold reshape / permute_dims of dequantized constants into the constants."""
+    """Fold reshape / permute_dims of dequantized constants (and reshape / permute_dims /
+    astype of plain constants, e.g. PT2E's int64 zero points) into the constants."""
     graph = Graph.from_main(mod["main"])
 
-    def const_dequantize(expr):
+    def const_dequantize(em: Emitter, expr):
         call = graph.call_of(expr, "relax.dequantize")
         if call is None:
             return None
-        values = [const_value(a) for a in call.args]
+        values = [const_value(em.subst(a)) for a in call.args]
         return None if any(v is None for v in values) else (call, values)
 
     def rewrite(em: Emitter, var, value):
         name = op_name(value)
-        if name not in ("relax.reshape", "relax.permute_dims"):
+        if name not in ("relax.reshape", "relax.permute_dims", "relax.astype"):
             return None
-        found = const_dequantize(value.args[0])
+        plain = const_value(em.subst(value.args[0]))
+        if plain is not None:  # layout/dtype change of a plain constant: fold it
+            return _fold_plain(value, plain)
+        if name == "relax.astype":
+            return None
+        found = const_dequantize(em, value.args[0])
         if found is None:
             return None
         call, (q, scale, zp) = found
@@ -63,3 +69,13 @@ def canonicalize_qdq(mod: tvm.IRModule) -> tvm.IRModule:
                                            axis=new_axis, out_dtype=str(call.attrs.out_dtype)), var.name)
 
     return with_main(mod, rebuild(mod["main"], rewrite))
+
+
+def _fold_plain(call, value: np.ndarray):
+    name = op_name(call)
+    if name == "relax.astype":
+        return relax.const(value.astype(str(call.attrs.dtype)))
+    if name == "relax.permute_dims":
+        axes = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else None
+        return relax.const(np.ascontiguousarray(np.transpose(value, axes)))
+    return relax.const(value.reshape([int(d) for d in call.ty.shape.values]))

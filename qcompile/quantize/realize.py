@@ -88,7 +88,7 @@ def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
 
     main = rebuild(func, rewrite)
     new_mod = relax.transform.DeadCodeElimination(["main"])(with_main(mod, main))
-    return new_mod, report
+    return _realize_float_outputs(new_mod, report, counters), report
 
 
 @dataclass(frozen=True)
@@ -129,18 +129,71 @@ def _requantize(em: Emitter, acc, multiplier: np.ndarray, out: _OutQ, lo: float 
 
 def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
     inner, lo, hi = _activation(graph, expr)
-    bias = None
+    bias = float_bias = None
     add = graph.call_of(inner, "relax.add")
     anchor_expr = inner
     if add is not None:
         for i in (0, 1):
-            w = weight_of(add.args[1 - i])
-            if w is not None and graph.producer.get(add.args[i]) is not None and op_name(graph.producer[add.args[i]]) in ("relax.nn.conv2d", "relax.matmul"):
-                bias, anchor_expr = w, add.args[i]
+            producer = graph.producer.get(add.args[i]) if isinstance(add.args[i], relax.Var) else None
+            if producer is None or op_name(producer) not in ("relax.nn.conv2d", "relax.matmul"):
+                continue
+            other = add.args[1 - i]
+            bias, float_bias = weight_of(other), const_value(other)  # int32 behind dq, or float (PT2E)
+            if bias is not None or (float_bias is not None and float_bias.dtype == np.float32):
+                anchor_expr = add.args[i]
                 break
         else:
             return None
     anchor = graph.producer.get(anchor_expr) if isinstance(anchor_expr, relax.Var) else None
+    acc = _int_anchor(em, anchor, dq_source, weight_of)
+    if acc is None:
+        return None
+    sx, zx, wscale, channels, bshape, conv = acc.sx, acc.zx, acc.wscale, acc.channels, acc.bshape, acc.conv
+    bias_int = np.zeros(channels, np.int64)
+    if float_bias is not None and bias is None:  # quantize a float bias at sx * sw, as fbgemm does
+        if float_bias.size != channels:
+            return None
+        bias_int = np.round(float_bias.reshape(-1) / (np.float32(sx) * wscale)).astype(np.int64)
+    if bias is not None:
+        bq, bscale, _bzp, _ = bias
+        bias_int = bq.astype(np.int64).reshape(-1)
+        if bias_int.size != channels:
+            return None
+        expected = (sx * wscale).astype(np.float32)
+        if not np.allclose(bscale.reshape(-1), expected, rtol=1e-5):
+            return None  # bias scale must be sx * sw to add in the int32 domain
+    total = _add_int_constant(em, acc.var, bias_int - zx * acc.wsum, bshape)
+    multiplier = (np.float32(sx) * wscale / np.float32(out.scale)).astype(np.float32).reshape(bshape)
+    result = _requantize(em, total, multiplier, out, lo, hi)
+    name = "conv2d" if conv else "matmul"
+    index = counters.get(name, 0)
+    counters[name] = index + 1
+    report.layers.append({
+        "name": f"{name}_{index}", "op": name, "dtype": f"{acc.x_dtype} x int8 -> int32 -> {out.dtype}",
+        "input_scale": sx, "input_zero_point": zx, "output_scale": out.scale, "output_zero_point": out.zero_point,
+        "weight_scale_min": float(wscale.min()), "weight_scale_max": float(wscale.max()),
+        "fused_relu": lo is not None,
+    })
+    return result
+
+
+@dataclass(frozen=True)
+class _Acc:
+    """An integer conv2d/matmul: its int32 accumulator and what requantizing it needs."""
+
+    var: object
+    sx: float
+    zx: int
+    wscale: np.ndarray  # (channels,)
+    wsum: np.ndarray  # per output channel sum of the int8 weight (zero-point correction)
+    channels: int
+    bshape: tuple
+    conv: bool
+    x_dtype: str
+
+
+def _int_anchor(em, anchor, dq_source, weight_of) -> _Acc | None:
+    """``conv2d|matmul(dq(xq), dq(Wq))`` as an int32-accumulating op on ``xq`` and ``Wq``."""
     kind = op_name(anchor) if anchor is not None else None
     if kind not in ("relax.nn.conv2d", "relax.matmul"):
         return None
@@ -153,12 +206,13 @@ def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
         return None
     conv = kind == "relax.nn.conv2d"
     channel_axis = 0 if conv else 1
+    if wq.ndim != (4 if conv else 2):
+        return None
     if wscale.size not in (1, wq.shape[channel_axis]) or (wscale.size > 1 and waxis % wq.ndim != channel_axis):
         return None
     channels = wq.shape[channel_axis]
     sx, zx = float(x.scale.reshape(-1)[0]), int(x.zero_point.reshape(-1)[0])
     wscale = np.broadcast_to(wscale.reshape(-1).astype(np.float32), (channels,))
-    wconst = relax.const(wq)
     data = x.var
     if conv:
         attrs = anchor.attrs
@@ -169,40 +223,60 @@ def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
             top, left, bottom, right = padding
             data = em.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
             padding = [0, 0, 0, 0]
-        acc = em.emit(relax.op.nn.conv2d(data, wconst, strides=attrs.strides, padding=padding,
+        acc = em.emit(relax.op.nn.conv2d(data, relax.const(wq), strides=attrs.strides, padding=padding,
                                          dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32"))
         wsum = wq.astype(np.int64).reshape(channels, -1).sum(axis=1)
         bshape = (1, channels, 1, 1)
     else:
-        if len(shape_of(wconst)) != 2:
-            return None
-        acc = em.emit(relax.op.matmul(data, wconst, out_dtype="int32"))
+        acc = em.emit(relax.op.matmul(data, relax.const(wq), out_dtype="int32"))
         wsum = wq.astype(np.int64).sum(axis=0)
         bshape = (channels,)
-    bias_int = np.zeros(channels, np.int64)
-    if bias is not None:
-        bq, bscale, _bzp, _ = bias
-        bias_int = bq.astype(np.int64).reshape(-1)
-        if bias_int.size != channels:
+    return _Acc(acc, sx, zx, wscale, wsum, channels, bshape, conv, dtype_of(x.var))
+
+
+def _add_int_constant(em, acc, value: np.ndarray, bshape: tuple):
+    if not np.any(value):
+        return acc
+    return em.emit(relax.op.add(acc, relax.const(value.astype(np.int32).reshape(bshape))))
+
+
+def _realize_float_outputs(mod: tvm.IRModule, report: RealizeReport, counters: dict) -> tvm.IRModule:
+    """Second stage: conv2d/matmul on dequantized int8 whose output is not re-quantized
+    (PT2E leaves e.g. conv -> residual add in float) still run as integer kernels, with
+    the int32 accumulator scaled back to float32 in the same fused kernel."""
+    graph = Graph.from_main(mod["main"])
+
+    def dq_source(em, expr):
+        call = graph.call_of(expr, "relax.dequantize")
+        if call is None:
             return None
-        expected = (sx * wscale).astype(np.float32)
-        if not np.allclose(bscale.reshape(-1), expected, rtol=1e-5):
-            return None  # bias scale must be sx * sw to add in the int32 domain
-    correction = bias_int - zx * wsum
-    if np.any(correction):
-        acc = em.emit(relax.op.add(acc, relax.const(correction.astype(np.int32).reshape(bshape))))
-    multiplier = (np.float32(sx) * wscale / np.float32(out.scale)).astype(np.float32).reshape(bshape)
-    result = _requantize(em, acc, multiplier, out, lo, hi)
-    name = "conv2d" if conv else "matmul"
-    index = counters.get(name, 0)
-    counters[name] = index + 1
-    report.layers.append({
-        "name": f"{name}_{index}", "op": name, "dtype": f"{dtype_of(x.var)} x int8 -> int32 -> {out.dtype}",
-        "input_scale": sx, "input_zero_point": zx, "output_scale": out.scale, "output_zero_point": out.zero_point,
-        "weight_scale_min": float(wscale.min()), "weight_scale_max": float(wscale.max()),
-        "fused_relu": lo is not None,
-    })
-    return result
+        scale, zp = const_value(call.args[1]), const_value(call.args[2])
+        if scale is None or zp is None:
+            return None
+        return _Q(em.subst(call.args[0]), scale, zp, int(call.attrs.axis))
+
+    def weight_of(expr):
+        call = graph.call_of(expr, "relax.dequantize")
+        values = [const_value(a) for a in call.args] if call is not None else [None]
+        return None if any(v is None for v in values) else (values[0], values[1], values[2], int(call.attrs.axis))
+
+    def rewrite(em, var, value):
+        acc = _int_anchor(em, value, dq_source, weight_of) if op_name(value) in ("relax.nn.conv2d", "relax.matmul") else None
+        if acc is None:
+            return None
+        total = _add_int_constant(em, acc.var, -acc.zx * acc.wsum, acc.bshape)
+        scale = (np.float32(acc.sx) * acc.wscale).astype(np.float32).reshape(acc.bshape)
+        result = em.emit(relax.op.multiply(em.emit(relax.op.astype(total, "float32")), relax.const(scale)))
+        name = "conv2d" if acc.conv else "matmul"
+        index = counters.get(name, 0)
+        counters[name] = index + 1
+        report.layers.append({"name": f"{name}_{index}", "op": name,
+                              "dtype": f"{acc.x_dtype} x int8 -> int32 -> float32",
+                              "input_scale": acc.sx, "input_zero_point": acc.zx,
+                              "weight_scale_min": float(acc.wscale.min()), "weight_scale_max": float(acc.wscale.max())})
+        return result
+
+    return relax.transform.DeadCodeElimination(["main"])(with_main(mod, rebuild(mod["main"], rewrite)))
 
 
 def _match_same_scale(em, graph, expr, out, dq_source, weight_of, report, counters):

@@ -1,0 +1,73 @@
+"""Converters for PyTorch PT2E's ``quantized_decomposed`` ops into Relax QDQ.
+
+``convert_pt2e`` leaves ``quantize_per_tensor`` / ``dequantize_per_tensor`` /
+``dequantize_per_channel`` calls around float aten ops; TVM's torch frontend has no
+converters for them.  These map them onto ``relax.op.quantize``/``dequantize`` so PT2E
+models reach the same realize pass as every other source.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from tvm import relax
+
+from .errors import ModelImportError
+
+_DTYPES = {"torch.uint8": ("uint8", 0, 255), "torch.int8": ("int8", -128, 127)}
+
+
+def _qdtype(node, dtype, qmin, qmax) -> str:
+    name, lo, hi = _DTYPES.get(str(dtype), (None, None, None))
+    if name is None or (qmin, qmax) != (lo, hi):
+        raise ModelImportError(
+            f"PT2E node {node.name}: {dtype} with range [{qmin}, {qmax}] is not supported "
+            "(qcompile realizes full-range int8/uint8)"
+        )
+    return name
+
+
+def _scalar(value, dtype: str):
+    return value if isinstance(value, relax.Expr) else relax.const(value, dtype)
+
+
+def _zero_point(value):
+    if isinstance(value, relax.Expr):
+        return relax.op.astype(value, "int32") if str(value.ty.dtype) != "int32" else value
+    return relax.const(int(value), "int32")
+
+
+def _quantize(node, importer):
+    x, scale, zp, qmin, qmax, dtype = importer.retrieve_args(node)[:6]
+    out = _qdtype(node, dtype, qmin, qmax)
+    return importer.block_builder.emit(
+        relax.op.quantize(x, _scalar(scale, "float32"), _zero_point(zp), axis=-1, out_dtype=out))
+
+
+def _dequantize(node, importer):
+    q, scale, zp, qmin, qmax, dtype = importer.retrieve_args(node)[:6]
+    _qdtype(node, dtype, qmin, qmax)
+    return importer.block_builder.emit(
+        relax.op.dequantize(q, _scalar(scale, "float32"), _zero_point(zp), axis=-1, out_dtype="float32"))
+
+
+def _quantize_per_channel(node, importer):
+    x, scale, zp, axis, qmin, qmax, dtype = importer.retrieve_args(node)[:7]
+    out = _qdtype(node, dtype, qmin, qmax)
+    return importer.block_builder.emit(relax.op.quantize(x, scale, _zero_point(zp), axis=int(axis), out_dtype=out))
+
+
+def _dequantize_per_channel(node, importer):
+    q, scale, zp, axis, qmin, qmax, dtype = importer.retrieve_args(node)[:7]
+    _qdtype(node, dtype, qmin, qmax)
+    return importer.block_builder.emit(
+        relax.op.dequantize(q, scale, _zero_point(zp), axis=int(axis), out_dtype="float32"))
+
+
+CONVERT_MAP: dict[str, Callable] = {
+    "quantize_per_tensor.default": _quantize,
+    "quantize_per_tensor.tensor": _quantize,
+    "dequantize_per_tensor.default": _dequantize,
+    "dequantize_per_tensor.tensor": _dequantize,
+    "quantize_per_channel.default": _quantize_per_channel,
+    "dequantize_per_channel.default": _dequantize_per_channel,
+}
