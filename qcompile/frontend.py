@@ -167,11 +167,15 @@ def import_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Importe
     onnx = _import_onnx()
     from . import onnx_shapes
 
+    from . import onnx_qoperator
+
     try:
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelImportError(f"model file {path}: not a valid ONNX model: {first_line(exc)}") from exc
+    if onnx_qoperator.is_qoperator(proto):  # one QDQ representation for every source
+        proto = onnx_qoperator.to_qdq(proto, str(path))
     proto, shapes, dtypes = onnx_shapes.fix_input_shapes(proto, input_shapes, str(path))
     proto = onnx_shapes.fold_shape_computations(proto)
     onnx_shapes.check_reshapes_static(proto, str(path))

@@ -1,0 +1,199 @@
+"""Rewrite ONNX QOperator graphs into QDQ form before import.
+
+ONNX Runtime's ``QuantFormat.QOperator`` writes fused integer operators (QLinearConv,
+QLinearMatMul, ConvInteger, MatMulInteger, and com.microsoft's QGemm, QLinearAdd,
+QLinearConcat, QLinearAveragePool, QLinearGlobalAveragePool) that TVM's ONNX frontend
+does not convert.  Each is replaced by DequantizeLinear -> float op -> QuantizeLinear,
+exactly its definition, so the one realize pass turns it back into integer kernels.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .errors import ModelImportError
+
+_MS = "com.microsoft"
+
+
+class _Rewriter:
+    def __init__(self, proto, where: str) -> None:
+        from onnx import numpy_helper
+
+        self.graph = proto.graph
+        self.where = where
+        self.inits = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
+        self.counter = 0
+        self.nodes: list = []
+
+    def fresh(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}__qdq{self.counter}"
+
+    def const(self, value: np.ndarray, base: str) -> str:
+        from onnx import numpy_helper
+
+        name = self.fresh(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.inits[name] = value
+        return name
+
+    def value(self, node, name: str) -> np.ndarray:
+        if name not in self.inits:
+            raise ModelImportError(
+                f"{self.where}: {node.op_type} node {node.name!r} has a non-constant quantization "
+                f"parameter {name!r}; only static quantization is realized"
+            )
+        return self.inits[name]
+
+    def dq(self, x: str, scale: str, zp: str | None, axis: int | None = None) -> str:
+        from onnx import helper
+
+        out = self.fresh(x)
+        attrs = {"axis": axis} if axis is not None else {}
+        self.nodes.append(helper.make_node("DequantizeLinear", [x, scale] + ([zp] if zp else []), [out], **attrs))
+        return out
+
+    def q(self, x: str, scale: str, zp: str | None, out: str) -> None:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node("QuantizeLinear", [x, scale] + ([zp] if zp else []), [out]))
+
+    def op(self, op_type: str, inputs: list[str], node, domain: str = "", **attrs) -> str:
+        from onnx import helper
+
+        out = self.fresh(node.output[0])
+        new = helper.make_node(op_type, inputs, [out], domain=domain, name=node.name)
+        new.attribute.extend(a for a in node.attribute if not attrs or a.name not in attrs)
+        for key, value in attrs.items():
+            new.attribute.append(helper.make_attribute(key, value))
+        self.nodes.append(new)
+        return out
+
+    def bias(self, node, b: str, sx: str, sw: str, base: str) -> str:
+        """int32 bias dequantized at scale sx * sw (per output channel)."""
+        scale = (self.value(node, sx).astype(np.float32) * self.value(node, sw).astype(np.float32)).reshape(-1)
+        return self.dq(b, self.const(scale.astype(np.float32), base + "_scale"), None, axis=0)
+
+
+def _weight_axis(rw: _Rewriter, node, scale: str, axis: int) -> int | None:
+    return axis if rw.value(node, scale).size > 1 else None
+
+
+def _qlinear_conv(rw: _Rewriter, node) -> None:
+    x, sx, zx, w, sw, zw, sy, zy = node.input[:8]
+    inputs = [rw.dq(x, sx, zx), rw.dq(w, sw, zw, _weight_axis(rw, node, sw, 0))]
+    if len(node.input) > 8 and node.input[8]:
+        inputs.append(rw.bias(node, node.input[8], sx, sw, node.input[8]))
+    rw.q(rw.op("Conv", inputs, node), sy, zy, node.output[0])
+
+
+def _qlinear_matmul(rw: _Rewriter, node) -> None:
+    a, sa, za, b, sb, zb, sy, zy = node.input[:8]
+    out = rw.op("MatMul", [rw.dq(a, sa, za), rw.dq(b, sb, zb, _weight_axis(rw, node, sb, 1))], node)
+    rw.q(out, sy, zy, node.output[0])
+
+
+def _qgemm(rw: _Rewriter, node) -> None:
+    from onnx import helper
+
+    a, sa, za, b, sb, zb = node.input[:6]
+    trans_b = next((helper.get_attribute_value(x) for x in node.attribute if x.name == "transB"), 0)
+    inputs = [rw.dq(a, sa, za), rw.dq(b, sb, zb, _weight_axis(rw, node, sb, 0 if trans_b else 1))]
+    if len(node.input) > 6 and node.input[6]:
+        inputs.append(rw.bias(node, node.input[6], sa, sb, node.input[6]))
+    out = rw.op("Gemm", inputs, node)
+    if len(node.input) > 7 and node.input[7]:
+        rw.q(out, node.input[7], node.input[8] if len(node.input) > 8 else None, node.output[0])
+    else:  # no output scale: QGemm returns float
+        rw.nodes.append(helper.make_node("Identity", [out], [node.output[0]]))
+
+
+def _qlinear_binary(op_type: str) -> Callable:
+    def convert(rw: _Rewriter, node) -> None:
+        a, sa, za, b, sb, zb, sy, zy = node.input[:8]
+        rw.q(rw.op(op_type, [rw.dq(a, sa, za), rw.dq(b, sb, zb)], node), sy, zy, node.output[0])
+
+    return convert
+
+
+def _qlinear_unary(op_type: str) -> Callable:
+    def convert(rw: _Rewriter, node) -> None:
+        from onnx import helper
+
+        channels_last = next((helper.get_attribute_value(x) for x in node.attribute if x.name == "channels_last"), 0)
+        if channels_last:
+            raise ModelImportError(f"{rw.where}: {node.op_type} node {node.name!r} with channels_last=1 is not supported")
+        x, sx, zx, sy, zy = node.input[:5]
+        kept = [a for a in node.attribute if a.name != "channels_last"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        rw.q(rw.op(op_type, [rw.dq(x, sx, zx)], node), sy, zy, node.output[0])
+
+    return convert
+
+
+def _qlinear_concat(rw: _Rewriter, node) -> None:
+    sy, zy = node.input[:2]
+    rest = list(node.input[2:])
+    parts = [rw.dq(rest[i], rest[i + 1], rest[i + 2]) for i in range(0, len(rest), 3)]
+    rw.q(rw.op("Concat", parts, node), sy, zy, node.output[0])
+
+
+def _integer(op_type: str, weight_axis: int) -> Callable:
+    """ConvInteger / MatMulInteger: (a - za) op (b - zb) in int32 == DQ at scale 1, then Cast."""
+
+    def convert(rw: _Rewriter, node) -> None:
+        from onnx import TensorProto, helper
+
+        a, b = node.input[:2]
+        za = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        zb = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        one = rw.const(np.array(1.0, np.float32), "one")
+        zb_axis = weight_axis if zb is not None and rw.value(node, zb).size > 1 else None
+        if zb_axis is not None:
+            one_b = rw.const(np.ones(rw.value(node, zb).size, np.float32), "ones")
+        else:
+            one_b = one
+        out = rw.op(op_type, [rw.dq(a, one, za), rw.dq(b, one_b, zb, zb_axis)], node)
+        rw.nodes.append(helper.make_node("Cast", [out], [node.output[0]], to=TensorProto.INT32))
+
+    return convert
+
+
+CONVERTERS: dict[tuple[str, str], Callable] = {
+    ("", "QLinearConv"): _qlinear_conv,
+    ("", "QLinearMatMul"): _qlinear_matmul,
+    ("", "ConvInteger"): _integer("Conv", 0),
+    ("", "MatMulInteger"): _integer("MatMul", 1),
+    (_MS, "QGemm"): _qgemm,
+    (_MS, "QLinearAdd"): _qlinear_binary("Add"),
+    (_MS, "QLinearMul"): _qlinear_binary("Mul"),
+    (_MS, "QLinearAveragePool"): _qlinear_unary("AveragePool"),
+    (_MS, "QLinearGlobalAveragePool"): _qlinear_unary("GlobalAveragePool"),
+    (_MS, "QLinearConcat"): _qlinear_concat,
+}
+
+
+def is_qoperator(proto) -> bool:
+    return any((n.domain if n.domain != "ai.onnx" else "", n.op_type) in CONVERTERS for n in proto.graph.node)
+
+
+def to_qdq(proto, where: str):
+    """The model with every QOperator node replaced by its QDQ definition."""
+    rw = _Rewriter(proto, where)
+    for node in proto.graph.node:
+        convert = CONVERTERS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+        if convert is None:
+            if node.domain == _MS:
+                raise ModelImportError(
+                    f"{where}: com.microsoft operator {node.op_type} (node {node.name!r}) is not supported; "
+                    "re-quantize with quant_format=QuantFormat.QDQ"
+                )
+            rw.nodes.append(node)
+        else:
+            convert(rw, node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(rw.nodes)
+    return proto
