@@ -91,7 +91,7 @@ def qcompile_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dic
     out = {}
     art = build(model, target, workdir, name="digits-fp32")
     out["qcompile fp32"] = art
-    for method in ("minmax", "percentile"):
+    for method in ("minmax", "percentile", "entropy", "mse"):
         batches = [{"x": calib[i:i + 1]} for i in range(len(calib))]
         config = QuantConfig(calibration_method=method, num_samples=len(calib))
         qmodel, info = quantize_model(model, batches, config, target.to_tvm())

@@ -11,7 +11,7 @@ from torch import nn
 from qcompile.errors import CalibrationError, ConfigError
 from qcompile.frontend import import_model
 from qcompile.quantize import QuantConfig, quantize_model
-from qcompile.quantize.observers import MinMaxObserver, PercentileObserver
+from qcompile.quantize.observers import HistogramObserver, MinMaxObserver
 from qcompile.quantize.ptq import activation_qparams, weight_qparams
 from qcompile.targets import resolve_target
 
@@ -144,13 +144,20 @@ def test_observers_and_qparams():
     for chunk in (np.array([-1.0, 2.0]), np.array([3.0, -0.5])):
         mm.update(chunk)
     assert mm.range() == (-1.0, 3.0)
-    obs = PercentileObserver(99.0)
+    obs = HistogramObserver("percentile", 99.0)
     rng = np.random.default_rng(0)
     for _ in range(5):
         obs.update(rng.standard_normal(10000))
     obs.update(np.array([1000.0]))  # one outlier grows the histogram range 2x per step
     lo, hi = obs.range()
     assert -3.5 < lo < -2.0 and 2.0 < hi < 3.5 and obs.hist.size == 2 * obs.BINS
+    for method in ("entropy", "mse"):  # clip a 12-sigma outlier, keep the bulk of N(0, 1)
+        other = HistogramObserver(method)
+        for _ in range(5):
+            other.update(rng.standard_normal(10000))
+        other.update(np.array([12.0]))
+        lo, hi = other.range()
+        assert 2.0 < hi < 11.0 and -11.0 < lo < -2.0, (method, lo, hi)
     params = activation_qparams(-1.0, 3.0, QuantConfig())
     assert params.dtype == "uint8" and params.zero_point == 64 and np.isclose(params.scale, 4 / 255)
     sym = activation_qparams(-1.0, 3.0, QuantConfig(activation_symmetric=True))
@@ -159,3 +166,36 @@ def test_observers_and_qparams():
     q, s = weight_qparams(w, 0, per_channel=True)
     np.testing.assert_allclose(s, [2 / 127, 0.5 / 127], rtol=1e-6)
     assert q.dtype == np.int8 and q[0, 1] == -127 and q[1, 0] == 127
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+def test_histogram_calibration_methods(tiny_pt2, method):
+    qmodel, info = quantize_model(import_model(str(tiny_pt2)), calib(8), QuantConfig(calibration_method=method),
+                                  TARGET.to_tvm())
+    assert info["config"]["calibration_method"] == method and float_anchor_ops(qmodel.mod) == []
+
+
+def test_first_last_policy(tiny_pt2):
+    _, info = quantize_model(import_model(str(tiny_pt2)), calib(4), QuantConfig(keep_float=("first", "last")),
+                             TARGET.to_tvm())
+    assert sorted(info["float_layers"]) == ["conv2d_0", "matmul_0"]
+
+
+def test_image_folder_calibration(tmp_path):
+    from PIL import Image
+
+    from qcompile.model import TensorInfo
+    from qcompile.quantize.data import ImagePreprocess, calibration_batches
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):  # ImageFolder layout
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    info = [TensorInfo("x", (2, 3, 32, 32), "float32")]
+    batches = list(calibration_batches(tmp_path, info, ImagePreprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))))
+    assert len(batches) == 3 and batches[0]["x"].shape == (2, 3, 32, 32)
+    assert -1.0 <= batches[0]["x"].min() and batches[0]["x"].max() <= 1.0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="holds no images"):
+        calibration_batches(tmp_path / "empty", info)

@@ -35,8 +35,13 @@ def register(sub) -> None:
     q.add_argument("--symmetric", action="store_true",
                    help="int8 activations with zero point 0 (default: asymmetric uint8, as ONNX Runtime's U8S8)")
     q.add_argument("--asymmetric", dest="symmetric", action="store_false", help=argparse.SUPPRESS)
-    q.add_argument("--keep-float", nargs="+", default=[], metavar="LAYER",
-                   help="layers to leave in float: conv2d_N, matmul_N, or a whole op kind (conv2d, matmul)")
+    q.add_argument("--keep-float", "--skip-layers", nargs="+", default=[], metavar="LAYER",
+                   help="layers to leave in float: conv2d_N, matmul_N (see `qcompile info --layers`), "
+                        "first, last, or a whole op kind (conv2d, matmul)")
+    q.add_argument("--calib-mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="image calibration: per-channel mean after scaling to [0,1] (default: ImageNet)")
+    q.add_argument("--calib-std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="image calibration: per-channel std (default: ImageNet)")
     p.add_argument("-o", "--output", default="out", metavar="DIR", help="output folder (default: out)")
     p.add_argument("--name", help="artifact name (default: the model's name)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase into DIR")
@@ -58,7 +63,7 @@ def run(args) -> int:
         from ..quantize.data import calibration_batches
 
         progress(f"calibrating on {args.calib_data} ({config.calibration_method}, up to {config.num_samples} samples) ...")
-        batches = calibration_batches(args.calib_data, model.inputs)
+        batches = calibration_batches(args.calib_data, model.inputs, _preprocess(args))
         model, quantization = quantize_model(model, batches, config, target.to_tvm(), progress)
         name = name or f"{model.source.name}-int8"
     else:
@@ -99,3 +104,10 @@ def _quant_config(args):
         num_samples=args.calib_samples,
         keep_float=tuple(args.keep_float),
     )
+
+
+def _preprocess(args):
+    from ..quantize.data import ImagePreprocess
+
+    default = ImagePreprocess()
+    return ImagePreprocess(mean=tuple(args.calib_mean or default.mean), std=tuple(args.calib_std or default.std))

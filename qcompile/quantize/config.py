@@ -5,8 +5,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from .observers import OBSERVERS
 
-CALIBRATION_METHODS = ("minmax", "percentile")
+CALIBRATION_METHODS = tuple(OBSERVERS)
 VERSION = 1
 
 

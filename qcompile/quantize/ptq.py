@@ -61,6 +61,7 @@ class Plan:
 def annotate(func, config: QuantConfig) -> Plan:
     """Find the regions and tensors to quantize in ``main``."""
     graph = Graph.from_main(func)
+    keep = _resolve_keep_float(graph, config.keep_float)
     counters: dict[str, int] = {}
     regions, kept = [], []
     for var, value in graph.bindings:
@@ -74,17 +75,18 @@ def annotate(func, config: QuantConfig) -> Plan:
             continue
         name = f"{kind}_{counters.get(kind, 0)}"
         counters[kind] = counters.get(kind, 0) + 1
-        if name in config.keep_float or kind in config.keep_float:
+        if name in keep or kind in keep:
             kept.append(name)
             continue
         region = Region(name, kind, var, value.args[0], weight, out=var)
         _extend_region(graph, region)
         regions.append(region)
-    unknown = set(config.keep_float) - set(kept) - set(ANCHORS.values()) - {r.name for r in regions}
+    unknown = keep - set(kept) - set(ANCHORS.values()) - {r.name for r in regions}
     if unknown:
         from ..errors import ConfigError
 
-        raise ConfigError(f"--keep-float: no layer named {', '.join(sorted(unknown))} (layers are conv2d_N, matmul_N)")
+        raise ConfigError(f"--keep-float: no layer named {', '.join(sorted(unknown))} "
+                          "(layers are conv2d_N, matmul_N; or first, last, conv2d, matmul)")
 
     quantized: set = set()
     observed: list = []
@@ -126,6 +128,22 @@ def annotate(func, config: QuantConfig) -> Plan:
         elif name not in ("relax.nn.relu",):
             skipped[name] = skipped.get(name, 0) + 1
     return Plan(regions, observed, alias, kept, skipped)
+
+
+def _resolve_keep_float(graph: Graph, names: tuple[str, ...]) -> set[str]:
+    """Expand the ``first`` / ``last`` policy names into layer names."""
+    keep = set(names) - {"first", "last"}
+    anchors, counters = [], {}
+    for _, value in graph.bindings:
+        kind = ANCHORS.get(op_name(value))
+        if kind is not None and const_value(value.args[1]) is not None:
+            anchors.append(f"{kind}_{counters.get(kind, 0)}")
+            counters[kind] = counters.get(kind, 0) + 1
+    if anchors and "first" in names:
+        keep.add(anchors[0])
+    if anchors and "last" in names:
+        keep.add(anchors[-1])
+    return keep
 
 
 def _extend_region(graph: Graph, region: Region) -> None:
