@@ -24,7 +24,7 @@ def test_int8_ptq_drop_at_most_half_a_point():
     fp32 = results["PyTorch fp32 (reference)"]["top1"]
     assert fp32 >= 95.0, "the float model did not train"
     assert abs(results["qcompile fp32"]["top1"] - fp32) < 1e-9
-    for method in ("minmax", "percentile"):
-        assert results[f"qcompile int8 ({method})"]["drop_vs_fp32"] <= 0.5
+    for method in ("minmax", "percentile", "mse"):  # entropy (KL) clips harder: reported, not bounded
+        assert results[f"qcompile int8 ({method})"]["drop_vs_fp32"] <= 0.5, method
     # The peers ran on the same model and data (their numbers go to the README table).
     assert {"ONNX Runtime int8 (quantize_static QDQ)", "PyTorch int8 (PT2E, X86InductorQuantizer)"} <= set(results)

@@ -5,7 +5,8 @@ whose range doubles (merging bin pairs) when new values fall outside it.  The hi
 methods pick the clipping range from it:
 
 * ``percentile``: clip at a percentile of the distribution (both tails for signed data);
-* ``entropy``: TensorRT's KL-divergence threshold over |x|, 128 levels;
+* ``entropy``: TensorRT's KL-divergence threshold over |x| (127 levels per side for
+  signed data, 255 for non-negative data, which uint8 covers with 255 steps);
 * ``mse``: the threshold minimising expected squared error (clipping + rounding noise).
 
 Add a method by adding an entry to :data:`OBSERVERS`.
@@ -61,7 +62,10 @@ class HistogramObserver:
             return lo, hi
         if self.method == "percentile":
             return self._percentile(lo, hi)
-        threshold = self._entropy_threshold() if self.method == "entropy" else self._mse_threshold(lo < 0)
+        if self.method == "entropy":  # uint8 spans [0, T] with 255 steps; signed data gets 127 per side
+            threshold = self._entropy_threshold(127 if lo < 0 else 255)
+        else:
+            threshold = self._mse_threshold(lo < 0)
         return max(lo, -threshold), min(hi, threshold)
 
     def _percentile(self, lo: float, hi: float) -> tuple[float, float]:
