@@ -76,7 +76,8 @@ def build(
 
     with _atomic_outputs(out_dir, [library, manifest_path(library)]) as (tmp_lib, tmp_manifest):
         try:
-            executable.export_library(str(tmp_lib), fcompile=fcompile)
+            # -s: no symbol table or debug info (TVM resolves functions through .dynsym).
+            executable.export_library(str(tmp_lib), fcompile=fcompile, options=["-s"])
         except Exception as exc:
             raise BuildError(f"exporting {library} failed: {first_line(exc)}") from exc
         manifest = Manifest(
