@@ -49,8 +49,13 @@ def build(
     quantization: dict[str, Any] | None = None,
     dump_ir: Path | None = None,
     progress: Progress | None = None,
+    tuning_logs: Path | None | bool = None,
 ) -> Artifact:
-    """Compile ``model`` for ``target``; write ``out_dir/name.so`` and its manifest."""
+    """Compile ``model`` for ``target``; write ``out_dir/name.so`` and its manifest.
+
+    Tuning records for ``target`` under ``tuning_logs`` (default: :func:`tune.log_root`)
+    are applied when present; ``tuning_logs=False`` builds untuned.
+    """
     say = progress or (lambda _msg: None)
     name = name or model.source.name
     if not name or "/" in name or name.startswith("."):
@@ -63,13 +68,17 @@ def build(
     say(f"compiling {model.source.name} for {target.name} ...")
     try:
         from .pipeline import compile_module
+        from .tune import apply_database_passes
 
-        executable = compile_module(model.mod, tvm_target, dump_ir=dump_ir)
+        tuning: dict = {}
+        passes = [] if tuning_logs is False else apply_database_passes(target, tuning_logs or None, tuning)
+        executable = compile_module(model.mod, tvm_target, dump_ir=dump_ir, tuning_passes=passes)
     except QcompileError:
         raise
     except Exception as exc:
         raise BuildError(f"compiling {model.source.name} for {target.name} failed: {first_line(exc)}") from exc
     compile_s = time.perf_counter() - started
+    _report_tuning(tuning, target, say)
 
     say(f"exporting {library} ...")
     from .hostcpu import required_features
@@ -91,6 +100,7 @@ def build(
             versions=_versions(),
             build={
                 "compile_seconds": round(compile_s, 2),
+                "tuning": tuning,
                 "host": platform.node(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
@@ -98,6 +108,17 @@ def build(
         manifest.write(tmp_manifest)
     say(f"wrote {library} ({library.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return Artifact(library=library, manifest=manifest)
+
+
+def _report_tuning(tuning: dict, target: TargetSpec, say: Progress) -> None:
+    if not tuning.get("database"):
+        say(f"no tuning records for target {target.name!r}: untuned kernels (run `qcompile tune` for speed)")
+    elif tuning["hits"] == 0:
+        # A database that matches nothing is the silent 100x slowdown: say it loudly.
+        print(f"warning: tuning records in {tuning['database']} matched none of {tuning['misses']} kernels; "
+              "the build is untuned (tuned for another model or quantization?)", file=sys.stderr)
+    else:
+        say(f"tuning records: {tuning['hits']} kernels tuned, {tuning['misses']} untuned")
 
 
 def _export_compiler(target: TargetSpec):

@@ -73,7 +73,17 @@ def run_phases(
     return mod
 
 
-def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None):
+def with_tuning(passes: list) -> list[Phase]:
+    """PHASES with ``passes`` (applying tuning records) at the end of ``legalize``:
+    after fusion, where MetaSchedule extracted its tasks, so the records match."""
+    if not passes:
+        return PHASES
+    return [(name, (lambda t, f=make: f(t) + list(passes)) if name == "legalize" else make)
+            for name, make in PHASES]
+
+
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None,
+                   tuning_passes: list | None = None):
     """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``."""
-    lowered = run_phases(mod, target, dump_ir=dump_ir)
+    lowered = run_phases(mod, target, phases=with_tuning(tuning_passes or []), dump_ir=dump_ir)
     return tvm.compile(lowered, target, relax_pipeline=None)

@@ -13,8 +13,8 @@ from ..targets import resolve_target
 from .common import Progress
 
 
-def register(sub) -> None:
-    p = sub.add_parser("build", help="compile a model into a shared library + manifest")
+def add_model_options(p) -> None:
+    """MODEL, --target, shapes, weights and quantization: shared by build and tune."""
     p.add_argument("model", help="torchvision model name (resnet18, mobilenet_v2, ...), .pt2 or .onnx file")
     p.add_argument("--target", default="native",
                    help="preset (see `qcompile targets`), 'native', JSON, or TVMC-style 'llvm -mcpu=...' (default: native)")
@@ -42,9 +42,15 @@ def register(sub) -> None:
                    help="image calibration: per-channel mean after scaling to [0,1] (default: ImageNet)")
     q.add_argument("--calib-std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="image calibration: per-channel std (default: ImageNet)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build", help="compile a model into a shared library + manifest")
+    add_model_options(p)
     p.add_argument("-o", "--output", default="out", metavar="DIR", help="output folder (default: out)")
     p.add_argument("--name", help="artifact name (default: the model's name)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase into DIR")
+    p.add_argument("--log-dir", metavar="DIR", help="tuning records root (default: the repository's tuning_logs/)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(handler=run)
 
@@ -52,12 +58,28 @@ def register(sub) -> None:
 def run(args) -> int:
     progress = Progress(args.quiet)
     target = resolve_target(args.target)
+    model, quantization, name = load_model(args, target, progress)
+    artifact = build(
+        model,
+        target,
+        Path(args.output),
+        name=args.name or name,
+        quantization=quantization,
+        tuning_logs=Path(args.log_dir) if args.log_dir else None,
+        dump_ir=Path(args.dump_ir) if args.dump_ir else None,
+        progress=progress,
+    )
+    print(artifact.library)
+    print(artifact.manifest_file)
+    return 0
+
+
+def load_model(args, target, progress):
+    """Import ``args.model`` and quantize it as asked: (model, manifest quantization, default name)."""
     shapes = parse_input_shapes(args.input_shape)
     config = _quant_config(args)
     progress(f"importing {args.model} ...")
     model = import_model(args.model, shapes, weights=args.weights)
-    quantization = None
-    name = args.name
     if config is not None:
         from ..quantize import quantize_model
         from ..quantize.data import calibration_batches
@@ -65,25 +87,14 @@ def run(args) -> int:
         progress(f"calibrating on {args.calib_data} ({config.calibration_method}, up to {config.num_samples} samples) ...")
         batches = calibration_batches(args.calib_data, model.inputs, _preprocess(args))
         model, quantization = quantize_model(model, batches, config, target.to_tvm(), progress)
-        name = name or f"{model.source.name}-int8"
-    else:
-        from ..quantize import has_qdq, realize_prequantized
+        return model, quantization, f"{model.source.name}-int8"
+    from ..quantize import has_qdq, realize_prequantized
 
-        if has_qdq(model.mod):  # pre-quantized ONNX / PT2E: integer kernels, no calibration
-            progress("model is pre-quantized (QDQ): realizing integer kernels ...")
-            model, quantization = realize_prequantized(model, source=f"{model.source.kind}-qdq")
-    artifact = build(
-        model,
-        target,
-        Path(args.output),
-        name=name,
-        quantization=quantization,
-        dump_ir=Path(args.dump_ir) if args.dump_ir else None,
-        progress=progress,
-    )
-    print(artifact.library)
-    print(artifact.manifest_file)
-    return 0
+    if has_qdq(model.mod):  # pre-quantized ONNX / PT2E: integer kernels, no calibration
+        progress("model is pre-quantized (QDQ): realizing integer kernels ...")
+        model, quantization = realize_prequantized(model, source=f"{model.source.kind}-qdq")
+        return model, quantization, model.source.name
+    return model, None, model.source.name
 
 
 def _quant_config(args):

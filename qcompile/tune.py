@@ -1,0 +1,141 @@
+"""Tune: MetaSchedule with its XGBoost cost model; records reused at build.
+
+Records live in MetaSchedule's JSON database format under
+``tuning_logs/<target name>-<hash of the target dict>/tvm-<version>/`` so a record is only
+offered to builds for the same target attributes (mcpu, mattr, cores) and TVM version;
+inside a database MetaSchedule keys each record by the structural hash of its workload.
+Tuning sees the module exactly as the build's ``legalize`` phase produces it (fused TIR),
+and the build applies records right there, so they match; the build counts hits and
+misses and warns when a database matches nothing (the silent 100x slowdown).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import tvm
+
+from .errors import ConfigError, QcompileError
+from .model import ImportedModel
+from .targets import TargetSpec
+
+DEFAULT_LOG_ROOT = Path(__file__).resolve().parent.parent / "tuning_logs"
+
+
+class TuningError(QcompileError):
+    exit_code = 10
+
+
+def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
+    """MetaSchedule's ``default_build`` without ``import tvm.s_tir.tensor_intrin``.
+
+    That import registers every backend's intrinsics (~43 s here, CUDA's alone ~28 s; any
+    submodule import runs the whole package) and the builder's fresh worker pool repeats it
+    for every batch of candidates.  Building a candidate needs no intrinsic registry
+    unless it is tensorized, which qcompile's CPU schedules are not yet.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def log_root() -> Path:
+    """``QCOMPILE_TUNING_LOGS`` or the repository's ``tuning_logs/``."""
+    return Path(os.environ.get("QCOMPILE_TUNING_LOGS", DEFAULT_LOG_ROOT))
+
+
+def database_dir(target: TargetSpec, root: Path | None = None) -> Path:
+    """Where records for ``target`` and this TVM version are kept."""
+    # Keyed by what the code depends on (the target dict), not by how it was named:
+    # `--target native` on an AVX2 2-core machine and an identical preset share records.
+    key = json.dumps({"target": target.target, "host": target.host}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    label = f"{target.kind}-{target.target.get('mcpu', 'generic')}"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40]
+    return (root or log_root()) / f"{safe}-{digest}" / f"tvm-{tvm.__version__}"
+
+
+def open_database(path: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    database: Path
+    tasks: int
+    trials: int
+    records: int
+
+
+def tune(
+    model: ImportedModel,
+    target: TargetSpec,
+    trials: int,
+    max_trials_per_task: int | None = None,
+    root: Path | None = None,
+    runner=None,
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Tune every fused kernel of ``model`` for ``target``; records are appended to the database."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .pipeline import PHASES, run_phases
+
+    if trials < 1:
+        raise ConfigError(f"--trials: expected at least 1, but got {trials}")
+    say = progress or (lambda _m: None)
+    tvm_target = target.to_tvm()
+    # Tune exactly the fused kernels the build's legalize phase produces, where the
+    # records are applied (MetaSchedule extracts tasks from fused TIR functions).
+    mod = run_phases(model.mod, tvm_target, phases=PHASES[:2])
+    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    path = database_dir(target, root)
+    say(f"{len(tasks)} tuning tasks; {trials} trials; records in {path}")
+    database = open_database(path)
+    try:
+        ms.relax_integration.tune_relax(
+            mod, {}, tvm_target, work_dir=str(path / "work"), max_trials_global=trials,
+            max_trials_per_task=max_trials_per_task, num_trials_per_iter=16, database=database,
+            builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
+            runner=runner or "local", cost_model="xgb",
+        )
+    except Exception as exc:
+        raise TuningError(f"tuning {model.source.name} for {target.name} failed: {exc}") from exc
+    return TuneResult(path, len(tasks), trials, len(database))
+
+
+def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -> list:
+    """Passes for the end of the legalize phase: apply matching records, count hits/misses."""
+    path = database_dir(target, root)
+    if not (path / "database_workload.json").is_file():
+        report.update({"database": None, "hits": 0, "misses": None})
+        return []
+    database = open_database(path)
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileApplyTuningRecords")
+    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from tvm import relax, tirx
+
+        target_obj = tvm.target.Target.current()
+        hits = misses = 0
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            # Workloads are keyed with global_symbol "main", as MetaSchedule extracted them.
+            probe = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            found = database.query_schedule(probe, target_obj, workload_name="main")
+            hits, misses = (hits + 1, misses) if found is not None else (hits, misses + 1)
+        report.update({"database": str(path), "hits": hits, "misses": misses})
+        with target_obj, database:
+            return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+    return [apply]

@@ -1,0 +1,55 @@
+"""Tuning: records written by `qcompile tune` are found and applied by `qcompile build`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qcompile.runtime import CompiledModel
+from qcompile.targets import resolve_target
+from qcompile.tune import database_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tuned_logs(tmp_path_factory, tiny_pt2):
+    from qcompile.cli.main import main
+
+    logs = tmp_path_factory.mktemp("tuning_logs")
+    # 6 kernels, at least one measured candidate each: enough to check the plumbing.
+    code = main(["tune", str(tiny_pt2), "--trials", "12", "--max-trials-per-task", "2", "--log-dir", str(logs),
+                 "--quiet"])
+    assert code == 0
+    return logs
+
+
+def test_tune_writes_database_keyed_by_target_and_tvm(tuned_logs):
+    import tvm
+
+    path = database_dir(resolve_target("native"), tuned_logs)
+    assert path.parent.parent == tuned_logs and path.name == f"tvm-{tvm.__version__}"
+    records = (path / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) >= 6
+    # Every record carries a real measurement (MetaSchedule writes 1e10 s for a failed run).
+    assert all(json.loads(r)[1][1][0] < 1.0 for r in records)
+
+
+def test_build_applies_records_and_reports_hits(cli, tuned_logs, tiny_pt2, tmp_path, tiny_input):
+    result = cli("build", tiny_pt2, "--log-dir", tuned_logs, "-o", tmp_path / "tuned")
+    assert result.code == 0, result.err
+    assert "tuning records: 6 kernels tuned, 0 untuned" in result.err
+    tuning = json.loads((tmp_path / "tuned" / "tiny.manifest.json").read_text())["build"]["tuning"]
+    assert tuning["hits"] == 6 and tuning["misses"] == 0
+    untuned = cli("build", tiny_pt2, "--log-dir", tmp_path / "empty", "-o", tmp_path / "untuned")
+    assert "no tuning records" in untuned.err
+    a = CompiledModel.load(tmp_path / "tuned" / "tiny.so").run({"x": tiny_input})["output0"]
+    b = CompiledModel.load(tmp_path / "untuned" / "tiny.so").run({"x": tiny_input})["output0"]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_database_for_another_model_warns(cli, tuned_logs, dynamic_onnx, tmp_path):
+    result = cli("build", dynamic_onnx, "--input-shape", "input:1x3x8x8", "--log-dir", tuned_logs, "-o", tmp_path)
+    assert result.code == 0, result.err
+    assert "warning: tuning records in" in result.err and "matched none of" in result.err
