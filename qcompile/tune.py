@@ -104,7 +104,8 @@ def tune(
     try:
         ms.relax_integration.tune_relax(
             mod, {}, tvm_target, work_dir=str(path / "work"), max_trials_global=trials,
-            max_trials_per_task=max_trials_per_task, num_trials_per_iter=16, database=database,
+            max_trials_per_task=max_trials_per_task, database=database,
+            num_trials_per_iter=min(16, max_trials_per_task or 16),
             builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
             runner=runner or "local", cost_model="xgb",
         )

@@ -237,3 +237,25 @@ def test_unmatched_op_stays_float_between_boundaries():
     assert "R.sigmoid(" in text and "R.dequantize(" in text and report.layers == []
     xd = (quantize_np(x, 0.02, 128, "uint8").astype(np.float32) - 128) * f32(0.02)
     assert_within_one_lsb(got, quantize_np(1 / (1 + np.exp(-xd)), 0.004, 0, "uint8"))
+
+
+def test_unsupported_qdq_pattern_is_named():
+    """A weight with a non-zero zero point has no integer lowering here: the conv stays float,
+    and realize_prequantized names it (the CLI prints it as a warning)."""
+    from qcompile.model import ImportedModel, ModelSource, TensorInfo
+    from qcompile.quantize import realize_prequantized
+
+    wq = RNG.integers(-127, 128, (4, 3, 3, 3)).astype("int8")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            xd = dq(bb, q(bb, x, 0.02, 128, "uint8"), 0.02, 128)
+            wd = dq(bb, relax.const(wq), np.full(4, 0.01, "float32"), np.full(4, 3, "int32"), axis=0)
+            conv = bb.emit(relax.op.nn.conv2d(xd, wd, padding=1))
+            out = bb.emit_output(q(bb, conv, 0.05, 10, "uint8"))
+        bb.emit_func_output(out)
+    model = ImportedModel(bb.get(), ModelSource("onnx", "m", None, None, ""), [TensorInfo("x", (1, 3, 8, 8), "float32")])
+    _, info = realize_prequantized(model, "onnx-qdq")
+    assert info["float_ops"] == {"relax.nn.conv2d": 1}
+    assert len(info["float_nodes"]) == 1 and info["float_nodes"][0].endswith("= relax.nn.conv2d")

@@ -93,6 +93,9 @@ def load_model(args, target, progress):
     if has_qdq(model.mod):  # pre-quantized ONNX / PT2E: integer kernels, no calibration
         progress("model is pre-quantized (QDQ): realizing integer kernels ...")
         model, quantization = realize_prequantized(model, source=f"{model.source.kind}-qdq")
+        if quantization["float_nodes"]:  # a QDQ pattern realize does not know: name it
+            progress(f"warning: {len(quantization['float_nodes'])} conv2d/matmul stayed float (unsupported QDQ "
+                     f"pattern): {', '.join(quantization['float_nodes'][:5])}")
         return model, quantization, model.source.name
     return model, None, model.source.name
 

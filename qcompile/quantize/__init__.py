@@ -77,6 +77,7 @@ def realize_prequantized(model: ImportedModel, source: str) -> tuple[ImportedMod
         "layers": report.layers,
         "float_layers": [],
         "float_ops": _float_anchor_count(int_mod),
+        "float_nodes": _float_anchor_names(int_mod),
     }
     return ImportedModel(mod=int_mod, source=model.source, inputs=model.inputs, outputs=model.outputs), info
 
@@ -91,3 +92,11 @@ def _float_anchor_count(mod) -> dict:
         if name in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32":
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def _float_anchor_names(mod) -> list[str]:
+    """Names of the conv2d/matmul bindings that stayed float, to point at the pattern."""
+    from ..passes.bindings import Graph, dtype_of, op_name
+
+    return [f"{var.name} = {op_name(value)}" for var, value in Graph.from_main(mod["main"]).bindings
+            if op_name(value) in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32"]
