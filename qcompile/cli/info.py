@@ -56,4 +56,4 @@ def print_layers(quantization: dict) -> None:
     for name in quantization.get("float_layers", []):
         print(f"{name:<16} float32 (kept float by --keep-float)")
     for op, count in sorted(quantization.get("float_ops", {}).items()):
-        print(f"{op:<16} float32 x{count} (no int8 lowering)")
+        print(f"{op:<16} float32 x{count} (left float: no int8 lowering, or float inputs)")

@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from .config import QuantConfig
 from ..passes.bindings import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
 from .observers import make_observer
@@ -83,8 +83,6 @@ def annotate(func, config: QuantConfig) -> Plan:
         regions.append(region)
     unknown = keep - set(kept) - set(ANCHORS.values()) - {r.name for r in regions}
     if unknown:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--keep-float: no layer named {', '.join(sorted(unknown))} "
                           "(layers are conv2d_N, matmul_N; or first, last, conv2d, matmul)")
 

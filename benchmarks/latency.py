@@ -1,0 +1,135 @@
+"""Batch-1 latency, side by side: qcompile fp32/int8 vs PyTorch and ONNX Runtime.
+
+Every contender runs the same input with the same thread count; rounds are interleaved
+(contender A, B, C, A, B, C, ...) with a short busy-wait gap between contenders, because
+ONNX Runtime's and PyTorch's worker threads keep spinning after a call and would slow
+the next contender on 2 cores; sleeping instead distorts too.  The VM's speed drifts,
+so ratios are taken within one run.  Writes benchmarks/results/latency_<model>.{json,md}.
+
+    .venv/bin/python benchmarks/latency.py resnet18 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def busy_wait(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def contenders(model: str, threads: int, calib: int, work: Path) -> dict[str, Callable[[np.ndarray], object]]:
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from qcompile.build import build
+    from qcompile.frontend import import_model, torchvision_module
+    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.runtime import CompiledModel
+    from qcompile.targets import resolve_target
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    samples = [rng.standard_normal((1, 3, 224, 224)).astype("float32") for _ in range(calib)]
+    net = torchvision_module(model)
+    target = resolve_target("native")
+    imported = import_model(model)
+    fp32 = CompiledModel.load(build(imported, target, work).library)
+    qmodel, info = quantize_model(imported, [{"x": s} for s in samples], QuantConfig(num_samples=calib),
+                                  target.to_tvm())
+    int8 = CompiledModel.load(build(qmodel, target, work, name=f"{model}-int8", quantization=info).library)
+
+    onnx_path = work / f"{model}.onnx"
+    torch.onnx.export(net, (torch.from_numpy(samples[0]),), str(onnx_path), input_names=["x"], dynamo=False)
+    pre = work / f"{model}-pre.onnx"
+    quant_pre_process(str(onnx_path), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"x": s} for s in samples])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    ort_int8_path = work / f"{model}-ort-int8.onnx"
+    quantize_static(str(pre), str(ort_int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    ort_fp32 = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    ort_int8 = ort.InferenceSession(str(ort_int8_path), options, providers=["CPUExecutionProvider"])
+
+    def torch_fp32(x):
+        with torch.no_grad():
+            return net(torch.from_numpy(x))
+
+    return {
+        "qcompile fp32": lambda x: fp32.run({"x": x}),
+        "qcompile int8": lambda x: int8.run({"x": x}),
+        "PyTorch fp32 eager": torch_fp32,
+        "ONNX Runtime fp32": lambda x: ort_fp32.run(None, {"x": x}),
+        "ONNX Runtime int8 (QDQ U8S8 per-channel)": lambda x: ort_int8.run(None, {"x": x}),
+    }
+
+
+def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: float) -> dict[str, list[float]]:
+    """Per contender: the median latency (ms) of each round."""
+    for run in runners.values():  # warm-up
+        run(x)
+    per_round: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            busy_wait(gap_s)
+            times = []
+            start_round = time.perf_counter()
+            while not times or (time.perf_counter() - start_round < budget_s and len(times) < 200):
+                t0 = time.perf_counter()
+                run(x)
+                times.append((time.perf_counter() - t0) * 1000.0)
+            per_round[name].append(float(np.median(times)))
+    return per_round
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default="resnet18")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds per contender per round")
+    parser.add_argument("--calib-samples", type=int, default=8)
+    args = parser.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype("float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp))
+        per_round = measure(runners, x, args.rounds, args.budget, gap_s=0.05)
+    medians = {name: float(np.median(v)) for name, v in per_round.items()}
+    ort_int8 = medians["ONNX Runtime int8 (QDQ U8S8 per-channel)"]
+    torch_fp32 = medians["PyTorch fp32 eager"]
+    lines = [f"{args.model}, batch 1, {args.threads} threads, {args.rounds} interleaved rounds (median of round medians)",
+             "", "| contender | median ms | vs ORT int8 | vs PyTorch fp32 |", "|---|---|---|---|"]
+    for name, ms in medians.items():
+        lines.append(f"| {name} | {ms:.2f} | {ms / ort_int8:.2f}x | {ms / torch_fp32:.2f}x |")
+    table = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"latency_{args.model}.md").write_text(table)
+    (RESULTS / f"latency_{args.model}.json").write_text(json.dumps(
+        {"model": args.model, "threads": args.threads, "rounds": per_round, "medians_ms": medians}, indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
