@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -70,3 +71,18 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             raise ConfigError(f"--input-shape given twice for {name or 'the input'!r}")
         shapes[name] = shape
     return shapes
+
+
+def read_arrays(path: Path, names: list[str]) -> dict:
+    """Arrays from an ``.npz`` (keyed by input name) or an ``.npy``; a single-input model
+    takes its one array under any key.  np.load's errors propagate for unreadable files."""
+    import numpy as np
+
+    if path.suffix == ".npy":
+        arrays = {"": np.load(path, allow_pickle=False)}
+    else:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    if len(arrays) == 1 and len(names) == 1:
+        return {names[0]: next(iter(arrays.values()))}
+    return arrays

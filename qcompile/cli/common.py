@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RuntimeInputError
-from ..model import TensorInfo
+from ..model import TensorInfo, read_arrays
 
 
 class Progress:
@@ -31,17 +31,9 @@ def load_inputs(path: str | None, infos: list[TensorInfo]) -> dict[str, np.ndarr
     if not file.is_file():
         raise RuntimeInputError(f"inputs file {path} does not exist")
     try:
-        if file.suffix == ".npy":
-            arrays = {"": np.load(file, allow_pickle=False)}
-        else:
-            with np.load(file, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
+        return read_arrays(file, [i.name for i in infos])
+    except Exception as exc:  # np.load raises OSError, ValueError, BadZipFile ...
         raise RuntimeInputError(f"inputs file {path}: cannot read ({exc}); give an .npz keyed by input name or an .npy") from exc
-    names = [i.name for i in infos]
-    if len(arrays) == 1 and len(names) == 1 and names[0] not in arrays:
-        return {names[0]: next(iter(arrays.values()))}
-    return arrays
 
 
 def add_input_option(parser) -> None:

@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import CalibrationError
-from ..model import TensorInfo
+from ..model import TensorInfo, read_arrays
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 
@@ -36,16 +36,10 @@ def calibration_batches(path: str | Path, inputs: list[TensorInfo],
 def _array_batches(path: Path, inputs: list[TensorInfo]) -> Iterator[dict[str, np.ndarray]]:
     names = [i.name for i in inputs]
     try:
-        if path.suffix == ".npy":
-            arrays = {"": np.load(path, allow_pickle=False)}
-        else:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
+        arrays = read_arrays(path, names)
+    except Exception as exc:  # np.load raises OSError, ValueError, BadZipFile ...
         raise CalibrationError(f"calibration data {path}: cannot read ({exc}); give an .npz keyed by input name, "
                                "an .npy, or a folder of images") from exc
-    if len(arrays) == 1 and len(names) == 1:
-        arrays = {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]
     if missing:
         raise CalibrationError(f"calibration data {path} lacks inputs {missing}; it has {sorted(arrays)}")

@@ -53,25 +53,7 @@ def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
     graph = Graph.from_main(func)
     report = RealizeReport()
     counters: dict[str, int] = {}
-
-    def dq_source(em: Emitter, expr) -> _Q | None:
-        """If ``expr`` is ``dequantize(xq, s, z)`` of a tensor, the integer side in the new module."""
-        call = graph.call_of(expr, "relax.dequantize")
-        if call is None:
-            return None
-        scale, zp = const_value(call.args[1]), const_value(call.args[2])
-        if scale is None or zp is None:
-            return None
-        return _Q(em.subst(call.args[0]), scale, zp, int(call.attrs.axis))
-
-    def weight_of(expr) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
-        call = graph.call_of(expr, "relax.dequantize")
-        if call is None:
-            return None
-        values = [const_value(a) for a in call.args]
-        if any(v is None for v in values):
-            return None
-        return values[0], values[1], values[2], int(call.attrs.axis)
+    dq_source, weight_of = _dequantize_readers(graph)
 
     def rewrite(em: Emitter, var, value):
         if op_name(value) != "relax.quantize":
@@ -89,6 +71,35 @@ def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
     main = rebuild(func, rewrite)
     new_mod = relax.transform.DeadCodeElimination(["main"])(with_main(mod, main))
     return _realize_float_outputs(new_mod, report, counters), report
+
+
+def _dequantize_readers(graph: Graph):
+    """Two readers of ``dequantize`` calls in ``graph``:
+
+    ``dq_source(em, expr)``: for ``dequantize(xq, s, z)`` of a tensor, its integer side in the
+    module being emitted, with constant scale/zero point (else None);
+    ``weight_of(expr)``: for ``dequantize`` of a constant, (q, scale, zero point, axis).
+    """
+
+    def dq_source(em: Emitter, expr) -> _Q | None:
+        call = graph.call_of(expr, "relax.dequantize")
+        if call is None:
+            return None
+        scale, zp = const_value(call.args[1]), const_value(call.args[2])
+        if scale is None or zp is None:
+            return None
+        return _Q(em.subst(call.args[0]), scale, zp, int(call.attrs.axis))
+
+    def weight_of(expr) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+        call = graph.call_of(expr, "relax.dequantize")
+        if call is None:
+            return None
+        values = [const_value(a) for a in call.args]
+        if any(v is None for v in values):
+            return None
+        return values[0], values[1], values[2], int(call.attrs.axis)
+
+    return dq_source, weight_of
 
 
 @dataclass(frozen=True)
@@ -245,20 +256,7 @@ def _realize_float_outputs(mod: tvm.IRModule, report: RealizeReport, counters: d
     (PT2E leaves e.g. conv -> residual add in float) still run as integer kernels, with
     the int32 accumulator scaled back to float32 in the same fused kernel."""
     graph = Graph.from_main(mod["main"])
-
-    def dq_source(em, expr):
-        call = graph.call_of(expr, "relax.dequantize")
-        if call is None:
-            return None
-        scale, zp = const_value(call.args[1]), const_value(call.args[2])
-        if scale is None or zp is None:
-            return None
-        return _Q(em.subst(call.args[0]), scale, zp, int(call.attrs.axis))
-
-    def weight_of(expr):
-        call = graph.call_of(expr, "relax.dequantize")
-        values = [const_value(a) for a in call.args] if call is not None else [None]
-        return None if any(v is None for v in values) else (values[0], values[1], values[2], int(call.attrs.axis))
+    dq_source, weight_of = _dequantize_readers(graph)
 
     def rewrite(em, var, value):
         acc = _int_anchor(em, value, dq_source, weight_of) if op_name(value) in ("relax.nn.conv2d", "relax.matmul") else None
