@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .errors import ConfigError, MissingDependencyError, ModelImportError, first_line
 from .manifest import sha256_file
-from .model import ImportedModel, ModelSource, TensorInfo
+from .model import ImportedModel, ModelSource, TensorInfo, resolve_input_names
 
 # Default input sizes for torchvision models (batch 1, NCHW).
 _DEFAULT_IMAGE_SIZE = {"inception_v3": 299}
@@ -98,7 +98,7 @@ def import_pt2(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Imported
         raise ModelImportError(f"model file {path}: not a loadable torch.export program (.pt2): {first_line(exc)}") from exc
     specs = _pt2_input_specs(program)
     needs_static = any(not all(isinstance(d, int) for d in shape) for _, shape, _ in specs)
-    overridden = {n: s for n, s in _resolve_names(input_shapes, [n for n, _, _ in specs], str(path)).items()}
+    overridden = {n: s for n, s in resolve_input_names(input_shapes, [n for n, _, _ in specs], str(path)).items()}
     if needs_static or any(tuple(s) != tuple(shape) for n, shape, _ in specs if (s := overridden.get(n))):
         examples = []
         for name, shape, dtype in specs:
@@ -225,24 +225,6 @@ def _tensor_info(name: str, ty, source: ModelSource) -> TensorInfo:
             )
         dims.append(int(value))
     return TensorInfo(name=name, shape=tuple(dims), dtype=str(ty.dtype))
-
-
-def _resolve_names(
-    shapes: dict[str, tuple[int, ...]], names: list[str], where: str
-) -> dict[str, tuple[int, ...]]:
-    """Map ``--input-shape`` keys to model input names ('' means the only input)."""
-    out = {}
-    for key, shape in shapes.items():
-        if key == "":
-            if len(names) != 1:
-                raise ConfigError(
-                    f"{where}: --input-shape without a name is ambiguous; inputs are {', '.join(names)}"
-                )
-            key = names[0]
-        if key not in names:
-            raise ConfigError(f"{where}: --input-shape names {key!r}, but the inputs are {', '.join(names)}")
-        out[key] = shape
-    return out
 
 
 def _single_input_shape(shapes: dict[str, tuple[int, ...]], default: tuple[int, ...]) -> tuple[int, ...]:

@@ -86,3 +86,17 @@ def read_arrays(path: Path, names: list[str]) -> dict:
     if len(arrays) == 1 and len(names) == 1:
         return {names[0]: next(iter(arrays.values()))}
     return arrays
+
+
+def resolve_input_names(shapes: dict[str, tuple[int, ...]], names: list[str], where: str) -> dict[str, tuple[int, ...]]:
+    """Map ``--input-shape`` keys to model input names ('' means the only input)."""
+    out = {}
+    for key, shape in shapes.items():
+        if key == "":
+            if len(names) != 1:
+                raise ConfigError(f"{where}: --input-shape without a name is ambiguous; inputs are {', '.join(names)}")
+            key = names[0]
+        if key not in names:
+            raise ConfigError(f"{where}: --input-shape names {key!r}, but the inputs are {', '.join(names)}")
+        out[key] = shape
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, ModelImportError
+from .model import resolve_input_names
 
 # Ops that are folded when all their inputs are known constants (shape arithmetic).
 _FOLDABLE = {
@@ -36,15 +37,7 @@ def fix_input_shapes(proto, overrides: dict[str, tuple[int, ...]], where: str):
 
     inputs = graph_inputs(proto)
     names = [i.name for i in inputs]
-    resolved: dict[str, tuple[int, ...]] = {}
-    for key, shape in overrides.items():
-        if key == "":
-            if len(names) != 1:
-                raise ConfigError(f"{where}: --input-shape without a name is ambiguous; inputs are {', '.join(names)}")
-            key = names[0]
-        if key not in names:
-            raise ConfigError(f"{where}: --input-shape names {key!r}, but the inputs are {', '.join(names)}")
-        resolved[key] = shape
+    resolved = resolve_input_names(overrides, names, where)
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
     for inp in inputs:

@@ -6,6 +6,7 @@ the manifest.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Iterable
 
 import numpy as np
@@ -68,6 +69,7 @@ def realize_prequantized(model: ImportedModel, source: str) -> tuple[ImportedMod
     """Integer kernels for a model imported in QDQ form (ONNX QDQ/QOperator, PT2E)."""
     mod = canonicalize_qdq(model.mod)
     int_mod, report = realize(mod)
+    float_anchors = _float_anchors(int_mod)
     activations = sorted({layer["dtype"].split()[0] for layer in report.layers if layer["op"] in ("conv2d", "matmul")})
     info = {
         "scheme": "int8",
@@ -76,27 +78,15 @@ def realize_prequantized(model: ImportedModel, source: str) -> tuple[ImportedMod
         "weight_dtype": "int8",
         "layers": report.layers,
         "float_layers": [],
-        "float_ops": _float_anchor_count(int_mod),
-        "float_nodes": _float_anchor_names(int_mod),
+        "float_ops": dict(Counter(op for _, op in float_anchors)),
+        "float_nodes": [f"{name} = {op}" for name, op in float_anchors],
     }
     return ImportedModel(mod=int_mod, source=model.source, inputs=model.inputs, outputs=model.outputs), info
 
 
-def _float_anchor_count(mod) -> dict:
-    """conv2d/matmul calls still on float inputs: pre-quantized layers realize could not match."""
+def _float_anchors(mod) -> list[tuple[str, str]]:
+    """(var name, op) of conv2d/matmul still on float inputs: layers realize could not match."""
     from ..passes.bindings import Graph, dtype_of, op_name
 
-    counts: dict[str, int] = {}
-    for _, value in Graph.from_main(mod["main"]).bindings:
-        name = op_name(value)
-        if name in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32":
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
-def _float_anchor_names(mod) -> list[str]:
-    """Names of the conv2d/matmul bindings that stayed float, to point at the pattern."""
-    from ..passes.bindings import Graph, dtype_of, op_name
-
-    return [f"{var.name} = {op_name(value)}" for var, value in Graph.from_main(mod["main"]).bindings
+    return [(var.name, op_name(value)) for var, value in Graph.from_main(mod["main"]).bindings
             if op_name(value) in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32"]
