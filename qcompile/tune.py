@@ -4,6 +4,10 @@ Records live in MetaSchedule's JSON database format under
 ``tuning_logs/<target name>-<hash of the target dict>/tvm-<version>/`` so a record is only
 offered to builds for the same target attributes (mcpu, mattr, cores) and TVM version;
 inside a database MetaSchedule keys each record by the structural hash of its workload.
+int8 kernels take scales, zero points and clip bounds as tensor arguments (see
+quantize/realize.py), so their workloads, and these records, survive recalibration.
+(``module_equality="anchor-block"`` would be the other way; TVM 0.27 fails to replay
+anchor traces on resnet18's fused kernels, so it is not used.)
 Tuning sees the module exactly as the build's ``legalize`` phase produces it (fused TIR),
 and the build applies records right there, so they match; the build counts hits and
 misses and warns when a database matches nothing (the silent 100x slowdown).

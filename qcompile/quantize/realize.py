@@ -12,7 +12,8 @@ weights as int8 constants behind ``dequantize``).  Matched regions become:
 
 Requantize: ``y = clip(round(float32(acc) * float32(sx * sw / sy)) + zy, lo, hi)`` with
 round-half-to-even (``relax.op.round``, like ``numpy.round``); a fused relu raises ``lo``
-to ``zy``.  Everything else is re-emitted unchanged: unmatched ops stay float, their
+to ``zy``.  Scales, zero points and bounds are tensor constants, not literals, so kernels
+and their tuning records do not change when the model is recalibrated.  Everything else is re-emitted unchanged: unmatched ops stay float, their
 boundaries are the remaining ``dequantize``/``quantize`` calls.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..passes.bindings import Emitter, Graph, const_value, dtype_of, op_name, rebuild, with_main
+from ..passes.bindings import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
 
 _QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 _SAME_SCALE = {"relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
@@ -122,19 +123,37 @@ def _activation(graph: Graph, expr):
     return expr, None, None
 
 
+def _param(value, like) -> relax.Constant:
+    """A calibration-dependent float32 value as a tensor broadcastable to ``like``.
+
+    Scalars would become literals inside the fused kernels, so every recalibration would
+    make new kernels (and miss every tuning record); tensor constants become kernel
+    arguments and leave the kernel's code, and its MetaSchedule workload, unchanged."""
+    value = np.asarray(value, np.float32)
+    if value.size == 1:
+        value = value.reshape((1,) * max(1, len(shape_of(like))))
+    return relax.const(value)
+
+
 def _requantize(em: Emitter, acc, multiplier: np.ndarray, out: _OutQ, lo: float | None, hi: float | None):
-    """int32/float ``acc`` * multiplier -> round -> + zy -> clip -> out dtype."""
+    """int32/float ``acc`` * multiplier -> round -> clip -> + zy -> out dtype.
+
+    Clipped before adding zy (``clip(r, qmin - zy, qmax - zy) + zy`` equals
+    ``clip(r + zy, qmin, qmax)``) so that the bounds, like zy, are tensors; a fused
+    relu/relu6 narrows them."""
     qmin, qmax = _QRANGE[out.dtype]
+    lower, upper = qmin - out.zero_point, qmax - out.zero_point
     if lo is not None:
-        qmin = max(qmin, out.zero_point + int(np.round(lo / out.scale)))
+        lower = max(lower, int(np.round(lo / out.scale)))
     if hi is not None:
-        qmax = min(qmax, out.zero_point + int(np.round(hi / out.scale)))
+        upper = min(upper, int(np.round(hi / out.scale)))
     y = acc if dtype_of(acc) == "float32" else em.emit(relax.op.astype(acc, "float32"))
-    y = em.emit(relax.op.multiply(y, relax.const(multiplier.astype(np.float32))))
+    y = em.emit(relax.op.multiply(y, _param(multiplier, y)))
     y = em.emit(relax.op.round(y))
-    if out.zero_point:
-        y = em.emit(relax.op.add(y, relax.const(float(out.zero_point), "float32")))
-    y = em.emit(relax.op.clip(y, float(qmin), float(qmax)))
+    y = em.emit(relax.op.maximum(y, _param(lower, y)))
+    y = em.emit(relax.op.minimum(y, _param(upper, y)))
+    # Added even when zero: the kernel's structure must not depend on calibration.
+    y = em.emit(relax.op.add(y, _param(out.zero_point, y)))
     return em.emit(relax.op.astype(y, out.dtype))
 
 
@@ -299,9 +318,7 @@ def _dequant_float(em, q: _Q):
     """(x - zx) * sx in float32, to be fused into the consumer's kernel."""
     y = em.emit(relax.op.astype(q.var, "float32"))
     zx = int(q.zero_point.reshape(-1)[0])
-    if zx:
-        y = em.emit(relax.op.subtract(y, relax.const(float(zx), "float32")))
-    return y
+    return em.emit(relax.op.subtract(y, _param(zx, y)))  # even when zero, as in _requantize
 
 
 # Linear ops whose int8 form dequantizes the inputs inside the fused kernel:
@@ -327,7 +344,8 @@ def _match_linear(em, graph, expr, out, dq_source, weight_of, report, counters):
     scaled = []
     for q in sources:
         ratio = np.float32(np.float32(q.scale.reshape(-1)[0]) / np.float32(out.scale))
-        scaled.append(em.emit(relax.op.multiply(_dequant_float(em, q), relax.const(ratio))))
+        dq = _dequant_float(em, q)
+        scaled.append(em.emit(relax.op.multiply(dq, _param(ratio, dq))))
     if name == "relax.concat":
         total = em.emit(relax.Call(call.op, [relax.Tuple(scaled)], call.attrs, call.ty_args))
     elif name == "relax.add":
