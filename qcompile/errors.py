@@ -55,6 +55,12 @@ class CalibrationError(QcompileError):
     exit_code = 9
 
 
+class RpcError(QcompileError):
+    """An RPC server or tracker that is unreachable, refuses, times out or dies."""
+
+    exit_code = 11
+
+
 def first_line(exc: BaseException, limit: int = 400) -> str:
     """The message part of a (possibly multi-line, traceback-carrying) exception."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]

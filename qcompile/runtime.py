@@ -2,10 +2,13 @@
 
 Needs only TVM's runtime and numpy (never torch).  Inputs are checked against the
 manifest (names, shapes, dtypes) before they reach the library, and the library's
-hash and CPU requirements are checked before it is loaded.
+hash and CPU requirements are checked before it is loaded.  ``CompiledModel.load(...,
+rpc=endpoint)`` uploads the library to a TVM RPC server (a board, an emulator, a pool
+behind a tracker) and runs it there; inputs and outputs travel as numpy arrays.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ArtifactError, RuntimeInputError, first_line
+from .errors import ArtifactError, RpcError, RuntimeInputError, first_line
 from .manifest import Manifest, load_manifest, verify_library
 from .model import TensorInfo
 
@@ -99,11 +102,14 @@ def check_inputs(infos: Sequence[TensorInfo], inputs: Inputs) -> list[np.ndarray
 class CompiledModel:
     """A loaded artifact: ``run`` numpy inputs, ``benchmark`` latency."""
 
-    def __init__(self, library: Path, manifest: Manifest, vm, device) -> None:
+    def __init__(self, library: Path, manifest: Manifest, vm, device, remote: str | None = None,
+                 session=None) -> None:
         self.library = library
         self.manifest = manifest
         self._vm = vm
         self._device = device
+        self.remote = remote  # "RPC server HOST:PORT" where the model runs, None when local
+        self._session = session  # keeps the RPC session open as long as the model
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -114,14 +120,17 @@ class CompiledModel:
         return list(self.manifest.outputs)
 
     @classmethod
-    def load(cls, library: str | Path, verify: bool = True) -> "CompiledModel":
-        """Load ``library`` (and its manifest) on this machine."""
+    def load(cls, library: str | Path, verify: bool = True, rpc=None) -> "CompiledModel":
+        """Load ``library`` (and its manifest) on this machine, or on the device behind
+        ``rpc`` (a :class:`qcompile.rpc.RpcEndpoint`)."""
         library = Path(library)
         if not library.is_file():
             raise ArtifactError(f"{library} does not exist")
         manifest = load_manifest(library)
         if verify:
             verify_library(library, manifest)
+        if rpc is not None:
+            return cls._load_remote(library, manifest, rpc)
         _check_runs_here(library, manifest)
         import tvm
         from tvm import relax
@@ -133,20 +142,54 @@ class CompiledModel:
         device = _device_for(manifest, library)
         return cls(library, manifest, relax.VirtualMachine(lib, device), device)
 
+    @classmethod
+    def _load_remote(cls, library: Path, manifest: Manifest, endpoint) -> "CompiledModel":
+        from tvm import relax
+
+        from .rpc import connect
+
+        session = connect(endpoint)
+        kind = manifest.target["target"]["kind"]
+        triple = (manifest.target["target"] if kind == "llvm" else manifest.target.get("host") or {}).get("mtriple")
+        try:
+            session.upload(str(library))
+            lib = session.load_module(library.name)
+            device = session.cpu(0) if kind == "llvm" else session.device(kind, 0)
+            vm = relax.VirtualMachine(lib, device)
+        except Exception as exc:
+            raise RpcError(f"{endpoint.label}: cannot load {library.name} there ({first_line(exc)}); it was "
+                           f"built for {triple or kind}: does the device match?") from exc
+        return cls(library, manifest, vm, device, remote=endpoint.label, session=session)
+
+    @contextlib.contextmanager
+    def _remote_guard(self, what: str):
+        """Turn a dropped connection into an RpcError naming the device (local: no-op)."""
+        if self.remote is None:
+            yield
+            return
+        try:
+            yield
+        except RuntimeInputError:
+            raise
+        except Exception as exc:
+            raise RpcError(f"{self.remote}: {what} failed ({first_line(exc)}): the server may have died "
+                           "or timed out; check it is still running and restart it") from exc
+
     def default_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         return default_inputs(self.inputs, seed)
 
-    def _set_inputs(self, inputs: Inputs | None) -> None:
+    def _set_inputs(self, arrays: list[np.ndarray]) -> None:
         import tvm
 
-        arrays = check_inputs(self.inputs, self.default_inputs() if inputs is None else inputs)
         self._vm.set_input("main", *[tvm.runtime.tensor(a, self._device) for a in arrays])
 
     def run(self, inputs: Inputs | None = None) -> dict[str, np.ndarray]:
         """Run once; returns ``{output name: array}``."""
-        self._set_inputs(inputs)
-        self._vm.invoke_stateful("main")
-        return self._collect_outputs()
+        arrays = check_inputs(self.inputs, self.default_inputs() if inputs is None else inputs)
+        with self._remote_guard("run"):
+            self._set_inputs(arrays)
+            self._vm.invoke_stateful("main")
+            return self._collect_outputs()
 
     def _collect_outputs(self) -> dict[str, np.ndarray]:
         result = self._vm.get_outputs("main")
@@ -162,11 +205,13 @@ class CompiledModel:
         """Time ``repeat`` runs after ``warmup`` untimed ones (TVM's time evaluator)."""
         if repeat < 1 or number < 1 or warmup < 0:
             raise RuntimeInputError("benchmark needs repeat >= 1, number >= 1, warmup >= 0")
-        self._set_inputs(inputs)
-        for _ in range(warmup):
-            self._vm.invoke_stateful("main")
-        timer = self._vm.time_evaluator("invoke_stateful", self._device, number=number, repeat=repeat)
-        times = timer("main").results
+        arrays = check_inputs(self.inputs, self.default_inputs() if inputs is None else inputs)
+        with self._remote_guard("benchmark"):
+            self._set_inputs(arrays)
+            for _ in range(warmup):
+                self._vm.invoke_stateful("main")
+            timer = self._vm.time_evaluator("invoke_stateful", self._device, number=number, repeat=repeat)
+            times = timer("main").results
         batch = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else 1
         return BenchResult(tuple(t * 1000.0 for t in times), number, warmup, batch)
 

@@ -42,3 +42,19 @@ def add_input_option(parser) -> None:
         metavar="FILE",
         help="input arrays: .npz keyed by input name (or .npy for one input); default: seeded random",
     )
+
+
+def add_rpc_options(parser) -> None:
+    """--rpc / --rpc-tracker / --rpc-key / --rpc-timeout: run on a device over TVM RPC."""
+    g = parser.add_argument_group("remote device (TVM RPC)")
+    g.add_argument("--rpc", metavar="HOST:PORT", help="run on the device whose RPC server listens here")
+    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="ask this RPC tracker for a device ...")
+    g.add_argument("--rpc-key", metavar="KEY", help="... registered under this key")
+    g.add_argument("--rpc-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait to connect or for a free device (default: 60)")
+
+
+def rpc_endpoint(args):
+    from ..rpc import RpcEndpoint
+
+    return RpcEndpoint.from_args(args.rpc, args.rpc_tracker, args.rpc_key, args.rpc_timeout)

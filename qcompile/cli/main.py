@@ -7,9 +7,9 @@ import sys
 
 from .. import __version__
 from ..errors import QcompileError
-from . import bench, build, compare, info, run, targets, tune
+from . import bench, build, compare, info, rpc_service, run, targets, tune
 
-COMMANDS = [build, tune, run, bench, compare, info, targets]
+COMMANDS = [build, tune, run, bench, compare, info, targets, rpc_service]
 
 # TVMC-style target options ("-mcpu=cortex-a72") that follow an unquoted --target.
 _TARGET_OPTION = re.compile(r"^-[a-z][a-z0-9_-]*(=.*)?$")

@@ -8,20 +8,21 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import CompiledModel
-from .common import add_input_option, load_inputs
+from .common import add_input_option, add_rpc_options, load_inputs, rpc_endpoint
 
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a built .so on inputs, save/print outputs")
     p.add_argument("library", help="built .so (its manifest must lie beside it)")
     add_input_option(p)
+    add_rpc_options(p)
     p.add_argument("--outputs", metavar="FILE", help="save outputs to this .npz, keyed by output name")
     p.add_argument("--print-top", type=int, default=0, metavar="N", help="print the top-N classes of each output")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    model = CompiledModel.load(args.library)
+    model = CompiledModel.load(args.library, rpc=rpc_endpoint(args))
     outputs = model.run(load_inputs(args.inputs, model.inputs))
     if args.outputs:
         save_npz(Path(args.outputs), outputs)
