@@ -40,4 +40,9 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "       install with: sudo apt-get install ${need[*]}" >&2
   fi
 fi
+# Emulated Cortex-A72 board for the RPC tests (qemu-user + an arm64 Python sysroot under
+# .cache/arm-emulator; nothing of the host's dpkg state changes except qemu-user itself).
+if ! deploy/arm-emulator/setup.sh; then
+  echo "setup: note: the emulated ARM board could not be prepared; its tests will skip." >&2
+fi
 echo "setup: ready (.venv/bin/qcompile)"

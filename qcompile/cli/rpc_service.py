@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     p.add_argument("--tracker", metavar="HOST:PORT", help="register with this RPC tracker ...")
     p.add_argument("--key", metavar="KEY", help="... under this device key (e.g. rpi4)")
+    p.add_argument("--emulate", metavar="CPU", choices=["cortex-a72"],
+                   help="run the server on an emulated board (qemu-user; deploy/arm-emulator/setup.sh "
+                        "prepares it): for correctness checks, its timings measure qemu")
     p.set_defaults(handler=run_server)
 
     t = sub.add_parser("rpc-tracker", help="run TVM's RPC tracker: hands a pool of devices out by key")
@@ -45,6 +48,12 @@ def _serve(start, banner: str) -> int:
 def run_server(args) -> int:
     tracker = parse_address(args.tracker, "--tracker", DEFAULT_TRACKER_PORT) if args.tracker else None
     where = f", registered as {args.key!r} with the tracker at {args.tracker}" if tracker else ""
+    if args.emulate:
+        from ..emulator import start_emulated_board
+
+        return _serve(lambda: start_emulated_board(args.host, args.port, args.emulate, tracker, args.key),
+                      f"RPC server on an emulated {args.emulate} (qemu-user) listening on {args.host}:{args.port}"
+                      f"{where} (Ctrl-C stops it; timings measure qemu, not the board)")
     return _serve(lambda: start_server(args.host, args.port, tracker, args.key),
                   f"RPC server listening on {args.host}:{args.port}{where} (Ctrl-C stops it)")
 

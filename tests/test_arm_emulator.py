@@ -1,0 +1,54 @@
+"""The emulated Cortex-A72 board: resnet18 int8 cross-compiled for ``llvm -mcpu=cortex-a72``
+runs over RPC under qemu-user and computes what the x86 build computes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qcompile.build import build
+from qcompile.emulator import emulator_dir
+from qcompile.frontend import import_model
+from qcompile.quantize import quantize_model
+from qcompile.quantize.config import QuantConfig
+from qcompile.rpc import RpcEndpoint, free_port
+from qcompile.runtime import CompiledModel
+from qcompile.targets import resolve_target
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    if not (emulator_dir() / "python3").is_file():
+        pytest.skip(f"no emulated ARM board in {emulator_dir()}: run deploy/arm-emulator/setup.sh")
+    from qcompile.emulator import start_emulated_board
+
+    service = start_emulated_board(port=free_port(), log=tmp_path_factory.mktemp("board") / "server.log")
+    yield service
+    service.stop()
+
+
+def test_resnet18_int8_on_emulated_cortex_a72_matches_x86(board, tmp_path):
+    rng = np.random.default_rng(0)
+    model = import_model("resnet18", {})
+    name = model.inputs[0].name
+    calib = [{name: rng.standard_normal((1, 3, 224, 224)).astype("float32")} for _ in range(4)]
+    native = resolve_target("native")
+    quantized, quantization = quantize_model(model, calib, QuantConfig(num_samples=4), native.to_tvm())
+    # Parsed exactly as `qcompile build --target "llvm -mcpu=cortex-a72"` parses it.
+    arm = build(quantized, resolve_target("llvm -mcpu=cortex-a72"), tmp_path / "arm", quantization=quantization)
+    x86 = build(quantized, native, tmp_path / "x86", quantization=quantization)
+    assert "aarch64" in arm.manifest.target["target"]["mtriple"]
+
+    x = rng.standard_normal((1, 3, 224, 224)).astype("float32")
+    remote = CompiledModel.load(arm.library, rpc=RpcEndpoint(board.address, timeout=120))
+    got = remote.run(x)
+    want = CompiledModel.load(x86.library).run(x)
+    # The logits are the last matmul's int32 accumulator times sx * sw: one LSB of that
+    # accumulator is the smallest difference an integer disagreement can make.
+    last = [layer for layer in quantization["layers"] if layer["op"] == "matmul"][-1]
+    lsb = float(last["input_scale"]) * float(last["weight_scale_max"])
+    for key in want:
+        diff = float(np.abs(got[key] - want[key]).max())
+        assert diff <= lsb * 1.001, f"{key}: ARM vs x86 max diff {diff:.3g} > 1 LSB ({lsb:.3g})"
+        assert np.argsort(-got[key][0])[:5].tolist() == np.argsort(-want[key][0])[:5].tolist()
