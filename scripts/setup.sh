@@ -19,10 +19,14 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# Cross-compiler for aarch64 builds (Raspberry Pi / Cortex-A targets) and `file` for the tests.
+# System tools: cross-compiler for aarch64 builds (Raspberry Pi / Cortex-A targets) and `file` for the tests.
 need=()
 command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
 command -v file >/dev/null || need+=(file)
+# CMake + a C++ compiler for deploy/cpp-app; qemu-user for the emulated ARM board.
+command -v cmake >/dev/null || need+=(cmake make)
+command -v c++ >/dev/null || need+=(g++)
+command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt_get=(apt-get)
