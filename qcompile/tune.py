@@ -72,6 +72,78 @@ def open_database(path: Path):
     return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
 
 
+def _progress_callback(say: Callable[[str], None], total: int):
+    """A MetaSchedule measure callback printing trials done, this task's best and the
+    weighted sum of every task's best (an estimate of the whole model's latency)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self) -> None:
+            self.done = 0
+            self.best: dict[int, float] = {}
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            self.done += len(runner_results)
+            times = [sum(r.run_secs) / len(r.run_secs) for r in runner_results
+                     if r.error_msg is None and r.run_secs]
+            times = [float(t) for t in times if float(t) < 1e9]
+            if times:
+                self.best[task_id] = min(times + [self.best.get(task_id, float("inf"))])
+            tasks = task_scheduler.tasks_
+            estimate = sum(float(tasks[i].task_weight) * t for i, t in self.best.items()) * 1e3
+            name = str(tasks[task_id].ctx.task_name)[:48]
+            best = self.best.get(task_id)
+            say(f"[{min(self.done, total)}/{total} trials] {name}: best "
+                f"{'%.3f ms' % (best * 1e3) if best else 'n/a (all failed)'}; tuned kernels sum "
+                f"{estimate:.2f} ms over {len(self.best)}/{len(tasks)} tasks")
+
+    return Progress()
+
+
+def export_candidate(cross_compiler: str | None, mod) -> str:
+    """MetaSchedule export hook: a shared library linked here (with the target's cross
+    compiler), so a board needs no compiler of its own (the default ships a .tar of objects
+    that the board links)."""
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="qcompile-candidate-"), "candidate.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler) if cross_compiler else cc.create_shared)
+    return path
+
+
+def _direct_session(host: str, port: int, _rpc_config):
+    from tvm import rpc
+
+    return rpc.connect(host, port)
+
+
+def rpc_runner(endpoint, timeout_sec: float = 60.0):
+    """A MetaSchedule runner that measures on the device behind ``endpoint``: an RPC server,
+    or a pool of boards behind a tracker (the candidates are built here and uploaded)."""
+    import functools
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from .rpc import connect
+
+    connect(endpoint)  # fail now with a clear message, not after the first batch
+    host, port = endpoint.address
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    if endpoint.key:
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=endpoint.key,
+                                     session_timeout_sec=timeout_sec)
+        return ms.runner.RPCRunner(config, evaluator)
+    # MetaSchedule's RPC runner asks a tracker for sessions; for one bare server connect directly.
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key="direct",
+                                 session_timeout_sec=timeout_sec)
+    return ms.runner.RPCRunner(config, evaluator, f_create_session=functools.partial(_direct_session, host, port),
+                               max_workers=1)
+
+
 @dataclass(frozen=True)
 class TuneResult:
     database: Path
@@ -86,10 +158,14 @@ def tune(
     trials: int,
     max_trials_per_task: int | None = None,
     root: Path | None = None,
-    runner=None,
+    rpc=None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Tune every fused kernel of ``model`` for ``target``; records are appended to the database."""
+    """Tune every fused kernel of ``model`` for ``target``; records are appended to the
+    database as they are measured, so an interrupted run keeps them and a re-run resumes
+    from them.  ``rpc`` (a :class:`qcompile.rpc.RpcEndpoint`) measures on a remote board."""
+    import functools
+
     from tvm.s_tir import meta_schedule as ms
 
     from .pipeline import PHASES, run_phases
@@ -105,13 +181,16 @@ def tune(
     path = database_dir(target, root)
     say(f"{len(tasks)} tuning tasks; {trials} trials; records in {path}")
     database = open_database(path)
+    runner = rpc_runner(rpc) if rpc is not None else "local"  # an unreachable board fails here, clearly
     try:
         ms.relax_integration.tune_relax(
             mod, {}, tvm_target, work_dir=str(path / "work"), max_trials_global=trials,
             max_trials_per_task=max_trials_per_task, database=database,
             num_trials_per_iter=min(16, max_trials_per_task or 16),
-            builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
-            runner=runner or "local", cost_model="xgb",
+            builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120, f_export=(
+                functools.partial(export_candidate, target.cross_compiler) if rpc is not None else None)),
+            runner=runner, cost_model="xgb",
+            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(say, trials)],
         )
     except Exception as exc:
         raise TuningError(f"tuning {model.source.name} for {target.name} failed: {exc}") from exc

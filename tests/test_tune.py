@@ -13,16 +13,51 @@ from qcompile.tune import database_dir
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tuned_logs(tmp_path_factory, tiny_pt2):
+def _tune(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
     from qcompile.cli.main import main
 
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["tune", *map(str, args)])
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_pt2):
     logs = tmp_path_factory.mktemp("tuning_logs")
     # 6 kernels, at least one measured candidate each: enough to check the plumbing.
-    code = main(["tune", str(tiny_pt2), "--trials", "12", "--max-trials-per-task", "2", "--log-dir", str(logs),
-                 "--quiet"])
-    assert code == 0
-    return logs
+    code, err = _tune(tiny_pt2, "--trials", "12", "--max-trials-per-task", "2", "--log-dir", logs)
+    assert code == 0, err
+    return logs, err
+
+
+@pytest.fixture(scope="module")
+def tuned_logs(tuned):
+    return tuned[0]
+
+
+def test_tune_reports_progress_with_best_latency(tuned):
+    lines = [ln for ln in tuned[1].splitlines() if "trials]" in ln]
+    assert lines, tuned[1][-2000:]
+    assert "/12 trials]" in lines[-1] and "best" in lines[-1] and "ms over" in lines[-1]
+
+
+def test_tune_measures_over_rpc(tmp_path, tiny_pt2):
+    from qcompile.rpc import free_port, start_server
+
+    with start_server("127.0.0.1", free_port(), log=tmp_path / "server.log") as server:
+        host, port = server.address
+        code, err = _tune(tiny_pt2, "--trials", "6", "--max-trials-per-task", "1", "--log-dir", tmp_path / "logs",
+                          "--rpc", f"{host}:{port}")
+    assert code == 0, err[-3000:]
+    records = (database_dir(resolve_target("native"), tmp_path / "logs") / "database_tuning_record.json")
+    measured = [json.loads(r)[1][1][0] for r in records.read_text().splitlines()]
+    assert len(measured) >= 6 and all(t < 1.0 for t in measured), measured
+    refused = _tune(tiny_pt2, "--trials", "2", "--log-dir", tmp_path / "x", "--rpc", f"127.0.0.1:{free_port()}")
+    assert refused[0] == 11 and "cannot reach RPC server" in refused[1]
 
 
 def test_tune_writes_database_keyed_by_target_and_tvm(tuned_logs):

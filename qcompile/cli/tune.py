@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..targets import resolve_target
 from .build import add_model_options, load_model
-from .common import Progress
+from .common import Progress, add_rpc_options, rpc_endpoint
 
 
 def register(sub) -> None:
@@ -17,6 +17,7 @@ def register(sub) -> None:
                    help="cap per kernel (default: the target preset's)")
     p.add_argument("--log-dir", metavar="DIR", help="tuning records root (default: the repository's tuning_logs/)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_rpc_options(p)
     p.set_defaults(handler=run)
 
 
@@ -25,9 +26,11 @@ def run(args) -> int:
 
     progress = Progress(args.quiet)
     target = resolve_target(args.target)
+    endpoint = rpc_endpoint(args)
     model, _, name = load_model(args, target, progress)
     trials = args.trials or int(target.tuning.get("trials", 2000))
     per_task = args.max_trials_per_task or target.tuning.get("max_trials_per_task")
-    result = tune(model, target, trials, per_task, Path(args.log_dir) if args.log_dir else None, progress=progress)
+    result = tune(model, target, trials, per_task, Path(args.log_dir) if args.log_dir else None,
+                  rpc=endpoint, progress=progress)
     print(f"{name}: {result.tasks} tasks, {result.trials} trials; {result.records} records in {result.database}")
     return 0
