@@ -86,7 +86,12 @@ def build(
     with _atomic_outputs(out_dir, [library, manifest_path(library)]) as (tmp_lib, tmp_manifest):
         try:
             # -s: no symbol table or debug info (TVM resolves functions through .dynsym).
-            executable.export_library(str(tmp_lib), fcompile=fcompile, options=["-s"])
+            extra = {}
+            if target.kind == "cuda":  # kernels compiled now: the loader needs no CUDA compiler
+                from .cuda_kernels import precompile_cuda_kernels
+
+                extra["fpack_imports"] = precompile_cuda_kernels(executable, str(target.target["arch"]))
+            executable.export_library(str(tmp_lib), fcompile=fcompile, options=["-s"], **extra)
         except Exception as exc:
             raise BuildError(f"exporting {library} failed: {first_line(exc)}") from exc
         manifest = Manifest(
