@@ -35,7 +35,7 @@ def test_cuda_string_gets_llvm_host():
     assert spec.to_tvm().host is not None
 
 
-@pytest.mark.parametrize("name", ["x86-avx512", "x86-avx2", "rpi4", "cuda-sm80"])
+@pytest.mark.parametrize("name", ["x86-avx512", "x86-avx2", "rpi4", "rpi5", "cuda-sm80"])
 def test_presets_resolve_and_validate(name):
     spec = resolve_target(name)
     assert spec.name == name and spec.description

@@ -1,0 +1,53 @@
+"""Which integer instructions the int8 kernels compile to, read from the disassembly.
+
+aarch64: widening multiply-accumulate (smlal/smull) on a Cortex-A72, and the dot-product
+instruction (sdot) on a +dotprod target (Raspberry Pi 5) with int8 x int8 (symmetric)
+activations.  x86 AVX2: vpmaddwd (16-bit pairs summed into int32, exact for u8 x s8)."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from qcompile.build import build
+from qcompile.frontend import import_model
+from qcompile.quantize import quantize_model
+from qcompile.quantize.config import QuantConfig
+from qcompile.targets import resolve_target
+
+
+def _quantized(tiny_pt2, symmetric: bool):
+    model = import_model(str(tiny_pt2))
+    rng = np.random.default_rng(0)
+    calib = [{model.inputs[0].name: rng.standard_normal((1, 3, 32, 32)).astype("float32")} for _ in range(4)]
+    return quantize_model(model, calib, QuantConfig(num_samples=4, activation_symmetric=symmetric),
+                          resolve_target("native").to_tvm())
+
+
+def _mnemonics(objdump: str, library) -> Counter:
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} is not installed (scripts/setup.sh installs binutils for aarch64)")
+    text = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    return Counter(m.group(1) for m in re.finditer(r"^\s+[0-9a-f]+:\s+(?:[0-9a-f]{2,8} )+\s*([a-z0-9.]+)", text, re.M))
+
+
+@pytest.mark.parametrize("preset, symmetric, expected", [
+    ("rpi4", False, {"smlal", "smlal2"}),
+    ("rpi5", True, {"sdot"}),
+])
+def test_aarch64_int8_uses_widening_mac_or_dot_product(tmp_path, tiny_pt2, preset, symmetric, expected):
+    quantized, info = _quantized(tiny_pt2, symmetric)
+    artifact = build(quantized, resolve_target(preset), tmp_path, quantization=info)
+    ops = _mnemonics("aarch64-linux-gnu-objdump", artifact.library)
+    assert expected <= set(ops), {k: v for k, v in ops.items() if k.startswith(("s", "u", "m"))}
+
+
+def test_x86_avx2_int8_uses_vpmaddwd(tmp_path, tiny_pt2):
+    quantized, info = _quantized(tiny_pt2, False)
+    artifact = build(quantized, resolve_target("x86-avx2"), tmp_path, quantization=info)
+    ops = _mnemonics("objdump", artifact.library)
+    assert ops["vpmaddwd"] > 0
