@@ -82,8 +82,21 @@ def with_tuning(passes: list) -> list[Phase]:
             for name, make in PHASES]
 
 
+def default_schedule_passes(target: tvm.target.Target) -> list:
+    """Fixed schedules for CPU conv2d/matmul kernels that no tuning record covered."""
+    if target.kind.name != "llvm":
+        return []  # GPU targets get dlight's schedules inside the backend's legalize passes
+    from tvm.s_tir import dlight as dl
+
+    from .schedules import ConvMatmulCPU
+
+    return [dl.ApplyDefaultSchedule(ConvMatmulCPU())]
+
+
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None,
                    tuning_passes: list | None = None):
-    """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``."""
-    lowered = run_phases(mod, target, phases=with_tuning(tuning_passes or []), dump_ir=dump_ir)
+    """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``.
+    Kernels without a tuning record get :mod:`qcompile.schedules`' default schedule."""
+    passes = list(tuning_passes or []) + default_schedule_passes(target)
+    lowered = run_phases(mod, target, phases=with_tuning(passes), dump_ir=dump_ir)
     return tvm.compile(lowered, target, relax_pipeline=None)

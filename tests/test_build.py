@@ -137,3 +137,18 @@ def test_failed_export_leaves_no_partial_files(tmp_path, tiny_pt2, monkeypatch):
         build(import_model(str(tiny_pt2)), resolve_target("native"), out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
+
+
+def test_untuned_conv_and_matmul_get_a_default_schedule(tmp_path, tiny_pt2, tiny_net, tiny_input):
+    dump = tmp_path / "ir"
+    artifact = build(import_model(str(tiny_pt2)), resolve_target("native"), tmp_path / "out", dump_ir=dump,
+                     tuning_logs=False)
+    legalized = (dump / "02-legalize.py").read_text()
+    kernels = legalized.split("@T.prim_func")[1:]
+    anchored = [k for k in kernels if 'T.sblock("conv2d' in k or 'T.sblock("matmul' in k]
+    assert anchored and all('"tirx.is_scheduled": True' in k for k in anchored)
+    assert all("T.parallel" in k and "T.vectorized" in k for k in anchored)
+    out = CompiledModel.load(artifact.library).run({"x": tiny_input})["output0"]
+    with torch.no_grad():
+        ref = tiny_net(torch.from_numpy(tiny_input)).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,103 @@
+"""Default CPU schedules for kernels without a tuning record.
+
+TVM 0.27's untuned CPU code runs conv2d and matmul as plain scalar loop nests on one
+thread (dlight's CPU rules cover only GEMV and reductions), ~50-100x slower than a tuned
+build.  This rule gives every fused kernel whose anchor is a conv2d (NCHW) or a matmul a
+fixed, reasonable schedule: output rows spread over the cores, a register tile of output
+channels x output columns accumulated in vector registers, the elementwise epilogue
+(bias, requantize, residual add, activation) fused into the tile.  It never replaces a
+tuning record: MetaSchedule's applied kernels are marked scheduled and skipped.
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.target import Target
+
+
+def _largest_factor(extent: int, preferred: tuple[int, ...]) -> int:
+    for factor in preferred:
+        if factor <= extent and extent % factor == 0:
+            return factor
+    return 1
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(int(iv.iter_type) == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+class ConvMatmulCPU(dl.ScheduleRule):
+    """A dlight rule for fused conv2d / matmul kernels on LLVM CPU targets."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        anchors = [b for b in blocks if _is_reduction(sch, b)]
+        if len(anchors) != 1:
+            return None
+        anchor = anchors[0]
+        kinds = "".join("R" if int(iv.iter_type) == tirx.IterVar.CommReduce else "S"
+                        for iv in sch.get(anchor).iter_vars)
+        if len(sch.get_loops(anchor)) != len(kinds):
+            return None
+        name = sch.get(anchor).name_hint
+        try:
+            if kinds == "SSSSRRR" and name.startswith("conv2d"):
+                tile_loop = self._conv(sch, anchor)
+            elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
+                tile_loop = self._matmul(sch, anchor)
+            else:
+                return None
+            self._fuse_epilogue(sch, blocks, anchor, tile_loop)
+        except s_tir.ScheduleError:
+            return None  # an unusual fused pattern: leave it to TVM's default lowering
+        return sch
+
+    @staticmethod
+    def _conv(sch: s_tir.Schedule, anchor):
+        n, oc, oh, ow, ic, kh, kw = sch.get_loops(anchor)
+        ow_extent, oc_extent = int(sch.get(ow).extent), int(sch.get(oc).extent)
+        vec = _largest_factor(ow_extent, (16, 8, 14, 7, 12, 4, 6, 2))
+        # Accumulators of one tile (oc_block x vec values) must fit the 16 vector registers.
+        oc_block = _largest_factor(oc_extent, (4, 2) if vec > 8 else (8, 4, 2))
+        oc_o, oc_i = sch.split(oc, [None, oc_block])
+        ow_o, ow_i = sch.split(ow, [None, vec])
+        sch.reorder(n, oc_o, oh, ow_o, ic, kh, kw, oc_i, ow_i)
+        sch.parallel(sch.fuse(n, oc_o, oh))
+        sch.unroll(oc_i)
+        sch.vectorize(ow_i)
+        init = sch.decompose_reduction(anchor, ic)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return ow_o
+
+    @staticmethod
+    def _matmul(sch: s_tir.Schedule, anchor):
+        loops = sch.get_loops(anchor)
+        spatial, j, k = loops[:-2], loops[-2], loops[-1]
+        vec = _largest_factor(int(sch.get(j).extent), (16, 8, 4, 2))
+        j_o, j_i = sch.split(j, [None, vec])
+        k_o, k_i = sch.split(k, [None, _largest_factor(int(sch.get(k).extent), (4, 2))])
+        sch.reorder(*spatial, j_o, k_o, k_i, j_i)
+        sch.parallel(sch.fuse(*spatial, j_o))
+        sch.unroll(k_i)
+        sch.vectorize(j_i)
+        init = sch.decompose_reduction(anchor, k_o)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch.get_loops(anchor)[0]
+
+    @staticmethod
+    def _fuse_epilogue(sch: s_tir.Schedule, blocks, anchor, tile_loop) -> None:
+        """Inline the elementwise chain after the anchor and compute it per tile."""
+        names = [sch.get(b).name_hint for b in blocks]
+        after = names[names.index(sch.get(anchor).name_hint) + 1:]
+        for name in after[:-1]:
+            sch.compute_inline(sch.get_sblock(name))
+        if after:
+            last = sch.get_sblock(after[-1])
+            sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(last)[-1])
