@@ -47,10 +47,19 @@ def contenders(model: str, threads: int, calib: int, work: Path) -> dict[str, Ca
     net = torchvision_module(model)
     target = resolve_target("native")
     imported = import_model(model)
-    fp32 = CompiledModel.load(build(imported, target, work).library)
     qmodel, info = quantize_model(imported, [{"x": s} for s in samples], QuantConfig(num_samples=calib),
                                   target.to_tvm())
-    int8 = CompiledModel.load(build(qmodel, target, work, name=f"{model}-int8", quantization=info).library)
+    built = {}
+    for label, source, quant in (("fp32", imported, None), ("int8", qmodel, info)):
+        for logs in (None, False):  # committed tuning records, then none (the default schedule)
+            artifact = build(source, target, work / f"{label}-{logs is None}", name=f"{model}-{label}",
+                             quantization=quant, tuning_logs=logs)
+            tuning = artifact.manifest.build["tuning"]
+            how = (f"{tuning['hits']}/{tuning['hits'] + tuning['misses']} kernels tuned" if tuning.get("hits")
+                   else "untuned: default schedule")
+            if logs is None and not tuning.get("hits"):
+                continue  # no records for this model: the untuned build below covers it
+            built[f"qcompile {label} ({how})"] = CompiledModel.load(artifact.library)
 
     onnx_path = work / f"{model}.onnx"
     torch.onnx.export(net, (torch.from_numpy(samples[0]),), str(onnx_path), input_names=["x"], dynamo=False)
@@ -76,9 +85,9 @@ def contenders(model: str, threads: int, calib: int, work: Path) -> dict[str, Ca
         with torch.no_grad():
             return net(torch.from_numpy(x))
 
+    runners = {name: (lambda x, m=compiled: m.run({"x": x})) for name, compiled in built.items()}
     return {
-        "qcompile fp32": lambda x: fp32.run({"x": x}),
-        "qcompile int8": lambda x: int8.run({"x": x}),
+        **runners,
         "PyTorch fp32 eager": torch_fp32,
         "ONNX Runtime fp32": lambda x: ort_fp32.run(None, {"x": x}),
         "ONNX Runtime int8 (QDQ U8S8 per-channel)": lambda x: ort_int8.run(None, {"x": x}),
@@ -128,7 +137,28 @@ def main() -> None:
     (RESULTS / f"latency_{args.model}.md").write_text(table)
     (RESULTS / f"latency_{args.model}.json").write_text(json.dumps(
         {"model": args.model, "threads": args.threads, "rounds": per_round, "medians_ms": medians}, indent=2) + "\n")
+    _bar_chart(args.model, medians, RESULTS / f"latency_{args.model}.png")
     print(table)
+
+
+def _bar_chart(model: str, medians: dict[str, float], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib not installed: no bar chart)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(medians)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.2))
+    ax.barh(names[::-1], [medians[n] for n in names[::-1]], color="#4c72b0")
+    for i, name in enumerate(names[::-1]):
+        ax.text(medians[name], i, f" {medians[name]:.1f} ms", va="center", fontsize=8)
+    ax.set_xlabel("median latency, ms (batch 1; lower is better)")
+    ax.set_title(f"{model}: side-by-side latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
