@@ -15,8 +15,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -32,7 +32,12 @@ def busy_wait(seconds: float) -> None:
 def contenders(model: str, threads: int, calib: int, work: Path) -> dict[str, Callable[[np.ndarray], object]]:
     import onnxruntime as ort
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from qcompile.build import build

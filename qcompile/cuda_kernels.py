@@ -127,8 +127,7 @@ def precompile_cuda_kernels(executable_or_runtime_module, arch="sm_80", compiler
                     '#define TVM_EXPORT\n#endif\n#ifdef __cplusplus\nextern "C" {\n#endif\n'
                     f"TVM_EXPORT extern const unsigned char {sym}[];\n"
                     f"const unsigned char {sym}[{len(data)}] = {{\n")
-            for i in range(0, len(data), 32):
-                f.write(",".join(str(b) for b in data[i:i + 32]) + ",\n")
+            f.writelines(",".join(str(b) for b in data[i:i + 32]) + ",\n" for i in range(0, len(data), 32))
             f.write("};\n")
             if is_system_lib:
                 f.write("extern int TVMFFIEnvModRegisterSystemLibSymbol(const char*, void*);\n"

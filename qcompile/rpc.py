@@ -157,7 +157,7 @@ class ServiceProcess:
             pass
         self.process.wait()
 
-    def __enter__(self) -> "ServiceProcess":
+    def __enter__(self) -> ServiceProcess:
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -237,8 +237,8 @@ def _wait_registered(tracker: tuple[str, int], key: str, service: ServiceProcess
         try:
             if key in rpc.connect_tracker(*tracker).summary().get("queue_info", {}):
                 return
-        except Exception:  # tracker not up yet: keep waiting until the deadline
-            pass
+        except (OSError, RuntimeError):  # tracker not up yet: keep waiting until the deadline
+            time.sleep(0.3)
         if not service.alive():
             break
         time.sleep(0.3)

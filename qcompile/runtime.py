@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class CompiledModel:
         return list(self.manifest.outputs)
 
     @classmethod
-    def load(cls, library: str | Path, verify: bool = True, rpc=None) -> "CompiledModel":
+    def load(cls, library: str | Path, verify: bool = True, rpc=None) -> CompiledModel:
         """Load ``library`` (and its manifest) on this machine, or on the device behind
         ``rpc`` (a :class:`qcompile.rpc.RpcEndpoint`)."""
         library = Path(library)
@@ -143,7 +144,7 @@ class CompiledModel:
         return cls(library, manifest, relax.VirtualMachine(lib, device), device)
 
     @classmethod
-    def _load_remote(cls, library: Path, manifest: Manifest, endpoint) -> "CompiledModel":
+    def _load_remote(cls, library: Path, manifest: Manifest, endpoint) -> CompiledModel:
         from tvm import relax
 
         from .rpc import connect

@@ -32,7 +32,7 @@ def _mnemonics(objdump: str, library) -> Counter:
     if shutil.which(objdump) is None:
         pytest.skip(f"{objdump} is not installed (scripts/setup.sh installs binutils for aarch64)")
     text = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
-    return Counter(m.group(1) for m in re.finditer(r"^\s+[0-9a-f]+:\s+(?:[0-9a-f]{2,8} )+\s*([a-z0-9.]+)", text, re.M))
+    return Counter(m.group(1) for m in re.finditer(r"^\s+[0-9a-f]+:\s+(?:[0-9a-f]{2,8} )+\s*([a-z0-9.]+)", text, re.MULTILINE))
 
 
 @pytest.mark.parametrize("preset, symmetric, expected", [

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import signal
 
-from ..rpc import DEFAULT_PORT, DEFAULT_TRACKER_PORT, parse_address, start_server, start_tracker
+from ..rpc import (
+    DEFAULT_PORT,
+    DEFAULT_TRACKER_PORT,
+    parse_address,
+    start_server,
+    start_tracker,
+)
 
 
 def register(sub) -> None:
