@@ -144,6 +144,18 @@ def rpc_runner(endpoint, timeout_sec: float = 60.0):
                                max_workers=1)
 
 
+def _detach_unnamed_metaschedule_handlers() -> None:
+    """MetaSchedule rebuilds its logging config from the names of the handlers already on
+    its logger; one without a name (attached by a host application or test runner) makes
+    that fail with "'NoneType' object has no attribute 'format'". Detach those."""
+    import logging
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(logger.handlers):
+        if handler.get_name() is None:
+            logger.removeHandler(handler)
+
+
 @dataclass(frozen=True)
 class TuneResult:
     database: Path
@@ -182,6 +194,7 @@ def tune(
     say(f"{len(tasks)} tuning tasks; {trials} trials; records in {path}")
     database = open_database(path)
     runner = rpc_runner(rpc) if rpc is not None else "local"  # an unreachable board fails here, clearly
+    _detach_unnamed_metaschedule_handlers()
     try:
         ms.relax_integration.tune_relax(
             mod, {}, tvm_target, work_dir=str(path / "work"), max_trials_global=trials,
