@@ -52,7 +52,7 @@ class ConvMatmulCPU(dl.ScheduleRule):
             return None
         name = sch.get(anchor).name_hint
         try:
-            if kinds == "SSSSRRR" and name.startswith("conv2d"):
+            if kinds == "SSSSRRR" and "conv2d" in name:
                 tile_loop = self._conv(sch, anchor)
             elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
                 tile_loop = self._matmul(sch, anchor)

@@ -144,6 +144,41 @@ def rpc_runner(endpoint, timeout_sec: float = 60.0):
                                max_workers=1)
 
 
+def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=None,
+                           say: Callable[[str], None] | None = None) -> int:
+    """Measure qcompile's default schedule (:mod:`qcompile.schedules`) for each task and commit
+    it as a tuning record, so it competes with MetaSchedule's candidates: the database's best
+    record is then never slower than what an untuned build would run, and the evolutionary
+    search starts from it.  Returns the number of records committed."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import ConvMatmulCPU
+
+    rule, builder = ConvMatmulCPU(), ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120)
+    runner = runner or ms.runner.LocalRunner()
+    committed = 0
+    for task in tasks:
+        mod = task.dispatched[0]
+        sch = rule.apply(mod["main"], target, False)
+        if sch is None:
+            continue
+        built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
+        if built.error_msg:
+            continue
+        args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        device = "cpu" if target.kind.name == "llvm" else target.kind.name
+        result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
+        if result.error_msg or not result.run_secs:
+            continue
+        workload = database.commit_workload(mod)
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args_info))
+        committed += 1
+        if say:
+            ms_time = 1e3 * sum(float(t) for t in result.run_secs) / len(result.run_secs)
+            say(f"default schedule of {str(task.task_name)[:48]}: {ms_time:.3f} ms")
+    return committed
+
+
 def _detach_unnamed_metaschedule_handlers() -> None:
     """MetaSchedule rebuilds its logging config from the names of the handlers already on
     its logger; one without a name (attached by a host application or test runner) makes
@@ -195,6 +230,9 @@ def tune(
     database = open_database(path)
     runner = rpc_runner(rpc) if rpc is not None else "local"  # an unreachable board fails here, clearly
     _detach_unnamed_metaschedule_handlers()
+    if rpc is None:  # the default schedule is the baseline every tuned kernel must beat
+        seeded = seed_default_schedules(tasks, tvm_target, database, say=say)
+        say(f"{seeded} kernels seeded with the default schedule's measurement")
     try:
         ms.relax_integration.tune_relax(
             mod, {}, tvm_target, work_dir=str(path / "work"), max_trials_global=trials,

@@ -43,6 +43,9 @@ def test_tune_reports_progress_with_best_latency(tuned):
     lines = [ln for ln in tuned[1].splitlines() if "trials]" in ln]
     assert lines, tuned[1][-2000:]
     assert "/12 trials]" in lines[-1] and "best" in lines[-1] and "ms over" in lines[-1]
+    # The default schedule is measured and committed first: a tuned build is never slower.
+    assert "kernels seeded with the default schedule's measurement" in tuned[1]
+    assert "default schedule of fused_conv2d" in tuned[1]
 
 
 def test_tune_measures_over_rpc(tmp_path, tiny_pt2):
