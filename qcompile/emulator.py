@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import MissingDependencyError
+from .errors import ConfigError, MissingDependencyError
 from .rpc import ServiceProcess, start_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def start_emulated_board(host: str = "127.0.0.1", port: int = 9090, cpu: str = "
                          log: Path | None = None, directory: Path | None = None) -> ServiceProcess:
     """TVM's RPC server on an emulated ``cpu``; start-up takes ~10-30 s (Python under qemu)."""
     if cpu not in CPUS:
-        raise MissingDependencyError(f"--emulate {cpu}: only {', '.join(CPUS)} is prepared")
+        raise ConfigError(f"--emulate {cpu}: only {', '.join(CPUS)} is prepared")
     env = dict(os.environ, QEMU_CPU=cpu)
     return start_server(host, port, tracker, key, python=emulated_python(directory), ready_timeout=180.0,
                         log=log, env=env)
