@@ -159,6 +159,8 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
     committed = 0
     for task in tasks:
         mod = task.dispatched[0]
+        if database.has_workload(mod):  # seeded (or tuned) by an earlier run: don't measure it again
+            continue
         sch = rule.apply(mod["main"], target, False)
         if sch is None:
             continue
