@@ -1,7 +1,8 @@
 """The Relax compile pipeline, assembled in one place as named phases.
 
 1. ``inference``: fold batch-norm (and per-channel affine chains) into conv, decompose
-                  training-style ops, fold constants.
+                  training-style ops, fold constants; int8 convs onto the target's
+                  dot-product kernels (``PackInt8Conv``).
 2. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
                   (GPU backends add dlight schedules here).
 3. ``lower``:     the backend's dataflow lowering and VM finalisation.
@@ -19,8 +20,9 @@ from tvm import relax
 Phase = tuple[str, Callable[[tvm.target.Target], list]]
 
 
-def _inference_passes(_target: tvm.target.Target) -> list:
+def _inference_passes(target: tvm.target.Target) -> list:
     from .passes.fold_channel_affine import FoldChannelAffine
+    from .passes.pack_int8_conv import PackInt8Conv
 
     return [
         relax.transform.FoldBatchnormToConv2D(),
@@ -29,6 +31,8 @@ def _inference_passes(_target: tvm.target.Target) -> list:
         relax.transform.FoldConstant(),
         FoldChannelAffine,
         relax.transform.FoldConstant(),
+        PackInt8Conv(target),
+        relax.transform.DeadCodeElimination(["main"]),
     ]
 
 

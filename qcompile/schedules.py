@@ -7,12 +7,17 @@ fixed, reasonable schedule: output rows spread over the cores, a register tile o
 channels x output columns accumulated in vector registers, the elementwise epilogue
 (bias, requantize, residual add, activation) fused into the tile.  It never replaces a
 tuning record: MetaSchedule's applied kernels are marked scheduled and skipped.
+int8 convs rewritten by :mod:`qcompile.passes.pack_int8_conv` get the tensorized schedule
+of :mod:`qcompile.kernels.packed_conv2d` instead.
 """
 from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
+
+from .kernels import packed_conv2d
+from .kernels.int8_dot import int8_dot_for
 
 
 # Output-column vector lengths, best first: powers of two keep LLVM from scalarising
@@ -51,14 +56,21 @@ class ConvMatmulCPU(dl.ScheduleRule):
         if len(sch.get_loops(anchor)) != len(kinds):
             return None
         name = sch.get(anchor).name_hint
+        names = [sch.get(b).name_hint for b in blocks]  # block handles go stale as we schedule
+        epilogue = names[names.index(name) + 1:]
         try:
-            if kinds == "SSSSRRR" and "conv2d" in name:
+            if name.startswith(packed_conv2d.ANCHOR):
+                dot = int8_dot_for(target)
+                if dot is None or int(sch.get(sch.get_loops(anchor)[4]).extent) != dot.lanes:
+                    return None
+                tile_loop = packed_conv2d.schedule(sch, anchor, dot)
+            elif kinds == "SSSSRRR" and "conv2d" in name:
                 tile_loop = self._conv(sch, anchor)
             elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
                 tile_loop = self._matmul(sch, anchor)
             else:
                 return None
-            self._fuse_epilogue(sch, blocks, anchor, tile_loop)
+            self._fuse_epilogue(sch, epilogue, tile_loop)
         except s_tir.ScheduleError:
             return None  # an unusual fused pattern: leave it to TVM's default lowering
         return sch
@@ -96,10 +108,8 @@ class ConvMatmulCPU(dl.ScheduleRule):
         return sch.get_loops(anchor)[0]
 
     @staticmethod
-    def _fuse_epilogue(sch: s_tir.Schedule, blocks, anchor, tile_loop) -> None:
-        """Inline the elementwise chain after the anchor and compute it per tile."""
-        names = [sch.get(b).name_hint for b in blocks]
-        after = names[names.index(sch.get(anchor).name_hint) + 1:]
+    def _fuse_epilogue(sch: s_tir.Schedule, after: list[str], tile_loop) -> None:
+        """Inline the elementwise chain ``after`` the anchor and compute it per tile."""
         for name in after[:-1]:
             sch.compute_inline(sch.get_sblock(name))
         if after:

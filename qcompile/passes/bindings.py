@@ -119,6 +119,21 @@ def rebuild(func, rewrite: Rewrite, extra_outputs: Callable[[Emitter], list] | N
     ``extra_outputs`` (given the emitter at the end) returns more values to return:
     the function then returns ``(original outputs..., extra...)`` flattened into one tuple.
     """
+    return _rebuild(func, rewrite, extra_outputs)["main"]
+
+
+def rebuild_module(mod: tvm.IRModule, rewrite: Rewrite) -> tvm.IRModule:
+    """``mod`` with ``main`` rebuilt through ``rewrite``, keeping the functions that the
+    rewrite added with ``em.bb.add_func`` (e.g. kernels for ``call_tir``)."""
+    built = _rebuild(mod["main"], rewrite, None)
+    new = with_main(mod, built["main"])
+    for gv, fn in built.functions.items():
+        if gv.name_hint != "main":
+            new[gv] = fn
+    return new
+
+
+def _rebuild(func, rewrite: Rewrite, extra_outputs) -> tvm.IRModule:
     graph = Graph.from_main(func)
     bb = relax.BlockBuilder()
     em = Emitter(bb)
@@ -140,7 +155,7 @@ def rebuild(func, rewrite: Rewrite, extra_outputs: Callable[[Emitter], list] | N
                 out = relax.Tuple(fields + list(extra_outputs(em)))
             result = bb.emit_output(out)
         bb.emit_func_output(result)
-    return bb.get()["main"]
+    return bb.get()
 
 
 def with_main(mod: tvm.IRModule, main) -> tvm.IRModule:

@@ -48,6 +48,7 @@ def quantize_model(
 ) -> tuple[ImportedModel, dict]:
     """Calibrate, emit QDQ and realize; returns the integer model and manifest info."""
     say = progress or (lambda _m: None)
+    config = config.for_target(target)
     qdq_mod, plan, _ = to_qdq(model, batches, config, target, progress)
     say(f"realizing {len(plan.regions)} quantized layers ...")
     int_mod, report = realize(qdq_mod)
@@ -57,6 +58,7 @@ def quantize_model(
         "config": config.to_json(),
         "activation_dtype": config.activation_dtype,
         "weight_dtype": "int8",
+        "weight_range": [-config.weight_qmax, config.weight_qmax],
         "layers": report.layers,
         "float_layers": plan.kept_float,
         "float_ops": plan.skipped,

@@ -1,7 +1,7 @@
 """Quantization configuration: a frozen, validated, serialisable dataclass."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -18,6 +18,9 @@ class QuantConfig:
     activation_symmetric: False gives uint8 activations with a zero point (ORT's U8S8
     default, what x86 VNNI multiplies); True gives int8 activations with zero point 0.
     Weights are always int8, symmetric, in [-127, 127]; per channel unless per_channel=False.
+    reduce_range: weights in [-63, 63] (7 bits, ONNX Runtime's reduce_range), which x86
+    CPUs without VNNI need for their fast u8 x s8 instruction (vpmaddubsw saturates int16
+    pair sums of 8-bit weights); None: decided by the target (see ``for_target``).
     """
 
     calibration_method: str = "minmax"
@@ -26,6 +29,7 @@ class QuantConfig:
     per_channel: bool = True
     num_samples: int = 64
     keep_float: tuple[str, ...] = field(default_factory=tuple)
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
         if self.calibration_method not in CALIBRATION_METHODS:
@@ -37,6 +41,21 @@ class QuantConfig:
         if self.num_samples < 1:
             raise ConfigError(f"--calib-samples: expected at least 1, but got {self.num_samples}")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
+
+    @property
+    def weight_qmax(self) -> int:
+        return 63 if self.reduce_range else 127
+
+    def for_target(self, target) -> "QuantConfig":
+        """This config with ``reduce_range`` decided where it is None: True exactly where
+        the target's int8 kernels would otherwise lose their fast instruction."""
+        if self.reduce_range is not None:
+            return self
+        from ..kernels.int8_dot import int8_dot_for
+
+        dot = int8_dot_for(target)
+        needs = dot is not None and dot.pair_saturates and dot.activation_dtype == self.activation_dtype
+        return replace(self, reduce_range=needs)
 
     @property
     def activation_dtype(self) -> str:
@@ -54,4 +73,5 @@ class QuantConfig:
         version = data.pop("version", VERSION)
         if version != VERSION:
             raise ConfigError(f"quantization config version {version} is not {VERSION}")
+        data.setdefault("reduce_range", False)  # configs written before the option existed
         return cls(**data)

@@ -261,14 +261,14 @@ def activation_qparams(lo: float, hi: float, config: QuantConfig) -> QParams:
     return QParams(scale, zero_point, "uint8")
 
 
-def weight_qparams(weight: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 in [-127, 127]: (int8 weight, float32 scales along ``axis``)."""
+def weight_qparams(weight: np.ndarray, axis: int, per_channel: bool, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 in [-qmax, qmax]: (int8 weight, float32 scales along ``axis``)."""
     moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
     amax = np.abs(moved).max(axis=1) if per_channel else np.full(weight.shape[axis], np.abs(weight).max())
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / float(qmax), 1.0).astype(np.float32)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -293,7 +293,7 @@ def emit_qdq(func, plan: Plan, ranges: dict, config: QuantConfig):
         region = regions.get(var)
         if region is not None:
             axis = 0 if region.kind == "conv2d" else 1
-            wq, wscale = weight_qparams(region.weight, axis, config.per_channel)
+            wq, wscale = weight_qparams(region.weight, axis, config.per_channel, config.weight_qmax)
             region_scales[region.name] = wscale
             wdq = em.emit(relax.op.dequantize(relax.const(wq), relax.const(wscale), relax.const(np.zeros(wscale.shape, np.int32)), axis=axis, out_dtype="float32"))
             new = em.emit(relax.Call(value.op, [em.subst(value.args[0]), wdq], value.attrs, value.ty_args), var.name)

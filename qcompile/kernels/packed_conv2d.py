@@ -1,0 +1,143 @@
+"""int8 conv2d (NHWC) on a packed weight, tensorized with the target's dot-product instruction.
+
+Layouts (``L`` = the intrinsic's lanes, ``C4`` = input channels rounded up to 4):
+
+* weight ``W[OC, IC, KH, KW]`` is packed once, at compile time, to
+  ``Wp[OC/L, KH, KW, C4/4, L, 4]``: one instruction's ``L x 4`` block is 4*L contiguous bytes.
+  Leaving the weight in (OC, IC) order tensorizes but reads the wrong bytes (seen with TVM's
+  own VNNI intrinsic), so the layout and the intrinsic are defined together here.
+* the input is NHWC, so the 4 input channels of one quad are adjacent; where the conv pads
+  (or C4 > IC) a padded copy is made first (block ``qc_pad``), filled with the input zero
+  point -- a tensor argument, so the kernel does not change with the calibration.
+* the int32 accumulator ``[N, OH, OW, OC/L, L]`` (block ``conv2d_int8_packed``) has the
+  memory order of the NHWC output, which the fused requantize epilogue reads.
+
+The schedule (:func:`schedule`) keeps a tile of ``P`` output pixels x ``O`` lane-groups of
+accumulators in registers, reduces over (kh, kw, channel quads) with one intrinsic per
+(pixel, lane-group) and computes the epilogue per tile, vectorized along the channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import s_tir, te, tirx
+
+from .int8_dot import Int8Dot
+
+ANCHOR = "conv2d_int8_packed"
+PAD = "qc_pad"
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv2d's static shape (NHWC input; one group)."""
+
+    n: int
+    ic: int
+    h: int
+    w: int
+    oc: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        top, left, bottom, right = self.padding
+        oh = (self.h + top + bottom - (self.kh - 1) * self.dilation[0] - 1) // self.stride[0] + 1
+        ow = (self.w + left + right - (self.kw - 1) * self.dilation[1] - 1) // self.stride[1] + 1
+        return oh, ow
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def pack_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
+    """OIHW int8 -> (OC/L, KH, KW, C4/4, L, 4), zero-filled where OC or IC is padded."""
+    oc, ic, kh, kw = weight.shape
+    ocp, icp = _round_up(oc, lanes), _round_up(ic, 4)
+    padded = np.zeros((ocp, icp, kh, kw), np.int8)
+    padded[:oc, :ic] = weight
+    blocks = padded.reshape(ocp // lanes, lanes, icp // 4, 4, kh, kw)
+    return np.ascontiguousarray(blocks.transpose(0, 4, 5, 2, 1, 3))
+
+
+def conv2d_func(shape: ConvShape, dot: Int8Dot) -> tirx.PrimFunc:
+    """The kernel's compute definition: (x NHWC, zero point, packed weight) -> int32 NHWC."""
+    lanes = dot.lanes
+    icp, ocp = _round_up(shape.ic, 4), _round_up(shape.oc, lanes)
+    top, left, bottom, right = shape.padding
+    hp, wp = shape.h + top + bottom, shape.w + left + right
+    oh, ow = shape.out_hw
+    (sh, sw), (dh, dw) = shape.stride, shape.dilation
+
+    def dims(*values: int) -> tuple:
+        # int64 like LegalizeOps' kernels: FuseTIR maps buffers across kernels by type
+        return tuple(tirx.IntImm("int64", v) for v in values)
+
+    x = te.placeholder(dims(shape.n, shape.h, shape.w, shape.ic), dot.activation_dtype, name="x")
+    zx = te.placeholder(dims(1), dot.activation_dtype, name="zero_point")
+    w = te.placeholder(dims(ocp // lanes, shape.kh, shape.kw, icp // 4, lanes, 4), "int8", name="w")
+    xp = x
+    if any(shape.padding) or icp != shape.ic:
+        def pad(n, y, xx, c):
+            inside = tirx.all(y >= top, y < shape.h + top, xx >= left, xx < shape.w + left, c < shape.ic)
+            return tirx.if_then_else(inside, x[n, y - top, xx - left, tirx.min(c, shape.ic - 1)], zx[0])
+
+        xp = te.compute(dims(shape.n, hp, wp, icp), pad, name=PAD)
+    rkh, rkw = te.reduce_axis(dims(0, shape.kh), "kh"), te.reduce_axis(dims(0, shape.kw), "kw")
+    rco, rci = te.reduce_axis(dims(0, icp // 4), "ico"), te.reduce_axis(dims(0, 4), "ici")
+    acc = te.compute(
+        dims(shape.n, oh, ow, ocp // lanes, lanes),
+        lambda n, y, xx, co, ci: te.sum(
+            xp[n, y * sh + rkh * dh, xx * sw + rkw * dw, rco * 4 + rci].astype("int32")
+            * w[co, rkh, rkw, rco, ci, rci].astype("int32"),
+            axis=[rkh, rkw, rco, rci]),
+        name=ANCHOR)
+    out = te.compute(dims(shape.n, oh, ow, shape.oc), lambda n, y, xx, c: acc[n, y, xx, c // lanes, c % lanes],
+                     name="qc_unpack")
+    return te.create_prim_func([x, zx, w, out])
+
+
+def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
+    """(P pixels, O lane-groups) of accumulators per register tile.
+
+    Eight accumulators (4 x 2) leave room in 16 vector registers for the weights, the
+    broadcast activation and the intrinsic's temporaries; narrow outputs use 7 or 2 pixels
+    so that P divides the output width (a partial tile cannot be tensorized)."""
+    for pixels in (4, 7, 2, 1):
+        if out_width % pixels == 0:
+            groups = 2 if pixels <= 4 and lane_groups % 2 == 0 else 1
+            return pixels, groups
+    return 1, 1
+
+
+def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot):
+    """Tile, tensorize and parallelise the packed conv in ``sch``; returns the tile loop
+    (where the caller computes the epilogue)."""
+    n, oh, ow, co, ci, kh, kw, rco, rci = sch.get_loops(anchor)
+    pixels, groups = tile_for(int(sch.get(ow).extent), int(sch.get(co).extent))
+    co_o, co_i = sch.split(co, [None, groups])
+    ow_o, ow_i = sch.split(ow, [None, pixels])
+    # output-channel blocks outermost: one block's weights stay in cache across the rows
+    sch.reorder(n, co_o, oh, ow_o, kh, kw, rco, co_i, ow_i, ci, rci)
+    sch.parallel(sch.fuse(n, co_o, oh))
+    sch.set_scope(anchor, 0, "local")  # accumulators: compacted to one tile, kept in registers
+    init = sch.decompose_reduction(anchor, kh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ci, dot.name)
+    sch.unroll(co_i)
+    sch.unroll(ow_i)
+    try:
+        pad = sch.get_sblock(PAD)
+    except s_tir.ScheduleError:
+        return ow_o
+    loops = sch.get_loops(pad)
+    sch.parallel(sch.fuse(*loops[:2]))
+    if int(sch.get(loops[-1]).extent) % 8 == 0:
+        sch.vectorize(loops[-1])
+    return ow_o

@@ -1,0 +1,109 @@
+"""PackInt8Conv: run integer conv2d layers on the target's int8 dot-product instruction.
+
+Where the target has one (:func:`qcompile.kernels.int8_dot.int8_dot_for`) and the model has
+integer convs, the module is first converted to NHWC (TVM's ConvertLayout: elementwise ops,
+pooling and the requantize chains follow, a transpose is left only at the ends), as ONNX
+Runtime and TFLite run int8 convs: the kernel then reads 4 adjacent input channels per
+instruction and writes whole channel vectors.
+
+Then ``conv2d(x, W, out_dtype="int32")`` with ``x`` uint8/int8 (as the intrinsic takes),
+``W`` a constant int8 weight, one group -- what :mod:`qcompile.quantize.realize` emits --
+optionally behind the ``pad`` that realize inserts to pad with the input zero point, becomes
+``call_tir`` of :mod:`qcompile.kernels.packed_conv2d` with the weight packed at compile
+time.  Layers the intrinsic cannot compute exactly (AVX2 with 8-bit weights whose pairs
+overflow int16) keep TVM's conv2d: slower, never wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..kernels import packed_conv2d
+from ..kernels.int8_dot import Int8Dot, int8_dot_for
+from .bindings import Graph, const_value, dtype_of, op_name, rebuild_module, shape_of
+
+
+def pack_int8_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, dict]:
+    """The rewritten module and counts: {"packed": n, "inexact": n} conv layers."""
+    dot = int8_dot_for(target)
+    counts = {"packed": 0, "inexact": 0}
+    if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, counts
+    if not any(_int8_conv(v, dot) for _, v in Graph.from_main(mod["main"]).bindings):
+        return mod, counts
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    mod = relax.transform.FoldConstant()(mod)  # the per-channel constants, transposed once
+    graph = Graph.from_main(mod["main"])
+    kernels: dict = {}  # ConvShape -> GlobalVar: layers of one shape share one kernel
+
+    def rewrite(em, var, value):
+        if op_name(value) != "relax.nn.conv2d":
+            return None
+        match = _match(graph, value, dot)
+        if match is None:
+            return None
+        data, zero_point, shape, weight = match
+        packed = packed_conv2d.pack_weight(weight, dot.lanes)
+        if not dot.exact_for(packed):
+            counts["inexact"] += 1
+            return None
+        if shape not in kernels:
+            func = packed_conv2d.conv2d_func(shape, dot).without_attr("global_symbol")  # private, like legalized ops
+            kernels[shape] = em.bb.add_func(func, "qc_conv2d_int8")
+        counts["packed"] += 1
+        oh, ow = shape.out_hw
+        zx = relax.const(np.array([zero_point], dot.activation_dtype))
+        return relax.call_tir(kernels[shape], [em.subst(data), zx, relax.const(packed)],
+                              relax.TensorType((shape.n, oh, ow, shape.oc), "int32"))
+
+    return rebuild_module(mod, rewrite), counts
+
+
+def _int8_conv(value, dot: Int8Dot) -> bool:
+    """An integer conv2d with a constant weight and the activation type ``dot`` multiplies."""
+    if op_name(value) != "relax.nn.conv2d" or str(value.attrs.out_dtype) != "int32":
+        return False
+    weight = const_value(value.args[1])
+    return weight is not None and weight.dtype == np.int8 and dtype_of(value.args[0]) == dot.activation_dtype
+
+
+def _match(graph: Graph, conv, dot: Int8Dot):
+    """(input, zero point, ConvShape, OIHW weight) for a conv the kernel computes, else None."""
+    attrs = conv.attrs
+    weight = const_value(conv.args[1])
+    if (not _int8_conv(conv, dot) or weight.ndim != 4 or int(attrs.groups) != 1
+            or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OHWI"
+            or str(attrs.out_layout) != "NHWC"):
+        return None
+    weight = weight.transpose(0, 3, 1, 2)  # OHWI -> OIHW
+    data, zero_point = conv.args[0], 0
+    padding = tuple(int(p) for p in attrs.padding)
+    pad = graph.call_of(data, "relax.nn.pad")
+    if pad is not None and not any(padding) and str(pad.attrs.pad_mode) == "constant":
+        widths = [int(p) for p in pad.attrs.pad_width]  # (before, after) per NHWC axis
+        value = float(pad.attrs.pad_value)
+        if widths[:2] == [0, 0] and widths[6:] == [0, 0] and value == int(value):
+            top, bottom, left, right = widths[2:6]
+            data, padding, zero_point = pad.args[0], (top, left, bottom, right), int(value)
+    if dtype_of(data) != dot.activation_dtype or len(shape_of(data)) != 4:
+        return None
+    if len(padding) == 2:
+        padding = padding * 2
+    n, h, w, ic = shape_of(data)
+    if weight.shape[1] != ic:
+        return None
+    shape = packed_conv2d.ConvShape(n, ic, h, w, int(weight.shape[0]), int(weight.shape[2]), int(weight.shape[3]),
+                                    tuple(int(s) for s in attrs.strides), padding,
+                                    tuple(int(d) for d in attrs.dilation))
+    return data, zero_point, shape, weight
+
+
+def PackInt8Conv(target: tvm.target.Target):  # noqa: N802 (a pass, named like TVM's)
+    """The module pass form of :func:`pack_int8_conv` for ``target``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="qcompile.PackInt8Conv")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return pack_int8_conv(mod, target)[0]
+
+    return _pass
