@@ -101,6 +101,9 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path |
                    tuning_passes: list | None = None):
     """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``.
     Kernels without a tuning record get :mod:`qcompile.schedules`' default schedule."""
+    from .tvm_compat import ensure
+
+    ensure()
     passes = list(tuning_passes or []) + default_schedule_passes(target)
     lowered = run_phases(mod, target, phases=with_tuning(passes), dump_ir=dump_ir)
     return tvm.compile(lowered, target, relax_pipeline=None)

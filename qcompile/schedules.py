@@ -63,7 +63,9 @@ class ConvMatmulCPU(dl.ScheduleRule):
                 dot = int8_dot_for(target)
                 if dot is None or int(sch.get(sch.get_loops(anchor)[4]).extent) != dot.lanes:
                     return None
-                tile_loop = packed_conv2d.schedule(sch, anchor, dot)
+                packed_conv2d.schedule(sch, anchor, dot,
+                                       lambda loop: self._fuse_epilogue(sch, epilogue, loop, dot.lanes))
+                return sch
             elif kinds == "SSSSRRR" and "conv2d" in name:
                 tile_loop = self._conv(sch, anchor)
             elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
@@ -108,11 +110,16 @@ class ConvMatmulCPU(dl.ScheduleRule):
         return sch.get_loops(anchor)[0]
 
     @staticmethod
-    def _fuse_epilogue(sch: s_tir.Schedule, after: list[str], tile_loop) -> None:
-        """Inline the elementwise chain ``after`` the anchor and compute it per tile."""
+    def _fuse_epilogue(sch: s_tir.Schedule, after: list[str], tile_loop, lanes: int | None = None) -> None:
+        """Inline the elementwise chain ``after`` the anchor and compute it per tile,
+        vectorized along its last axis (in ``lanes``-wide pieces where given: the packed
+        accumulator's lane blocks, so that each vector reads one block)."""
         for name in after[:-1]:
             sch.compute_inline(sch.get_sblock(name))
         if after:
             last = sch.get_sblock(after[-1])
             sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
-            sch.vectorize(sch.get_loops(last)[-1])
+            inner = sch.get_loops(last)[-1]
+            if lanes and int(sch.get(inner).extent) % lanes == 0:
+                inner = sch.split(inner, [None, lanes])[1]
+            sch.vectorize(inner)

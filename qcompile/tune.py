@@ -40,11 +40,15 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
     That import registers every backend's intrinsics (~43 s here, CUDA's alone ~28 s; any
     submodule import runs the whole package) and the builder's fresh worker pool repeats it
     for every batch of candidates.  Building a candidate needs no intrinsic registry
-    unless it is tensorized, which qcompile's CPU schedules are not yet.
+    unless a schedule is replayed here (tensorized candidates arrive already lowered to
+    their LLVM intrinsics).
     """
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .tvm_compat import ensure
+
+    ensure()
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm_build(mod, target=target)
 

@@ -19,6 +19,7 @@ accumulators in registers, reduces over (kh, kw, channel quads) with one intrins
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from tvm import s_tir, te, tirx
@@ -116,9 +117,9 @@ def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
     return 1, 1
 
 
-def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot):
-    """Tile, tensorize and parallelise the packed conv in ``sch``; returns the tile loop
-    (where the caller computes the epilogue)."""
+def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[[object], None]) -> None:
+    """Tile, tensorize and parallelise the packed conv in ``sch``; ``fuse_epilogue(loop)``
+    moves the consumers into the tile loop (before tensorizing, which it must precede)."""
     n, oh, ow, co, ci, kh, kw, rco, rci = sch.get_loops(anchor)
     pixels, groups = tile_for(int(sch.get(ow).extent), int(sch.get(co).extent))
     co_o, co_i = sch.split(co, [None, groups])
@@ -127,17 +128,17 @@ def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot):
     sch.reorder(n, co_o, oh, ow_o, kh, kw, rco, co_i, ow_i, ci, rci)
     sch.parallel(sch.fuse(n, co_o, oh))
     sch.set_scope(anchor, 0, "local")  # accumulators: compacted to one tile, kept in registers
+    # (.., OC/L, L) -> (.., OC): the epilogue's index c // L, c % L becomes plain c, so its
+    # channel vectors load straight from the accumulators instead of being scalarised
+    sch.transform_layout(anchor, ("write", 0), lambda n_, y, x, co_, ci_: (n_, y, x, co_ * dot.lanes + ci_))
+    fuse_epilogue(ow_o)
     init = sch.decompose_reduction(anchor, kh)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ci, dot.name)
     sch.unroll(co_i)
     sch.unroll(ow_i)
-    try:
-        pad = sch.get_sblock(PAD)
-    except s_tir.ScheduleError:
-        return ow_o
-    loops = sch.get_loops(pad)
-    sch.parallel(sch.fuse(*loops[:2]))
-    if int(sch.get(loops[-1]).extent) % 8 == 0:
-        sch.vectorize(loops[-1])
-    return ow_o
+    if PAD in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]:
+        loops = sch.get_loops(sch.get_sblock(PAD))
+        sch.parallel(sch.fuse(*loops[:2]))
+        if int(sch.get(loops[-1]).extent) % 8 == 0:
+            sch.vectorize(loops[-1])

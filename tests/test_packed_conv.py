@@ -1,0 +1,128 @@
+"""The packed, tensorized int8 conv2d (qcompile.kernels.packed_conv2d) against a numpy reference.
+
+Each kernel is built for this machine's dot-product instruction (x86: AVX2 vpmaddubsw, or
+VNNI where the CPU has it) and must reproduce the int32 accumulators of a direct int64
+convolution exactly; the pass that selects it must refuse weights the instruction would
+saturate on, and the whole chain (realize -> NHWC -> packed kernel -> requantize) must agree
+with the unpacked build bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from qcompile.kernels import packed_conv2d
+from qcompile.kernels.int8_dot import AVX2, VNNI, int8_dot_for
+from qcompile.passes.pack_int8_conv import pack_int8_conv
+from qcompile.pipeline import compile_module
+from qcompile.quantize.realize import realize
+from qcompile.schedules import ConvMatmulCPU
+from qcompile.targets import resolve_target
+from test_realize_exact import conv2d_int, dq, q
+
+HOST = resolve_target("native").to_tvm()
+DOT = int8_dot_for(HOST)
+needs_dot = pytest.mark.skipif(DOT is None or DOT.activation_dtype != "uint8",
+                               reason="this CPU has no x86 int8 dot-product instruction")
+RNG = np.random.default_rng(11)
+
+CASES = {  # ic, h, w, oc, k, stride, pad, dilation
+    "3x3": (16, 10, 12, 16, 3, 1, 1, 1),
+    "3x3_stride2": (8, 9, 9, 16, 3, 2, 1, 1),
+    "1x1": (32, 7, 7, 24, 1, 1, 0, 1),
+    "7x7_stem_3_channels": (3, 20, 20, 16, 7, 2, 3, 1),
+    "oc_not_multiple_of_lanes": (8, 6, 6, 12, 3, 1, 1, 1),
+    "dilated": (8, 11, 11, 8, 3, 1, 2, 2),
+}
+
+
+def _conv_int(x_nhwc, w_oihw, stride, pad, dilation, zx):
+    """int64 NHWC conv with the input padded by its zero point (dilation by spreading the weight)."""
+    if dilation > 1:
+        o, i, kh, kw = w_oihw.shape
+        spread = np.zeros((o, i, (kh - 1) * dilation + 1, (kw - 1) * dilation + 1), w_oihw.dtype)
+        spread[:, :, ::dilation, ::dilation] = w_oihw
+        w_oihw = spread
+    out = conv2d_int(x_nhwc.transpose(0, 3, 1, 2).astype(np.int64), w_oihw, stride, pad, 1, zx)
+    return out.transpose(0, 2, 3, 1)
+
+
+@needs_dot
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_matches_int64_reference(case):
+    ic, h, w, oc, k, stride, pad, dilation = CASES[case]
+    shape = packed_conv2d.ConvShape(1, ic, h, w, oc, k, k, (stride, stride), (pad,) * 4, (dilation, dilation))
+    func = packed_conv2d.conv2d_func(shape, DOT)
+    sch = ConvMatmulCPU().apply(func, HOST, False)
+    assert sch is not None, "the default schedule rule did not take the packed kernel"
+    assert DOT.name in sch.mod.script() or "pmadd" in sch.mod.script() or "vpdpbusd" in sch.mod.script()
+    lib = tvm.compile(sch.mod, HOST)
+    x = RNG.integers(0, 256, (1, h, w, ic)).astype("uint8")
+    weight = RNG.integers(-63, 64, (oc, ic, k, k)).astype("int8")  # 7-bit: exact for AVX2 too
+    zx = np.array([131], "uint8")
+    oh, ow = shape.out_hw
+    out = tvm.runtime.tensor(np.zeros((1, oh, ow, oc), "int32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(zx),
+                tvm.runtime.tensor(packed_conv2d.pack_weight(weight, DOT.lanes)), out)
+    np.testing.assert_array_equal(out.numpy(), _conv_int(x, weight, stride, pad, dilation, 131))
+
+
+def test_pack_weight_layout():
+    weight = np.arange(16 * 8 * 3 * 3).reshape(16, 8, 3, 3).astype(np.int8)
+    packed = packed_conv2d.pack_weight(weight, 8)
+    assert packed.shape == (2, 3, 3, 2, 8, 4)
+    # block (oc // 8, kh, kw, ic // 4) holds [oc % 8][ic % 4]
+    assert packed[1, 2, 0, 1, 3, 2] == weight[8 + 3, 4 + 2, 2, 0]
+
+
+def test_saturation_check():
+    assert not VNNI.pair_saturates and VNNI.exact_for(np.full((1, 16, 4), -128, np.int8))
+    assert AVX2.exact_for(np.full((1, 8, 4), 63, np.int8))
+    assert AVX2.exact_for(np.array([[-64, -64, 127, 1]], np.int8))  # each pair within int16
+    assert not AVX2.exact_for(np.array([[100, 100, 0, 0]], np.int8))  # 255 * 200 > 32767
+    assert not AVX2.exact_for(np.array([[0, 0, -127, -2]], np.int8))
+
+
+def _qdq_conv(weight: np.ndarray, x: np.ndarray):
+    """main(x) = quantize(relu(conv(dq(q(x)), dq(W)))) realized to integer ops."""
+    oc = weight.shape[0]
+    sw = RNG.uniform(0.001, 0.01, oc).astype("float32")
+    bb = relax.BlockBuilder()
+    param = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [param]):
+        with bb.dataflow():
+            xd = dq(bb, q(bb, param, 0.02, 131, "uint8"), 0.02, 131)
+            wd = dq(bb, relax.const(weight), sw, np.zeros(oc, "int32"), axis=0)
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.nn.conv2d(xd, wd, padding=1))))
+            out = bb.emit_output(q(bb, y, 0.05, 0, "uint8"))
+        bb.emit_func_output(out)
+    return realize(bb.get())[0]
+
+
+@needs_dot
+def test_realized_model_packed_equals_unpacked():
+    x = RNG.standard_normal((1, 8, 12, 12)).astype("float32")
+    mod = _qdq_conv(RNG.integers(-63, 64, (16, 8, 3, 3)).astype("int8"), x)
+    packed, counts = pack_int8_conv(mod, HOST)
+    assert counts == {"packed": 1, "inexact": 0}
+    assert "qc_conv2d_int8" in [gv.name_hint for gv in packed.get_global_vars()]
+    plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own conv2d
+    assert int8_dot_for(plain) is None
+    results = []
+    for target in (HOST, plain):
+        vm = relax.VirtualMachine(compile_module(mod, target), tvm.cpu())
+        results.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_weights_that_would_saturate_are_not_packed():
+    if AVX2 != int8_dot_for(resolve_target("x86-avx2").to_tvm()):
+        pytest.fail("x86-avx2 should select the AVX2 intrinsic")
+    weight = RNG.integers(-63, 64, (16, 8, 3, 3)).astype("int8")
+    weight[3, 0:2, 1, 1] = 127  # one channel pair: 255 * 254 overflows int16
+    mod = _qdq_conv(weight, np.zeros((1, 8, 12, 12), "float32"))
+    packed, counts = pack_int8_conv(mod, resolve_target("x86-avx2").to_tvm())
+    assert counts == {"packed": 0, "inexact": 1}
+    assert packed.same_as(mod)  # not even converted to NHWC
