@@ -30,7 +30,10 @@ def pack_int8_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IR
     counts = {"packed": 0, "inexact": 0}
     if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, counts
-    if not any(_int8_conv(v, dot) for _, v in Graph.from_main(mod["main"]).bindings):
+    weights = [_oihw_weight(v) for _, v in Graph.from_main(mod["main"]).bindings if _int8_conv(v, dot)]
+    exact = [w is not None and dot.exact_for(packed_conv2d.pack_weight(w, dot.lanes)) for w in weights]
+    if not any(exact):  # nothing to gain: leave the module (and its layout) alone
+        counts["inexact"] = sum(w is not None for w in weights)
         return mod, counts
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
     mod = relax.transform.FoldConstant()(mod)  # the per-channel constants, transposed once
@@ -42,12 +45,12 @@ def pack_int8_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IR
             return None
         match = _match(graph, value, dot)
         if match is None:
-            return None
+            return _hwio(em, value)
         data, zero_point, shape, weight = match
         packed = packed_conv2d.pack_weight(weight, dot.lanes)
         if not dot.exact_for(packed):
             counts["inexact"] += 1
-            return None
+            return _hwio(em, value)
         if shape not in kernels:
             func = packed_conv2d.conv2d_func(shape, dot).without_attr("global_symbol")  # private, like legalized ops
             kernels[shape] = em.bb.add_func(func, "qc_conv2d_int8")
@@ -60,6 +63,19 @@ def pack_int8_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IR
     return rebuild_module(mod, rewrite), counts
 
 
+def _hwio(em, conv):
+    """An NHWC conv left to TVM with its constant weight as HWIO: the output channels of one
+    (kh, kw, ic) contiguous, so the default schedule's channel vectors load, not gather."""
+    weight = const_value(conv.args[1])
+    attrs = conv.attrs
+    if weight is None or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OHWI":
+        return None
+    return relax.op.nn.conv2d(em.subst(conv.args[0]), relax.const(np.ascontiguousarray(weight.transpose(1, 2, 3, 0))),
+                              strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+                              groups=int(attrs.groups), data_layout="NHWC", kernel_layout="HWIO",
+                              out_layout="NHWC", out_dtype=str(attrs.out_dtype) or None)
+
+
 def _int8_conv(value, dot: Int8Dot) -> bool:
     """An integer conv2d with a constant weight and the activation type ``dot`` multiplies."""
     if op_name(value) != "relax.nn.conv2d" or str(value.attrs.out_dtype) != "int32":
@@ -68,15 +84,27 @@ def _int8_conv(value, dot: Int8Dot) -> bool:
     return weight is not None and weight.dtype == np.int8 and dtype_of(value.args[0]) == dot.activation_dtype
 
 
+def _oihw_weight(conv) -> np.ndarray | None:
+    """The constant weight of a one-group NCHW/OIHW or NHWC/OHWI conv2d, as OIHW."""
+    layouts = (str(conv.attrs.data_layout), str(conv.attrs.kernel_layout), str(conv.attrs.out_layout))
+    weight = const_value(conv.args[1])
+    if weight is None or weight.ndim != 4 or int(conv.attrs.groups) != 1:
+        return None
+    if layouts == ("NCHW", "OIHW", "NCHW"):
+        return weight
+    if layouts == ("NHWC", "OHWI", "NHWC"):
+        return weight.transpose(0, 3, 1, 2)
+    return None
+
+
 def _match(graph: Graph, conv, dot: Int8Dot):
     """(input, zero point, ConvShape, OIHW weight) for a conv the kernel computes, else None."""
     attrs = conv.attrs
-    weight = const_value(conv.args[1])
-    if (not _int8_conv(conv, dot) or weight.ndim != 4 or int(attrs.groups) != 1
-            or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OHWI"
-            or str(attrs.out_layout) != "NHWC"):
+    if not _int8_conv(conv, dot) or str(attrs.data_layout) != "NHWC":
         return None
-    weight = weight.transpose(0, 3, 1, 2)  # OHWI -> OIHW
+    weight = _oihw_weight(conv)
+    if weight is None:
+        return None
     data, zero_point = conv.args[0], 0
     padding = tuple(int(p) for p in attrs.padding)
     pad = graph.call_of(data, "relax.nn.pad")
