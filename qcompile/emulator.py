@@ -15,7 +15,7 @@ from .rpc import ServiceProcess, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP = REPO / "deploy" / "arm-emulator" / "setup.sh"
-CPUS = ("cortex-a72",)
+CPUS = ("cortex-a72", "cortex-a76")  # Raspberry Pi 4 and 5 (the a76 has sdot/udot)
 
 
 def emulator_dir() -> Path:

@@ -67,7 +67,7 @@ class ConvMatmulCPU(dl.ScheduleRule):
                                        lambda loop: self._fuse_epilogue(sch, epilogue, loop, dot.lanes))
                 return sch
             elif kinds == "SSSSRRR" and "conv2d_nhwc" in name:
-                tile_loop = self._conv_nhwc(sch, anchor, names[:names.index(name)])
+                tile_loop = self._conv_nhwc(sch, anchor, names[:names.index(name)], bool(epilogue))
             elif kinds == "SSSSRRR" and "conv2d" in name:
                 tile_loop = self._conv(sch, anchor)
             elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
@@ -97,17 +97,20 @@ class ConvMatmulCPU(dl.ScheduleRule):
         return ow_o
 
     @staticmethod
-    def _conv_nhwc(sch: s_tir.Schedule, anchor, before: list[str]):
+    def _conv_nhwc(sch: s_tir.Schedule, anchor, before: list[str], has_epilogue: bool):
         """NHWC (weight HWIO, see qcompile.passes.pack_int8_conv): a tile of output pixels x
         a vector of output channels, accumulated in registers."""
         n, oh, ow, oc, rh, rw, rc = sch.get_loops(anchor)
-        vec = _largest_factor(int(sch.get(oc).extent), (16, 8, 4, 2))
         pixels = _largest_factor(int(sch.get(ow).extent), (4, 7, 2))
+        # pixels x vec/8 accumulators (+ weights, a broadcast) within 16 vector registers
+        vec = _largest_factor(int(sch.get(oc).extent), (16, 8, 4, 2) if pixels <= 4 else (8, 4, 2))
         oc_o, oc_i = sch.split(oc, [None, vec])
         ow_o, ow_i = sch.split(ow, [None, pixels])
-        sch.reorder(n, oh, ow_o, oc_o, rh, rw, rc, ow_i, oc_i)
-        sch.parallel(sch.fuse(n, oh))
-        sch.set_scope(anchor, 0, "local")
+        # channel blocks outermost: one block's weights stay in cache across all rows
+        sch.reorder(n, oc_o, oh, ow_o, rh, rw, rc, ow_i, oc_i)
+        sch.parallel(sch.fuse(n, oc_o, oh))
+        if has_epilogue:  # (a function's output buffer keeps its scope)
+            sch.set_scope(anchor, 0, "local")
         sch.unroll(ow_i)
         sch.vectorize(oc_i)
         init = sch.decompose_reduction(anchor, rh)
@@ -117,7 +120,7 @@ class ConvMatmulCPU(dl.ScheduleRule):
             sch.parallel(sch.fuse(*loops[:2]))
             if len(loops) == 4 and int(sch.get(loops[-1]).extent) % 8 == 0:
                 sch.vectorize(loops[-1])
-        return oc_o
+        return ow_o
 
     @staticmethod
     def _matmul(sch: s_tir.Schedule, anchor):

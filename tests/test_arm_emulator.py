@@ -1,5 +1,6 @@
-"""The emulated Cortex-A72 board: resnet18 int8 cross-compiled for ``llvm -mcpu=cortex-a72``
-runs over RPC under qemu-user and computes what the x86 build computes."""
+"""Emulated boards: resnet18 int8 cross-compiled for a Cortex-A72 (``llvm -mcpu=cortex-a72``,
+widening multiplies) and for the rpi5 preset (Cortex-A76, convs tensorized with ``sdot``) runs
+over RPC under qemu-user and computes what the x86 build computes."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,26 +18,48 @@ from qcompile.targets import resolve_target
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def board(tmp_path_factory):
+def _board(tmp_path_factory, cpu: str):
     if not (emulator_dir() / "python3").is_file():
         pytest.skip(f"no emulated ARM board in {emulator_dir()}: run deploy/arm-emulator/setup.sh")
     from qcompile.emulator import start_emulated_board
 
-    service = start_emulated_board(port=free_port(), log=tmp_path_factory.mktemp("board") / "server.log")
+    return start_emulated_board(port=free_port(), cpu=cpu, log=tmp_path_factory.mktemp(cpu) / "server.log")
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    service = _board(tmp_path_factory, "cortex-a72")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def board_a76(tmp_path_factory):
+    service = _board(tmp_path_factory, "cortex-a76")
     yield service
     service.stop()
 
 
 def test_resnet18_int8_on_emulated_cortex_a72_matches_x86(board, tmp_path):
+    # Parsed exactly as `qcompile build --target "llvm -mcpu=cortex-a72"` parses it.
+    _check_arm_matches_x86(board, resolve_target("llvm -mcpu=cortex-a72"), QuantConfig(num_samples=4), tmp_path)
+
+
+def test_resnet18_int8_sdot_on_emulated_cortex_a76_matches_x86(board_a76, tmp_path):
+    # int8 activations: what sdot multiplies; the x86 build of the same model is not tensorized
+    # (x86's instructions take uint8 activations), so this compares two independent kernels.
+    _check_arm_matches_x86(board_a76, resolve_target("rpi5"), QuantConfig(num_samples=4, activation_symmetric=True),
+                           tmp_path)
+
+
+def _check_arm_matches_x86(board, arm_target, config, tmp_path):
     rng = np.random.default_rng(0)
     model = import_model("resnet18", {})
     name = model.inputs[0].name
     calib = [{name: rng.standard_normal((1, 3, 224, 224)).astype("float32")} for _ in range(4)]
     native = resolve_target("native")
-    quantized, quantization = quantize_model(model, calib, QuantConfig(num_samples=4), native.to_tvm())
-    # Parsed exactly as `qcompile build --target "llvm -mcpu=cortex-a72"` parses it.
-    arm = build(quantized, resolve_target("llvm -mcpu=cortex-a72"), tmp_path / "arm", quantization=quantization)
+    quantized, quantization = quantize_model(model, calib, config, arm_target.to_tvm())
+    arm = build(quantized, arm_target, tmp_path / "arm", quantization=quantization)
     x86 = build(quantized, native, tmp_path / "x86", quantization=quantization)
     assert "aarch64" in arm.manifest.target["target"]["mtriple"]
 

@@ -1,9 +1,10 @@
 """Which integer instructions the int8 kernels compile to, read from the disassembly.
 
-aarch64: widening multiplies (smull/smlal) on a Cortex-A72 (u8 activations) and on a
-+dotprod Cortex-A76 (s8 activations).  LLVM emitted `sdot` for the latter only with an earlier
-vector length of the default schedule; no kernel here is tensorized for sdot yet.
-x86 AVX2: vpmaddwd (16-bit pairs summed into int32, exact for u8 x s8)."""
+The conv kernels are tensorized (qcompile.kernels.packed_conv2d) with the target's dot
+product: x86 AVX-512 VNNI `vpdpbusd`, x86 AVX2 `vpmaddubsw` (+ `vpmaddwd`), aarch64 `sdot` on
+a +dotprod Cortex-A76 with int8 activations.  Without one (Cortex-A72) the int8 kernels use
+widening multiplies (smull/smlal).  Compiling needs no such CPU; running is tested in
+test_packed_conv.py (this machine's instruction) and test_arm_emulator.py (sdot under qemu)."""
 from __future__ import annotations
 
 import re
@@ -42,7 +43,7 @@ def _mnemonics(objdump: str, library) -> Counter:
 
 @pytest.mark.parametrize("preset, symmetric, expected", [
     ("rpi4", False, WIDENING_MAC),
-    ("rpi5", True, WIDENING_MAC),
+    ("rpi5", True, {"sdot"}),
 ])
 def test_aarch64_int8_uses_widening_mac_or_dot_product(tmp_path, tiny_pt2, preset, symmetric, expected):
     quantized, info = _quantized(tiny_pt2, symmetric)
@@ -51,8 +52,9 @@ def test_aarch64_int8_uses_widening_mac_or_dot_product(tmp_path, tiny_pt2, prese
     assert expected & set(ops), {k: v for k, v in ops.items() if k.startswith(("s", "u", "m"))}
 
 
-def test_x86_avx2_int8_uses_vpmaddwd(tmp_path, tiny_pt2):
+@pytest.mark.parametrize("preset, instruction", [("x86-avx2", "vpmaddubsw"), ("x86-avx512", "vpdpbusd")])
+def test_x86_int8_convs_use_the_dot_product_instruction(tmp_path, tiny_pt2, preset, instruction):
     quantized, info = _quantized(tiny_pt2, False)
-    artifact = build(quantized, resolve_target("x86-avx2"), tmp_path, quantization=info)
+    artifact = build(quantized, resolve_target(preset), tmp_path, quantization=info)
     ops = _mnemonics("objdump", artifact.library)
-    assert ops["vpmaddwd"] > 0
+    assert ops[instruction] > 0, {k: v for k, v in ops.items() if k.startswith("vp")}
