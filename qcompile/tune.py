@@ -221,6 +221,7 @@ def tune(
 
     from tvm.s_tir import meta_schedule as ms
 
+    from .kernels import packed_conv2d
     from .pipeline import PHASES, run_phases
 
     if trials < 1:
@@ -239,9 +240,19 @@ def tune(
     if rpc is None:  # the default schedule is the baseline every tuned kernel must beat
         seeded = seed_default_schedules(tasks, tvm_target, database, say=say)
         say(f"{seeded} kernels seeded with the default schedule's measurement")
+    # Kernels built around a dot-product instruction (qcompile.kernels.packed_conv2d) keep
+    # their hand schedule, measured by the seeding above: MetaSchedule's generic rules cannot
+    # tensorize them and would spend the trials on slower, untensorized variants.
+    searchable = [t for t in tasks if packed_conv2d.ANCHOR not in t.dispatched[0].script()]
+    if len(searchable) < len(tasks):
+        say(f"{len(tasks) - len(searchable)} tensorized int8 conv kernels keep their hand schedule")
+    if not searchable:
+        return TuneResult(path, len(tasks), 0, len(database))
     try:
-        ms.relax_integration.tune_relax(
-            mod, {}, tvm_target, work_dir=str(path / "work"), max_trials_global=trials,
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=searchable, work_dir=str(path / "work"))
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(path / "work"), max_trials_global=trials,
             max_trials_per_task=max_trials_per_task, database=database,
             num_trials_per_iter=min(16, max_trials_per_task or 16),
             builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120, f_export=(

@@ -91,3 +91,21 @@ def test_database_for_another_model_warns(cli, tuned_logs, dynamic_onnx, tmp_pat
     result = cli("build", dynamic_onnx, "--input-shape", "input:1x3x8x8", "--log-dir", tuned_logs, "-o", tmp_path)
     assert result.code == 0, result.err
     assert "warning: tuning records in" in result.err and "matched none of" in result.err
+
+
+def test_int8_tuning_keeps_tensorized_convs_and_builds_from_records(cli, tiny_pt2, tmp_path, tiny_input):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((4,) + tiny_input.shape[1:]).astype("float32"))
+    logs = tmp_path / "logs"
+    quant = ["--quantize", "int8", "--calib-data", calib, "--calib-samples", "4"]
+    code, err = _tune(tiny_pt2, *quant, "--trials", "24", "--max-trials-per-task", "2", "--log-dir", logs)
+    assert code == 0, err
+    assert "tensorized int8 conv kernels keep their hand schedule" in err
+    tuned = cli("build", tiny_pt2, *quant, "--log-dir", logs, "-o", tmp_path / "tuned")
+    assert tuned.code == 0, tuned.err
+    tuning = json.loads((tmp_path / "tuned" / "tiny-int8.manifest.json").read_text())["build"]["tuning"]
+    assert tuning["misses"] == 0 and tuning["hits"] > 0  # seeded hand schedules replay from the records
+    untuned = cli("build", tiny_pt2, *quant, "--log-dir", tmp_path / "empty", "-o", tmp_path / "untuned")
+    a = CompiledModel.load(tmp_path / "tuned" / "tiny-int8.so").run({"x": tiny_input})["output0"]
+    b = CompiledModel.load(tmp_path / "untuned" / "tiny-int8.so").run({"x": tiny_input})["output0"]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
