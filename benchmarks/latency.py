@@ -29,7 +29,8 @@ def busy_wait(seconds: float) -> None:
         pass
 
 
-def contenders(model: str, threads: int, calib: int, work: Path) -> dict[str, Callable[[np.ndarray], object]]:
+def contenders(model: str, threads: int, calib: int, work: Path,
+               torch_int8: bool = True) -> dict[str, Callable[[np.ndarray], object]]:
     import onnxruntime as ort
     import torch
     from onnxruntime.quantization import (
@@ -90,13 +91,52 @@ def contenders(model: str, threads: int, calib: int, work: Path) -> dict[str, Ca
         with torch.no_grad():
             return net(torch.from_numpy(x))
 
+    extra = {}
+    if torch_int8:
+        try:
+            extra["PyTorch int8 (PT2E X86InductorQuantizer + torch.compile)"] = _torch_pt2e_int8(net, samples)
+        except Exception as exc:  # noqa: BLE001 (recorded, not hidden: the output says it did not run)
+            print(f"PyTorch int8 (PT2E + inductor) did not run: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
     runners = {name: (lambda x, m=compiled: m.run({"x": x})) for name, compiled in built.items()}
     return {
         **runners,
         "PyTorch fp32 eager": torch_fp32,
         "ONNX Runtime fp32": lambda x: ort_fp32.run(None, {"x": x}),
         "ONNX Runtime int8 (QDQ U8S8 per-channel)": lambda x: ort_int8.run(None, {"x": x}),
+        **extra,
     }
+
+
+def _torch_pt2e_int8(net, samples):
+    """The current PyTorch int8 path: torchao PT2E static quantization (X86InductorQuantizer,
+    per-channel weights), lowered by torch.compile's inductor with freezing (its int8 kernels
+    come from oneDNN)."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    example = torch.from_numpy(samples[0])
+    prepared = prepare_pt2e(torch.export.export(net, (example,), strict=True).module(), quantizer)
+    with torch.no_grad():
+        for s in samples:
+            prepared(torch.from_numpy(s))
+    converted = convert_pt2e(prepared)
+    inductor_config.freezing = True
+    compiled = torch.compile(converted)
+    with torch.no_grad():
+        compiled(example)  # compiles here, not inside the timed rounds
+
+    def run(x):
+        with torch.no_grad():
+            return compiled(torch.from_numpy(x))
+
+    return run
 
 
 def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: float) -> dict[str, list[float]]:
@@ -124,11 +164,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per contender per round")
     parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--no-torch-int8", dest="torch_int8", action="store_false",
+                        help="skip PyTorch int8 (PT2E + torch.compile, which compiles for minutes)")
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype("float32")
     with tempfile.TemporaryDirectory() as tmp:
-        runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp))
+        runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8)
         per_round = measure(runners, x, args.rounds, args.budget, gap_s=0.05)
     medians = {name: float(np.median(v)) for name, v in per_round.items()}
     ort_int8 = medians["ONNX Runtime int8 (QDQ U8S8 per-channel)"]

@@ -19,7 +19,6 @@ from tvm.target import Target
 from .kernels import packed_conv2d
 from .kernels.int8_dot import int8_dot_for
 
-
 # Output-column vector lengths, best first: powers of two keep LLVM from scalarising
 # (14 int32 lanes measured 1.8x slower than 4 on a 28x28 int8 conv here).
 VEC_PREF = (16, 8, 4, 7, 2)
@@ -37,7 +36,14 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
 
 
 class ConvMatmulCPU(dl.ScheduleRule):
-    """A dlight rule for fused conv2d / matmul kernels on LLVM CPU targets."""
+    """A dlight rule for fused conv2d / matmul kernels on LLVM CPU targets.
+
+    ``packed_tile`` overrides the register tile of tensorized int8 convs (see
+    ``packed_conv2d.TILES``); `qcompile tune` measures each and keeps the fastest."""
+
+    def __init__(self, packed_tile: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.packed_tile = packed_tile
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -63,9 +69,10 @@ class ConvMatmulCPU(dl.ScheduleRule):
                 dot = int8_dot_for(target)
                 if dot is None or int(sch.get(sch.get_loops(anchor)[4]).extent) != dot.lanes:
                     return None
-                packed_conv2d.schedule(sch, anchor, dot,
-                                       lambda loop: self._fuse_epilogue(sch, epilogue, loop, dot.lanes))
-                return sch
+                done = packed_conv2d.schedule(sch, anchor, dot,
+                                              lambda loop: self._fuse_epilogue(sch, epilogue, loop, dot.lanes),
+                                              self.packed_tile)
+                return sch if done else None
             elif kinds == "SSSSRRR" and "conv2d_nhwc" in name:
                 tile_loop = self._conv_nhwc(sch, anchor, names[:names.index(name)], bool(epilogue))
             elif kinds == "SSSSRRR" and "conv2d" in name:

@@ -150,38 +150,52 @@ def rpc_runner(endpoint, timeout_sec: float = 60.0):
 
 def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=None,
                            say: Callable[[str], None] | None = None) -> int:
-    """Measure qcompile's default schedule (:mod:`qcompile.schedules`) for each task and commit
-    it as a tuning record, so it competes with MetaSchedule's candidates: the database's best
-    record is then never slower than what an untuned build would run, and the evolutionary
-    search starts from it.  Returns the number of records committed."""
+    """Measure what an untuned build runs for each task -- qcompile's default schedule
+    (:mod:`qcompile.schedules`; for tensorized convs the fastest of its register tiles), or
+    TVM's default lowering for kernels no rule covers -- and commit it as a tuning record, so
+    it competes with MetaSchedule's candidates: the database's best record is then never
+    slower than an untuned build (MetaSchedule's first candidates for small elementwise
+    kernels measured 5x slower here), and the search starts from it.  Returns the number of
+    records committed."""
     from tvm.s_tir import meta_schedule as ms
 
+    from .kernels import packed_conv2d
     from .schedules import ConvMatmulCPU
 
-    rule, builder = ConvMatmulCPU(), ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120)
+    builder = ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120)
     runner = runner or ms.runner.LocalRunner()
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
     committed = 0
     for task in tasks:
         mod = task.dispatched[0]
         if database.has_workload(mod):  # seeded (or tuned) by an earlier run: don't measure it again
             continue
-        sch = rule.apply(mod["main"], target, False)
-        if sch is None:
-            continue
-        built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
-        if built.error_msg:
-            continue
+        # tensorized convs: each register tile that fits is a candidate; other kernels: one
+        packed = packed_conv2d.ANCHOR in mod.script()
+        schedules = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], target, False)
+                                 for tile in ((None,) + packed_conv2d.TILES if packed else (None,)))
+                     if s is not None]
+        if not schedules:  # no rule for it: TVM's default lowering is what an untuned build runs
+            from tvm import s_tir
+
+            schedules = [s_tir.Schedule(mod["main"])]
+        built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
         args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-        device = "cpu" if target.kind.name == "llvm" else target.kind.name
-        result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
-        if result.error_msg or not result.run_secs:
+        inputs = [ms.runner.RunnerInput(b.artifact_path, device, args_info) for b in built if not b.error_msg]
+        measured = [s for s, b in zip(schedules, built) if not b.error_msg]
+        results = [r.result() for r in runner.run(inputs)] if inputs else []
+        timed = [(sum(float(t) for t in r.run_secs) / len(r.run_secs), s, r)
+                 for s, r in zip(measured, results) if not r.error_msg and r.run_secs]
+        if not timed:
             continue
+        best_secs, sch, result = min(timed, key=lambda item: item[0])
         workload = database.commit_workload(mod)
         database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args_info))
         committed += 1
         if say:
-            ms_time = 1e3 * sum(float(t) for t in result.run_secs) / len(result.run_secs)
-            say(f"default schedule of {str(task.task_name)[:48]}: {ms_time:.3f} ms")
+            what = f"best of {len(timed)} register tiles" if packed else "default schedule"
+            what = what if sch.trace.insts else "default lowering"
+            say(f"{what} of {str(task.task_name)[:48]}: {1e3 * best_secs:.3f} ms")
     return committed
 
 

@@ -21,7 +21,6 @@ from qcompile.quantize import quantize_model
 from qcompile.quantize.config import QuantConfig
 from qcompile.targets import resolve_target
 
-
 # int8 x int8 products widened to 16/32 bits: multiply-accumulate or multiply-long.
 WIDENING_MAC = {"smlal", "smlal2", "smull", "smull2"}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from test_realize_exact import conv2d_int, dq, q
 from tvm import relax
 
 from qcompile.kernels import packed_conv2d
@@ -20,7 +21,6 @@ from qcompile.pipeline import compile_module
 from qcompile.quantize.realize import realize
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
-from test_realize_exact import conv2d_int, dq, q
 
 HOST = resolve_target("native").to_tvm()
 DOT = int8_dot_for(HOST)
@@ -32,7 +32,9 @@ CASES = {  # ic, h, w, oc, k, stride, pad, dilation
     "3x3": (16, 10, 12, 16, 3, 1, 1, 1),
     "3x3_stride2": (8, 9, 9, 16, 3, 2, 1, 1),
     "1x1": (32, 7, 7, 24, 1, 1, 0, 1),
-    "7x7_stem_3_channels": (3, 20, 20, 16, 7, 2, 3, 1),
+    "7x7_stem_3_channels": (3, 20, 20, 16, 7, 2, 3, 1),  # rows folded: (kw, c) reduced together
+    "3x3_2_channels_folded": (2, 9, 10, 8, 3, 1, 1, 1),
+    "3_channels_dilated": (3, 11, 11, 8, 3, 1, 2, 2),  # dilation: channels padded to 4 instead
     "oc_not_multiple_of_lanes": (8, 6, 6, 12, 3, 1, 1, 1),
     "dilated": (8, 11, 11, 8, 3, 1, 2, 2),
 }
@@ -65,8 +67,17 @@ def test_kernel_matches_int64_reference(case):
     oh, ow = shape.out_hw
     out = tvm.runtime.tensor(np.zeros((1, oh, ow, oc), "int32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(zx),
-                tvm.runtime.tensor(packed_conv2d.pack_weight(weight, DOT.lanes)), out)
+                tvm.runtime.tensor(packed_conv2d.pack_weight(weight, DOT.lanes, shape.folds_rows)), out)
     np.testing.assert_array_equal(out.numpy(), _conv_int(x, weight, stride, pad, dilation, 131))
+
+
+def test_folded_pack_weight_layout():
+    weight = np.arange(8 * 3 * 7 * 7).reshape(8, 3, 7, 7).astype(np.int8)
+    packed = packed_conv2d.pack_weight(weight, 8, fold_rows=True)
+    assert packed.shape == (1, 7, 6, 8, 4)  # R = 7 * 3 = 21 -> 24 = 6 quads
+    r = 13  # kw = 4, c = 1
+    assert packed[0, 2, r // 4, 5, r % 4] == weight[5, 1, 2, 4]
+    assert not packed[0, :, 5, :, 1:].any()  # r = 21..23 past the row: zero
 
 
 def test_pack_weight_layout():

@@ -106,6 +106,7 @@ def test_int8_tuning_keeps_tensorized_convs_and_builds_from_records(cli, tiny_pt
     tuning = json.loads((tmp_path / "tuned" / "tiny-int8.manifest.json").read_text())["build"]["tuning"]
     assert tuning["misses"] == 0 and tuning["hits"] > 0  # seeded hand schedules replay from the records
     untuned = cli("build", tiny_pt2, *quant, "--log-dir", tmp_path / "empty", "-o", tmp_path / "untuned")
+    assert untuned.code == 0, untuned.err
     a = CompiledModel.load(tmp_path / "tuned" / "tiny-int8.so").run({"x": tiny_input})["output0"]
     b = CompiledModel.load(tmp_path / "untuned" / "tiny-int8.so").run({"x": tiny_input})["output0"]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

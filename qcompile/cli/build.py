@@ -35,6 +35,11 @@ def add_model_options(p) -> None:
     q.add_argument("--symmetric", action="store_true",
                    help="int8 activations with zero point 0 (default: asymmetric uint8, as ONNX Runtime's U8S8)")
     q.add_argument("--asymmetric", dest="symmetric", action="store_false", help=argparse.SUPPRESS)
+    q.add_argument("--reduce-range", dest="reduce_range", action="store_true", default=None,
+                   help="7-bit weights, as ONNX Runtime's reduce_range (default: where the target needs it for "
+                        "its fast int8 instruction: x86 without VNNI)")
+    q.add_argument("--no-reduce-range", dest="reduce_range", action="store_false",
+                   help="8-bit weights even where the fast instruction then cannot be used")
     q.add_argument("--keep-float", "--skip-layers", nargs="+", default=[], metavar="LAYER",
                    help="layers to leave in float: conv2d_N, matmul_N (see `qcompile info --layers`), "
                         "first, last, or a whole op kind (conv2d, matmul)")
@@ -117,6 +122,7 @@ def _quant_config(args):
         per_channel=args.per_channel,
         num_samples=args.calib_samples,
         keep_float=tuple(args.keep_float),
+        reduce_range=args.reduce_range,
     )
 
 

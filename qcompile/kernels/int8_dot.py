@@ -113,7 +113,7 @@ def cpu_features(target) -> set[str]:
         return set()
     try:
         return set(codegen.llvm_get_cpu_features(target))
-    except Exception:  # an -mcpu this LLVM does not know: assume nothing
+    except Exception:  # noqa: BLE001 (an -mcpu this LLVM does not know: assume nothing)
         return set()
 
 

@@ -18,8 +18,8 @@ accumulators in registers, reduces over (kh, kw, channel quads) with one intrins
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from tvm import s_tir, te, tirx
@@ -46,6 +46,12 @@ class ConvShape:
     dilation: tuple[int, int]
 
     @property
+    def folds_rows(self) -> bool:
+        """Fewer than 4 input channels (an RGB stem): reduce over (kw, c) together, the
+        ``KW * C`` adjacent bytes of an NHWC row, instead of padding C to 4."""
+        return self.ic < 4 and self.dilation[1] == 1
+
+    @property
     def out_hw(self) -> tuple[int, int]:
         top, left, bottom, right = self.padding
         oh = (self.h + top + bottom - (self.kh - 1) * self.dilation[0] - 1) // self.stride[0] + 1
@@ -57,9 +63,15 @@ def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def pack_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
-    """OIHW int8 -> (OC/L, KH, KW, C4/4, L, 4), zero-filled where OC or IC is padded."""
+def pack_weight(weight: np.ndarray, lanes: int, fold_rows: bool = False) -> np.ndarray:
+    """OIHW int8 -> (OC/L, KH, KW, C4/4, L, 4), zero-filled where OC or IC is padded;
+    ``fold_rows`` (see ``ConvShape.folds_rows``): (OC/L, KH, R4/4, L, 4) over r = kw * C + c."""
     oc, ic, kh, kw = weight.shape
+    if fold_rows:
+        ocp, r4 = _round_up(oc, lanes), _round_up(kw * ic, 4)
+        rows = np.zeros((ocp, kh, r4), np.int8)
+        rows[:oc, :, :kw * ic] = weight.transpose(0, 2, 3, 1).reshape(oc, kh, kw * ic)
+        return np.ascontiguousarray(rows.reshape(ocp // lanes, lanes, kh, r4 // 4, 4).transpose(0, 2, 3, 1, 4))
     ocp, icp = _round_up(oc, lanes), _round_up(ic, 4)
     padded = np.zeros((ocp, icp, kh, kw), np.int8)
     padded[:oc, :ic] = weight
@@ -80,6 +92,8 @@ def conv2d_func(shape: ConvShape, dot: Int8Dot) -> tirx.PrimFunc:
         # int64 like LegalizeOps' kernels: FuseTIR maps buffers across kernels by type
         return tuple(tirx.IntImm("int64", v) for v in values)
 
+    if shape.folds_rows:
+        return _folded_conv2d_func(shape, dot, dims)
     x = te.placeholder(dims(shape.n, shape.h, shape.w, shape.ic), dot.activation_dtype, name="x")
     zx = te.placeholder(dims(1), dot.activation_dtype, name="zero_point")
     w = te.placeholder(dims(ocp // lanes, shape.kh, shape.kw, icp // 4, lanes, 4), "int8", name="w")
@@ -104,6 +118,48 @@ def conv2d_func(shape: ConvShape, dot: Int8Dot) -> tirx.PrimFunc:
     return te.create_prim_func([x, zx, w, out])
 
 
+# (P, O) register tiles that `qcompile tune` measures for each packed conv (the default is
+# `tile_for`'s); the fastest is committed as the kernel's record.
+TILES = ((4, 2), (2, 4), (2, 2), (8, 1), (7, 1), (7, 2), (14, 1), (4, 1))
+
+
+def _folded_conv2d_func(shape: ConvShape, dot: Int8Dot, dims) -> tirx.PrimFunc:
+    """``conv2d_func`` for ``shape.folds_rows``: the padded input is viewed as rows of
+    ``W * C`` bytes; output column ``ow`` reduces over ``R = KW * C`` bytes from
+    ``ow * stride * C``, in quads (weights past R are zero; the row is padded so every quad
+    reads inside it)."""
+    lanes, c = dot.lanes, shape.ic
+    ocp, r4 = _round_up(shape.oc, lanes), _round_up(shape.kw * c, 4)
+    top, left, bottom, right = shape.padding
+    hp, wp = shape.h + top + bottom, shape.w + left + right
+    oh, ow = shape.out_hw
+    sh, sw = shape.stride
+    row = max(wp * c, (ow - 1) * sw * c + r4)
+    x = te.placeholder(dims(shape.n, shape.h, shape.w, c), dot.activation_dtype, name="x")
+    zx = te.placeholder(dims(1), dot.activation_dtype, name="zero_point")
+    w = te.placeholder(dims(ocp // lanes, shape.kh, r4 // 4, lanes, 4), "int8", name="w")
+
+    def pad(n, y, j):
+        col = tirx.floordiv(j, c)
+        inside = tirx.all(y >= top, y < shape.h + top, col >= left, col < shape.w + left, j < wp * c)
+        return tirx.if_then_else(inside, x[n, y - top, tirx.min(tirx.max(col - left, 0), shape.w - 1),
+                                           tirx.floormod(j, c)], zx[0])
+
+    xp = te.compute(dims(shape.n, hp, row), pad, name=PAD)
+    rkh, rq, ri = (te.reduce_axis(dims(0, shape.kh), "kh"), te.reduce_axis(dims(0, r4 // 4), "rq"),
+                   te.reduce_axis(dims(0, 4), "ri"))
+    acc = te.compute(
+        dims(shape.n, oh, ow, ocp // lanes, lanes),
+        lambda n, y, xx, co, ci: te.sum(
+            xp[n, y * sh + rkh * shape.dilation[0], xx * sw * c + rq * 4 + ri].astype("int32")
+            * w[co, rkh, rq, ci, ri].astype("int32"),
+            axis=[rkh, rq, ri]),
+        name=ANCHOR)
+    out = te.compute(dims(shape.n, oh, ow, shape.oc), lambda n, y, xx, o: acc[n, y, xx, o // lanes, o % lanes],
+                     name="qc_unpack")
+    return te.create_prim_func([x, zx, w, out])
+
+
 def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
     """(P pixels, O lane-groups) of accumulators per register tile.
 
@@ -117,22 +173,28 @@ def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
     return 1, 1
 
 
-def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[[object], None]) -> None:
+def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[[object], None],
+             tile: tuple[int, int] | None = None) -> bool:
     """Tile, tensorize and parallelise the packed conv in ``sch``; ``fuse_epilogue(loop)``
-    moves the consumers into the tile loop (before tensorizing, which it must precede)."""
-    n, oh, ow, co, ci, kh, kw, rco, rci = sch.get_loops(anchor)
-    pixels, groups = tile_for(int(sch.get(ow).extent), int(sch.get(co).extent))
+    moves the consumers into the tile loop (before tensorizing, which it must precede).
+    ``tile``: (pixels, lane groups), default :func:`tile_for`; False if it does not divide
+    this conv's output (``sch`` is then untouched)."""
+    n, oh, ow, co, ci, *reduction = sch.get_loops(anchor)  # (kh, kw, ico, ici) or (kh, rq, ri)
+    width, lane_groups = int(sch.get(ow).extent), int(sch.get(co).extent)
+    pixels, groups = tile or tile_for(width, lane_groups)
+    if width % pixels or lane_groups % groups:
+        return False
     co_o, co_i = sch.split(co, [None, groups])
     ow_o, ow_i = sch.split(ow, [None, pixels])
     # output-channel blocks outermost: one block's weights stay in cache across the rows
-    sch.reorder(n, co_o, oh, ow_o, kh, kw, rco, co_i, ow_i, ci, rci)
+    sch.reorder(n, co_o, oh, ow_o, *reduction[:-1], co_i, ow_i, ci, reduction[-1])
     sch.parallel(sch.fuse(n, co_o, oh))
     sch.set_scope(anchor, 0, "local")  # accumulators: compacted to one tile, kept in registers
     # (.., OC/L, L) -> (.., OC): the epilogue's index c // L, c % L becomes plain c, so its
     # channel vectors load straight from the accumulators instead of being scalarised
     sch.transform_layout(anchor, ("write", 0), lambda n_, y, x, co_, ci_: (n_, y, x, co_ * dot.lanes + ci_))
     fuse_epilogue(ow_o)
-    init = sch.decompose_reduction(anchor, kh)
+    init = sch.decompose_reduction(anchor, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ci, dot.name)
     sch.unroll(co_i)
@@ -142,3 +204,4 @@ def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[
         sch.parallel(sch.fuse(*loops[:2]))
         if int(sch.get(loops[-1]).extent) % 8 == 0:
             sch.vectorize(loops[-1])
+    return True

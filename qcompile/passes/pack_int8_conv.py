@@ -47,7 +47,7 @@ def pack_int8_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IR
         if match is None:
             return _hwio(em, value)
         data, zero_point, shape, weight = match
-        packed = packed_conv2d.pack_weight(weight, dot.lanes)
+        packed = packed_conv2d.pack_weight(weight, dot.lanes, shape.folds_rows)
         if not dot.exact_for(packed):
             counts["inexact"] += 1
             return _hwio(em, value)
@@ -127,7 +127,7 @@ def _match(graph: Graph, conv, dot: Int8Dot):
     return data, zero_point, shape, weight
 
 
-def PackInt8Conv(target: tvm.target.Target):  # noqa: N802 (a pass, named like TVM's)
+def PackInt8Conv(target: tvm.target.Target):
     """The module pass form of :func:`pack_int8_conv` for ``target``."""
 
     @tvm.transform.module_pass(opt_level=0, name="qcompile.PackInt8Conv")

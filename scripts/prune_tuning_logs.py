@@ -1,0 +1,85 @@
+"""Rewrite a committed tuning database keeping only what the shipped models use.
+
+For each model (fp32 and int8) the script extracts the tuning tasks exactly as `qcompile tune`
+does, and keeps the best ``--top`` records of each of those workloads; records of workloads
+no model produces any more (e.g. int8 kernels replaced by the tensorized ones) are dropped.
+``--seed`` first measures what an untuned build runs for every workload (``qcompile tune``'s
+seeding) so that no kept record is slower than that.
+
+    .venv/bin/python scripts/prune_tuning_logs.py --target x86-avx2 resnet18 mobilenet_v2
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def model_tasks(name: str, target, quantize: bool):
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.frontend import import_model
+    from qcompile.pipeline import PHASES, run_phases
+    from qcompile.quantize import QuantConfig, quantize_model
+
+    model = import_model(name)
+    if quantize:  # int8 kernels do not depend on the calibration data (see tuning_logs/README.md)
+        rng = np.random.default_rng(0)
+        batches = [{model.inputs[0].name: rng.standard_normal(model.inputs[0].shape).astype("float32")} for _ in range(2)]
+        model, _ = quantize_model(model, batches, QuantConfig(num_samples=2), target.to_tvm())
+    mod = run_phases(model.mod, target.to_tvm(), phases=PHASES[:2])
+    return ms.relax_integration.extract_tasks(mod, target.to_tvm())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--target", default="x86-avx2")
+    parser.add_argument("--top", type=int, default=3, help="records kept per workload (default: 3)")
+    parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument("--seed", action="store_true", help="also measure and keep each workload's default schedule")
+    args = parser.parse_args()
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.targets import resolve_target
+    from qcompile.tune import database_dir, open_database, seed_default_schedules
+
+    target = resolve_target(args.target)
+    path = database_dir(target, args.log_dir)
+    old = open_database(path)
+    before = len(old)
+    with tempfile.TemporaryDirectory() as tmp:
+        new = open_database(Path(tmp))
+        tasks, seen = [], set()
+        for name in args.models:
+            for quantize in (False, True):
+                for task in model_tasks(name, target, quantize):
+                    key = tvm.ir.structural_hash(task.dispatched[0])
+                    if key not in seen:
+                        seen.add(key)
+                        tasks.append(task)
+        if args.seed:
+            seed_default_schedules(tasks, target.to_tvm(), new, say=print)
+        kept = 0
+        for task in tasks:
+            mod = task.dispatched[0]
+            if not old.has_workload(mod):
+                continue
+            workload = new.commit_workload(mod)
+            for record in old.get_top_k(old.commit_workload(mod), args.top):
+                new.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, record.target, record.args_info))
+                kept += 1
+        for file in ("database_workload.json", "database_tuning_record.json"):
+            shutil.copyfile(Path(tmp) / file, path / file)
+    print(f"{path}: kept {kept} of {before} records (best {args.top} per workload the models use) "
+          f"for {len(tasks)} workloads" + (", plus each one's default schedule" if args.seed else ""))
+
+
+if __name__ == "__main__":
+    main()
