@@ -72,6 +72,9 @@ def database_dir(target: TargetSpec, root: Path | None = None) -> Path:
 def open_database(path: Path):
     from tvm.s_tir import meta_schedule as ms
 
+    # Records of tensorized kernels name qcompile's intrinsics: they must be registered
+    # before the database parses its traces.
+    from .kernels import int8_dot  # noqa: F401
     path.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
 

@@ -85,6 +85,10 @@ def test_build_applies_records_and_reports_hits(cli, tuned_logs, tiny_pt2, tmp_p
     a = CompiledModel.load(tmp_path / "tuned" / "tiny.so").run({"x": tiny_input})["output0"]
     b = CompiledModel.load(tmp_path / "untuned" / "tiny.so").run({"x": tiny_input})["output0"]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # A fresh process reading a database whose records name qcompile's tensor intrinsics
+    # (an fp32 build imports nothing int8 before opening it).
+    fp32 = cli_subprocess("build", tiny_pt2, "--log-dir", logs, "-o", tmp_path / "fp32")
+    assert fp32.code == 0, fp32.err
 
 
 def test_database_for_another_model_warns(cli, tuned_logs, dynamic_onnx, tmp_path):
@@ -93,7 +97,8 @@ def test_database_for_another_model_warns(cli, tuned_logs, dynamic_onnx, tmp_pat
     assert "warning: tuning records in" in result.err and "matched none of" in result.err
 
 
-def test_int8_tuning_keeps_tensorized_convs_and_builds_from_records(cli, tiny_pt2, tmp_path, tiny_input):
+def test_int8_tuning_keeps_tensorized_convs_and_builds_from_records(cli, cli_subprocess, tiny_pt2, tmp_path,
+                                                                    tiny_input):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((4,) + tiny_input.shape[1:]).astype("float32"))
     logs = tmp_path / "logs"
@@ -110,3 +115,7 @@ def test_int8_tuning_keeps_tensorized_convs_and_builds_from_records(cli, tiny_pt
     a = CompiledModel.load(tmp_path / "tuned" / "tiny-int8.so").run({"x": tiny_input})["output0"]
     b = CompiledModel.load(tmp_path / "untuned" / "tiny-int8.so").run({"x": tiny_input})["output0"]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # A fresh process reading a database whose records name qcompile's tensor intrinsics
+    # (an fp32 build imports nothing int8 before opening it).
+    fp32 = cli_subprocess("build", tiny_pt2, "--log-dir", logs, "-o", tmp_path / "fp32")
+    assert fp32.code == 0, fp32.err
