@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--seed", action="store_true", help="also measure and keep each workload's default schedule")
     args = parser.parse_args()
 
-    import tvm
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     from qcompile.targets import resolve_target
@@ -59,7 +59,7 @@ def main() -> None:
         for name in args.models:
             for quantize in (False, True):
                 for task in model_tasks(name, target, quantize):
-                    key = tvm.ir.structural_hash(task.dispatched[0])
+                    key = tvm_ffi.structural_hash(task.dispatched[0])
                     if key not in seen:
                         seen.add(key)
                         tasks.append(task)
