@@ -1,7 +1,7 @@
 """Batch-1 latency, side by side: qcompile fp32/int8 vs PyTorch and ONNX Runtime.
 
 Every contender runs the same input with the same thread count; rounds are interleaved
-(contender A, B, C, A, B, C, ...) with a short busy-wait gap between contenders, because
+(A, B, C, then B, C, A, ...: the order rotates) with a short busy-wait gap between contenders, because
 ONNX Runtime's and PyTorch's worker threads keep spinning after a call and would slow
 the next contender on 2 cores; sleeping instead distorts too.  The VM's speed drifts,
 so ratios are taken within one run.  Writes benchmarks/results/latency_<model>.{json,md}.
@@ -144,8 +144,11 @@ def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: f
     for run in runners.values():  # warm-up
         run(x)
     per_round: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    names = list(runners)
+    for index in range(rounds):
+        # each round starts one contender later: no one always runs right after the same neighbour
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            run = runners[name]
             busy_wait(gap_s)
             times = []
             start_round = time.perf_counter()
