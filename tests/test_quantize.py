@@ -199,3 +199,14 @@ def test_image_folder_calibration(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match="holds no images"):
         calibration_batches(tmp_path / "empty", info)
+
+
+@pytest.mark.parametrize("preset, reduce_range", [("x86-avx2", True), ("x86-avx512", False), ("rpi4", False)])
+def test_quantize_for_another_target_calibrates_here_and_picks_weight_bits(tiny_pt2, preset, reduce_range):
+    # rpi4 code cannot run here and x86-avx512 code would fault on this AVX2 CPU: calibration
+    # must run a build for this machine; the target only decides the weight range.
+    from qcompile.targets import resolve_target
+
+    _, info = quantize_model(import_model(str(tiny_pt2)), calib(4), QuantConfig(), resolve_target(preset).to_tvm())
+    assert info["config"]["reduce_range"] is reduce_range
+    assert info["weight_range"] == ([-63, 63] if reduce_range else [-127, 127])

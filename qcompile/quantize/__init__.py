@@ -46,10 +46,16 @@ def quantize_model(
     target: tvm.target.Target,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[ImportedModel, dict]:
-    """Calibrate, emit QDQ and realize; returns the integer model and manifest info."""
+    """Calibrate, emit QDQ and realize; returns the integer model and manifest info.
+
+    ``target`` is the build's: it decides ``reduce_range`` where the config leaves it open.
+    Calibration runs the float model here, compiled for this machine (a cross-compiled or GPU
+    target cannot run here, and an x86 target with features this CPU lacks would fault)."""
+    from ..targets import resolve_target
+
     say = progress or (lambda _m: None)
     config = config.for_target(target)
-    qdq_mod, plan, _ = to_qdq(model, batches, config, target, progress)
+    qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
     say(f"realizing {len(plan.regions)} quantized layers ...")
     int_mod, report = realize(qdq_mod)
     info = {
