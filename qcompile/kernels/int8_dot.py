@@ -58,16 +58,23 @@ def _desc(lanes: int, a_dtype: str):
     return desc
 
 
-@T.prim_func(s_tir=True)
-def _vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-               C: T.Buffer((16,), "int32", offset_factor=1, scope="local")):
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+def _dot_accumulate_impl(lanes: int, a_dtype: str, llvm_intrinsic: str):
+    """One instruction that takes the accumulators and adds the quad dot products:
+    ``vpdpbusd`` (16 lanes, u8 x s8) and ``sdot`` (4 lanes, s8 x s8)."""
+    quad, vec, acc = f"{a_dtype}x4", f"{a_dtype}x{4 * lanes}", f"int32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), a_dtype, offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], quad), dtype="int32"), lanes), dtype=vec)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+                C.vload([0], dtype=acc), a, B.vload([0, 0], dtype=f"int8x{4 * lanes}"), dtype=acc)
+
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -83,26 +90,16 @@ def _avx2_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), 
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
 
 
-@T.prim_func(s_tir=True)
-def _sdot_impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((4, 4), "int8", offset_factor=1),
-               C: T.Buffer((4,), "int32", offset_factor=1, scope="local")):
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C.vload([0], dtype="int32x4"), a, B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
-
-
 VNNI = Int8Dot("qcompile_dot_16x4_u8i8_vnni", 16, "uint8")
 AVX2 = Int8Dot("qcompile_dot_8x4_u8i8_avx2", 8, "uint8", pair_saturates=True)
 SDOT = Int8Dot("qcompile_dot_4x4_i8i8_sdot", 4, "int8")
 
 # TVM's intrinsic table is process-wide; override=True makes re-import harmless.
-TensorIntrin.register(VNNI.name, _desc(16, "uint8"), _vnni_impl, override=True)
+TensorIntrin.register(VNNI.name, _desc(16, "uint8"),
+                      _dot_accumulate_impl(16, "uint8", "llvm.x86.avx512.vpdpbusd.512"), override=True)
 TensorIntrin.register(AVX2.name, _desc(8, "uint8"), _avx2_impl, override=True)
-TensorIntrin.register(SDOT.name, _desc(4, "int8"), _sdot_impl, override=True)
+TensorIntrin.register(SDOT.name, _desc(4, "int8"),
+                      _dot_accumulate_impl(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8"), override=True)
 
 
 def cpu_features(target) -> set[str]:
