@@ -7,8 +7,8 @@ fixed, reasonable schedule: output rows spread over the cores, a register tile o
 channels x output columns accumulated in vector registers, the elementwise epilogue
 (bias, requantize, residual add, activation) fused into the tile.  It never replaces a
 tuning record: MetaSchedule's applied kernels are marked scheduled and skipped.
-int8 convs rewritten by :mod:`qcompile.passes.pack_int8_conv` get the tensorized schedule
-of :mod:`qcompile.kernels.packed_conv2d` instead.
+int8 convs rewritten by :mod:`qcompile.passes.pack_int8_conv` get the schedules of their
+kernels instead (:mod:`qcompile.kernels.packed_conv2d`, :mod:`qcompile.kernels.depthwise_conv2d`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from .kernels import packed_conv2d
+from .kernels import depthwise_conv2d, packed_conv2d
 from .kernels.int8_dot import int8_dot_for
 
 # Output-column vector lengths, best first: powers of two keep LLVM from scalarising
@@ -38,12 +38,13 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
 class ConvMatmulCPU(dl.ScheduleRule):
     """A dlight rule for fused conv2d / matmul kernels on LLVM CPU targets.
 
-    ``packed_tile`` overrides the register tile of tensorized int8 convs (see
-    ``packed_conv2d.TILES``); `qcompile tune` measures each and keeps the fastest."""
+    ``tile`` overrides the register tile of qcompile's own int8 conv kernels (see
+    ``packed_conv2d.TILES``, ``depthwise_conv2d.TILES``); `qcompile tune` measures each and
+    keeps the fastest."""
 
-    def __init__(self, packed_tile: tuple[int, int] | None = None) -> None:
+    def __init__(self, tile: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.packed_tile = packed_tile
+        self.tile = tile
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -71,8 +72,11 @@ class ConvMatmulCPU(dl.ScheduleRule):
                     return None
                 done = packed_conv2d.schedule(sch, anchor, dot,
                                               lambda loop: self._fuse_epilogue(sch, epilogue, loop, dot.lanes),
-                                              self.packed_tile)
+                                              self.tile)
                 return sch if done else None
+            if name.startswith(depthwise_conv2d.ANCHOR):
+                fuse = (lambda loop: self._fuse_epilogue(sch, epilogue, loop)) if epilogue else None
+                return sch if depthwise_conv2d.schedule(sch, anchor, fuse, self.tile) else None
             elif kinds == "SSSSRRR" and "conv2d_nhwc" in name:
                 tile_loop = self._conv_nhwc(sch, anchor, names[:names.index(name)], bool(epilogue))
             elif kinds == "SSSSRRR" and "conv2d" in name:
@@ -123,10 +127,7 @@ class ConvMatmulCPU(dl.ScheduleRule):
         init = sch.decompose_reduction(anchor, rh)
         sch.vectorize(sch.get_loops(init)[-1])
         for name in before:  # the input's padding
-            loops = sch.get_loops(sch.get_sblock(name))
-            sch.parallel(sch.fuse(*loops[:2]))
-            if len(loops) == 4 and int(sch.get(loops[-1]).extent) % 8 == 0:
-                sch.vectorize(loops[-1])
+            packed_conv2d.vectorize_pad(sch, name)
         return ow_o
 
     @staticmethod

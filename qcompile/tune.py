@@ -162,7 +162,7 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
     records committed."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .kernels import packed_conv2d
+    from .kernels import hand_kernel_tiles
     from .schedules import ConvMatmulCPU
 
     builder = ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120)
@@ -173,10 +173,11 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
         mod = task.dispatched[0]
         if database.has_workload(mod):  # seeded (or tuned) by an earlier run: don't measure it again
             continue
-        # tensorized convs: each register tile that fits is a candidate; other kernels: one
-        packed = packed_conv2d.ANCHOR in mod.script()
+        # qcompile's own int8 conv kernels: each register tile that fits is a candidate;
+        # other kernels: one
+        tiles = hand_kernel_tiles(mod.script())
         schedules = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], target, False)
-                                 for tile in ((None,) + packed_conv2d.TILES if packed else (None,)))
+                                 for tile in (None,) + (tiles or ()))
                      if s is not None]
         if not schedules:  # no rule for it: TVM's default lowering is what an untuned build runs
             from tvm import s_tir
@@ -196,7 +197,7 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
         database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args_info))
         committed += 1
         if say:
-            what = f"best of {len(timed)} register tiles" if packed else "default schedule"
+            what = f"best of {len(timed)} register tiles" if tiles else "default schedule"
             what = what if sch.trace.insts else "default lowering"
             say(f"{what} of {str(task.task_name)[:48]}: {1e3 * best_secs:.3f} ms")
     return committed
@@ -238,7 +239,7 @@ def tune(
 
     from tvm.s_tir import meta_schedule as ms
 
-    from .kernels import packed_conv2d
+    from .kernels import hand_kernel_tiles
     from .pipeline import PHASES, run_phases
 
     if trials < 1:
@@ -257,12 +258,12 @@ def tune(
     if rpc is None:  # the default schedule is the baseline every tuned kernel must beat
         seeded = seed_default_schedules(tasks, tvm_target, database, say=say)
         say(f"{seeded} kernels seeded with the default schedule's measurement")
-    # Kernels built around a dot-product instruction (qcompile.kernels.packed_conv2d) keep
-    # their hand schedule, measured by the seeding above: MetaSchedule's generic rules cannot
-    # tensorize them and would spend the trials on slower, untensorized variants.
-    searchable = [t for t in tasks if packed_conv2d.ANCHOR not in t.dispatched[0].script()]
+    # qcompile's own int8 conv kernels (qcompile.kernels) keep their hand schedule, measured
+    # by the seeding above: MetaSchedule's generic rules cannot tensorize the packed convs
+    # and would spend the trials on slower, untensorized variants.
+    searchable = [t for t in tasks if hand_kernel_tiles(t.dispatched[0].script()) is None]
     if len(searchable) < len(tasks):
-        say(f"{len(tasks) - len(searchable)} tensorized int8 conv kernels keep their hand schedule")
+        say(f"{len(tasks) - len(searchable)} int8 conv kernels keep their hand schedule")
     if not searchable:
         return TuneResult(path, len(tasks), 0, len(database))
     try:

@@ -4,7 +4,9 @@ For each model (fp32 and int8) the script extracts the tuning tasks exactly as `
 does, and keeps the best ``--top`` records of each of those workloads; records of workloads
 no model produces any more (e.g. int8 kernels replaced by the tensorized ones) are dropped.
 ``--seed`` first measures what an untuned build runs for every workload (``qcompile tune``'s
-seeding) so that no kept record is slower than that.
+seeding) so that no kept record is slower than that; the records of qcompile's own int8 conv
+kernels are then replaced by the new measurement of their register tiles (a changed schedule
+function makes the old traces stale).
 
     .venv/bin/python scripts/prune_tuning_logs.py --target x86-avx2 resnet18 mobilenet_v2
 """
@@ -46,6 +48,7 @@ def main() -> None:
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
+    from qcompile.kernels import hand_kernel_tiles
     from qcompile.targets import resolve_target
     from qcompile.tune import database_dir, open_database, seed_default_schedules
 
@@ -68,8 +71,8 @@ def main() -> None:
         kept = 0
         for task in tasks:
             mod = task.dispatched[0]
-            if not old.has_workload(mod):
-                continue
+            if not old.has_workload(mod) or (args.seed and hand_kernel_tiles(mod.script()) is not None):
+                continue  # qcompile's own kernels: the seeding just measured every tile of their schedule
             workload = new.commit_workload(mod)
             for record in old.get_top_k(old.commit_workload(mod), args.top):
                 new.commit_tuning_record(ms.database.TuningRecord(

@@ -117,7 +117,7 @@ def test_realized_model_packed_equals_unpacked():
     x = RNG.standard_normal((1, 8, 12, 12)).astype("float32")
     mod = _qdq_conv(RNG.integers(-63, 64, (16, 8, 3, 3)).astype("int8"), x)
     packed, counts = pack_int8_conv(mod, HOST)
-    assert counts == {"packed": 1, "inexact": 0}
+    assert counts == {"packed": 1, "depthwise": 0, "inexact": 0}
     assert "qc_conv2d_int8" in [gv.name_hint for gv in packed.get_global_vars()]
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own conv2d
     assert int8_dot_for(plain) is None
@@ -135,5 +135,5 @@ def test_weights_that_would_saturate_are_not_packed():
     weight[3, 0:2, 1, 1] = 127  # one channel pair: 255 * 254 overflows int16
     mod = _qdq_conv(weight, np.zeros((1, 8, 12, 12), "float32"))
     packed, counts = pack_int8_conv(mod, resolve_target("x86-avx2").to_tvm())
-    assert counts == {"packed": 0, "inexact": 1}
+    assert counts == {"packed": 0, "depthwise": 0, "inexact": 1}
     assert packed.same_as(mod)  # not even converted to NHWC

@@ -3,4 +3,17 @@
 ``int8_dot``: the int8 dot-product instructions of each CPU (x86 VNNI ``vpdpbusd``, AVX2
 ``vpmaddubsw``, aarch64 ``sdot``) as TIR tensor intrinsics, and which one a target gets.
 ``packed_conv2d``: an int8 conv2d on a packed weight layout whose inner loop is one of them.
+``depthwise_conv2d``: an int8 depthwise conv2d vectorized along NHWC channels.
 """
+from __future__ import annotations
+
+
+def hand_kernel_tiles(script: str) -> tuple[tuple[int, int], ...] | None:
+    """The register tiles `qcompile tune` measures for a fused kernel (its TVMScript) built
+    on one of these kernels, or None for any other kernel (MetaSchedule searches those)."""
+    from . import depthwise_conv2d, packed_conv2d
+
+    for kernel in (packed_conv2d, depthwise_conv2d):
+        if kernel.ANCHOR in script:
+            return kernel.TILES
+    return None
