@@ -1,11 +1,12 @@
 """The Relax compile pipeline, assembled in one place as named phases.
 
 1. ``inference``: fold batch-norm (and per-channel affine chains) into conv, decompose
-                  training-style ops, fold constants; int8 convs onto the target's
-                  dot-product kernels (``PackInt8Conv``).
-2. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
+                  training-style ops, fold constants (the graph quantization calibrates).
+2. ``kernels``:   on CPUs, convs onto qcompile's NHWC kernels (``PackConv``: int8
+                  dot-product, depthwise, float).
+3. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
                   (GPU backends add dlight schedules here).
-3. ``lower``:     the backend's dataflow lowering and VM finalisation.
+4. ``lower``:     the backend's dataflow lowering and VM finalisation.
 
 ``dump_ir`` writes the module after each phase (``01-inference.py`` ...) for debugging.
 """
@@ -22,7 +23,6 @@ Phase = tuple[str, Callable[[tvm.target.Target], list]]
 
 def _inference_passes(target: tvm.target.Target) -> list:
     from .passes.fold_channel_affine import FoldChannelAffine
-    from .passes.pack_int8_conv import PackInt8Conv
 
     return [
         relax.transform.FoldBatchnormToConv2D(),
@@ -31,9 +31,13 @@ def _inference_passes(target: tvm.target.Target) -> list:
         relax.transform.FoldConstant(),
         FoldChannelAffine,
         relax.transform.FoldConstant(),
-        PackInt8Conv(target),
-        relax.transform.DeadCodeElimination(["main"]),
     ]
+
+
+def _kernel_passes(target: tvm.target.Target) -> list:
+    from .passes.pack_conv import PackConv
+
+    return [PackConv(target), relax.transform.DeadCodeElimination(["main"])]
 
 
 def _legalize_passes(target: tvm.target.Target) -> list:
@@ -54,9 +58,16 @@ def _lower_passes(target: tvm.target.Target) -> list:
 
 PHASES: list[Phase] = [
     ("inference", _inference_passes),
+    ("kernels", _kernel_passes),
     ("legalize", _legalize_passes),
     ("lower", _lower_passes),
 ]
+
+
+def phases_through(name: str) -> list[Phase]:
+    """PHASES up to and including the one called ``name``."""
+    names = [phase for phase, _ in PHASES]
+    return PHASES[:names.index(name) + 1]
 
 
 def run_phases(

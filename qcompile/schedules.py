@@ -7,8 +7,8 @@ fixed, reasonable schedule: output rows spread over the cores, a register tile o
 channels x output columns accumulated in vector registers, the elementwise epilogue
 (bias, requantize, residual add, activation) fused into the tile.  It never replaces a
 tuning record: MetaSchedule's applied kernels are marked scheduled and skipped.
-int8 convs rewritten by :mod:`qcompile.passes.pack_int8_conv` get the schedules of their
-kernels instead (:mod:`qcompile.kernels.packed_conv2d`, :mod:`qcompile.kernels.depthwise_conv2d`).
+convs rewritten by :mod:`qcompile.passes.pack_conv` get the schedules of their kernels
+instead (:mod:`qcompile.kernels`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from .kernels import depthwise_conv2d, packed_conv2d
+from .kernels import depthwise_conv2d, float_conv2d, packed_conv2d
 from .kernels.int8_dot import int8_dot_for
 
 # Output-column vector lengths, best first: powers of two keep LLVM from scalarising
@@ -38,9 +38,8 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
 class ConvMatmulCPU(dl.ScheduleRule):
     """A dlight rule for fused conv2d / matmul kernels on LLVM CPU targets.
 
-    ``tile`` overrides the register tile of qcompile's own int8 conv kernels (see
-    ``packed_conv2d.TILES``, ``depthwise_conv2d.TILES``); `qcompile tune` measures each and
-    keeps the fastest."""
+    ``tile`` overrides the register tile of qcompile's own conv kernels (their ``TILES``,
+    see :mod:`qcompile.kernels`); `qcompile tune` measures each and keeps the fastest."""
 
     def __init__(self, tile: tuple[int, int] | None = None) -> None:
         super().__init__()
@@ -77,12 +76,17 @@ class ConvMatmulCPU(dl.ScheduleRule):
             if name.startswith(depthwise_conv2d.ANCHOR):
                 fuse = (lambda loop: self._fuse_epilogue(sch, epilogue, loop)) if epilogue else None
                 return sch if depthwise_conv2d.schedule(sch, anchor, fuse, self.tile) else None
+            if name.startswith(float_conv2d.ANCHOR):
+                fuse = (lambda loop: self._fuse_epilogue(sch, epilogue, loop, float_conv2d.LANES)) if epilogue else None
+                return sch if float_conv2d.schedule(sch, anchor, fuse, self.tile) else None
             elif kinds == "SSSSRRR" and "conv2d_nhwc" in name:
                 tile_loop = self._conv_nhwc(sch, anchor, names[:names.index(name)], bool(epilogue))
             elif kinds == "SSSSRRR" and "conv2d" in name:
                 tile_loop = self._conv(sch, anchor)
             elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
                 tile_loop = self._matmul(sch, anchor)
+            elif kinds == "SSSSRR" and name.startswith("pool") and not epilogue:
+                return self._pool_nhwc(sch, anchor, names[:names.index(name)])
             else:
                 return None
             self._fuse_epilogue(sch, epilogue, tile_loop)
@@ -109,7 +113,7 @@ class ConvMatmulCPU(dl.ScheduleRule):
 
     @staticmethod
     def _conv_nhwc(sch: s_tir.Schedule, anchor, before: list[str], has_epilogue: bool):
-        """NHWC (weight HWIO, see qcompile.passes.pack_int8_conv): a tile of output pixels x
+        """NHWC (weight HWIO, see qcompile.passes.pack_conv): a tile of output pixels x
         a vector of output channels, accumulated in registers."""
         n, oh, ow, oc, rh, rw, rc = sch.get_loops(anchor)
         pixels = _largest_factor(int(sch.get(ow).extent), (4, 7, 2))
@@ -129,6 +133,25 @@ class ConvMatmulCPU(dl.ScheduleRule):
         for name in before:  # the input's padding
             packed_conv2d.vectorize_pad(sch, name)
         return ow_o
+
+    @staticmethod
+    def _pool_nhwc(sch: s_tir.Schedule, anchor, before: list[str]) -> s_tir.Schedule | None:
+        """An NHWC pooling window (ConvertLayout makes pools NHWC, see qcompile.passes.pack_conv):
+        rows over the cores, channels in vectors; TVM's default lowering ran resnet18's
+        112x112x64 max pool as scalar code on one core (0.4 ms)."""
+        n, oh, ow, c, rh, rw = sch.get_loops(anchor)
+        lanes = _largest_factor(int(sch.get(c).extent), (16, 8, 4))
+        if lanes == 1:
+            return None  # NCHW (the window over the last two axes): leave it to TVM
+        for name in before:  # the input's padding (with the pool's identity value)
+            sch.compute_inline(sch.get_sblock(name))
+        c_o, c_i = sch.split(c, [None, lanes])
+        sch.reorder(n, oh, ow, c_o, rh, rw, c_i)
+        sch.parallel(sch.fuse(n, oh))
+        sch.vectorize(c_i)
+        init = sch.decompose_reduction(anchor, rh)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch
 
     @staticmethod
     def _matmul(sch: s_tir.Schedule, anchor):

@@ -173,7 +173,7 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
         mod = task.dispatched[0]
         if database.has_workload(mod):  # seeded (or tuned) by an earlier run: don't measure it again
             continue
-        # qcompile's own int8 conv kernels: each register tile that fits is a candidate;
+        # qcompile's own conv kernels: each register tile that fits is a candidate;
         # other kernels: one
         tiles = hand_kernel_tiles(mod.script())
         schedules = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], target, False)
@@ -240,7 +240,7 @@ def tune(
     from tvm.s_tir import meta_schedule as ms
 
     from .kernels import hand_kernel_tiles
-    from .pipeline import PHASES, run_phases
+    from .pipeline import phases_through, run_phases
 
     if trials < 1:
         raise ConfigError(f"--trials: expected at least 1, but got {trials}")
@@ -248,7 +248,7 @@ def tune(
     tvm_target = target.to_tvm()
     # Tune exactly the fused kernels the build's legalize phase produces, where the
     # records are applied (MetaSchedule extracts tasks from fused TIR functions).
-    mod = run_phases(model.mod, tvm_target, phases=PHASES[:2])
+    mod = run_phases(model.mod, tvm_target, phases=phases_through("legalize"))
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
     path = database_dir(target, root)
     say(f"{len(tasks)} tuning tasks; {trials} trials; records in {path}")
@@ -258,12 +258,12 @@ def tune(
     if rpc is None:  # the default schedule is the baseline every tuned kernel must beat
         seeded = seed_default_schedules(tasks, tvm_target, database, say=say)
         say(f"{seeded} kernels seeded with the default schedule's measurement")
-    # qcompile's own int8 conv kernels (qcompile.kernels) keep their hand schedule, measured
+    # qcompile's own conv kernels (qcompile.kernels) keep their hand schedule, measured
     # by the seeding above: MetaSchedule's generic rules cannot tensorize the packed convs
     # and would spend the trials on slower, untensorized variants.
     searchable = [t for t in tasks if hand_kernel_tiles(t.dispatched[0].script()) is None]
     if len(searchable) < len(tasks):
-        say(f"{len(tasks) - len(searchable)} int8 conv kernels keep their hand schedule")
+        say(f"{len(tasks) - len(searchable)} conv kernels keep their hand schedule (best register tile)")
     if not searchable:
         return TuneResult(path, len(tasks), 0, len(database))
     try:

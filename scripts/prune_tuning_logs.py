@@ -24,7 +24,7 @@ def model_tasks(name: str, target, quantize: bool):
     from tvm.s_tir import meta_schedule as ms
 
     from qcompile.frontend import import_model
-    from qcompile.pipeline import PHASES, run_phases
+    from qcompile.pipeline import phases_through, run_phases
     from qcompile.quantize import QuantConfig, quantize_model
 
     model = import_model(name)
@@ -32,7 +32,7 @@ def model_tasks(name: str, target, quantize: bool):
         rng = np.random.default_rng(0)
         batches = [{model.inputs[0].name: rng.standard_normal(model.inputs[0].shape).astype("float32")} for _ in range(2)]
         model, _ = quantize_model(model, batches, QuantConfig(num_samples=2), target.to_tvm())
-    mod = run_phases(model.mod, target.to_tvm(), phases=PHASES[:2])
+    mod = run_phases(model.mod, target.to_tvm(), phases=phases_through("legalize"))
     return ms.relax_integration.extract_tasks(mod, target.to_tvm())
 
 

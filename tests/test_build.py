@@ -76,7 +76,7 @@ def test_batchnorm_is_folded(tmp_path, tiny_pt2):
     build(import_model(str(tiny_pt2)), resolve_target("native"), tmp_path / "o", dump_ir=dump)
     assert "batch_norm" in (dump / "00-imported.py").read_text()
     assert "batch_norm" not in (dump / "01-inference.py").read_text()
-    assert {p.name for p in dump.iterdir()} >= {"02-legalize.py", "03-lower.py"}
+    assert {p.name for p in dump.iterdir()} >= {"02-kernels.py", "03-legalize.py", "04-lower.py"}
 
 
 @pytest.mark.skipif(not HAS_CROSS, reason="aarch64-linux-gnu-g++ not installed (apt-get install g++-aarch64-linux-gnu)")
@@ -143,7 +143,7 @@ def test_untuned_conv_and_matmul_get_a_default_schedule(tmp_path, tiny_pt2, tiny
     dump = tmp_path / "ir"
     artifact = build(import_model(str(tiny_pt2)), resolve_target("native"), tmp_path / "out", dump_ir=dump,
                      tuning_logs=False)
-    legalized = (dump / "02-legalize.py").read_text()
+    legalized = (dump / "03-legalize.py").read_text()
     kernels = legalized.split("@T.prim_func")[1:]
     anchored = [k for k in kernels if 'T.sblock("conv2d' in k or 'T.sblock("matmul' in k]
     assert anchored and all('"tirx.is_scheduled": True' in k for k in anchored)

@@ -17,7 +17,7 @@ from tvm import relax
 from qcompile.kernels import depthwise_conv2d
 from qcompile.kernels.int8_dot import int8_dot_for
 from qcompile.kernels.packed_conv2d import ConvShape
-from qcompile.passes.pack_int8_conv import pack_int8_conv
+from qcompile.passes.pack_conv import pack_conv
 from qcompile.pipeline import compile_module
 from qcompile.quantize.realize import realize
 from qcompile.schedules import ConvMatmulCPU
@@ -104,8 +104,8 @@ def _conv_then_depthwise(x: np.ndarray):
 def test_realized_depthwise_equals_tvm_grouped_conv():
     x = RNG.standard_normal((1, 8, 12, 12)).astype("float32")
     mod = _conv_then_depthwise(x)
-    converted, counts = pack_int8_conv(mod, HOST)
-    assert counts == {"packed": 1, "depthwise": 1, "inexact": 0}
+    converted, counts = pack_conv(mod, HOST)
+    assert counts == {"int8": 1, "int8_depthwise": 1, "int8_inexact": 0, "float": 0, "float_depthwise": 0}
     assert "qc_depthwise_conv2d_int8" in [gv.name_hint for gv in converted.get_global_vars()]
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no dot product: TVM's grouped conv2d
     assert int8_dot_for(plain) is None and DOT is not None

@@ -3,7 +3,8 @@
 ``int8_dot``: the int8 dot-product instructions of each CPU (x86 VNNI ``vpdpbusd``, AVX2
 ``vpmaddubsw``, aarch64 ``sdot``) as TIR tensor intrinsics, and which one a target gets.
 ``packed_conv2d``: an int8 conv2d on a packed weight layout whose inner loop is one of them.
-``depthwise_conv2d``: an int8 depthwise conv2d vectorized along NHWC channels.
+``depthwise_conv2d``: a depthwise conv2d (int8, float32) vectorized along NHWC channels.
+``float_conv2d``: a float32 conv2d on a weight packed into output-channel blocks.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 def hand_kernel_tiles(script: str) -> tuple[tuple[int, int], ...] | None:
     """The register tiles `qcompile tune` measures for a fused kernel (its TVMScript) built
     on one of these kernels, or None for any other kernel (MetaSchedule searches those)."""
-    from . import depthwise_conv2d, packed_conv2d
+    from . import depthwise_conv2d, float_conv2d, packed_conv2d
 
-    for kernel in (packed_conv2d, depthwise_conv2d):
+    for kernel in (packed_conv2d, depthwise_conv2d, float_conv2d):
         if kernel.ANCHOR in script:
             return kernel.TILES
     return None

@@ -1,4 +1,4 @@
-"""int8 depthwise conv2d (NHWC), vectorized along the channels.
+"""Depthwise conv2d (NHWC), int8 (and float32), vectorized along the channels.
 
 A depthwise conv has no reduction over input channels, so no dot-product instruction
 applies (each lane needs its own activations); what makes it fast is the layout: in NHWC one
@@ -9,6 +9,7 @@ code (measured 5 GMAC/s on mobilenet_v2's 112x112x96 stride-2 layer vs 30-45 her
 
 Inputs: ``x`` NHWC (uint8 or int8), the zero point (padding value; a tensor, so the kernel
 does not change with calibration), the weight ``[KH, KW, C]`` int8.  Output: int32 NHWC.
+The float32 form (the weight float32, the padding value 0.0) serves float models.
 """
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ from tvm import s_tir, te, tirx
 
 from .packed_conv2d import PAD, ConvShape, vectorize_pad
 
-ANCHOR = "depthwise_conv2d_int8"
+ANCHOR = "qc_depthwise_conv2d"
 
 # (P pixels, L channel lanes) register tiles that `qcompile tune` measures (the default is
-# `tile_for`'s): int32 accumulators, L=8 is one AVX2 register.
+# `tile_for`'s): 32-bit accumulators, L=8 is one AVX2 register.
 TILES = ((4, 8), (7, 8), (2, 8), (4, 16), (8, 8), (14, 8))
 
 
 def depthwise_func(shape: ConvShape, activation_dtype: str) -> tirx.PrimFunc:
-    """The compute definition: (x NHWC, zero point, weight [KH, KW, C]) -> int32 NHWC;
+    """The compute definition: (x NHWC, zero point, weight [KH, KW, C]) -> int32 NHWC
+    (float32: the same with a float32 weight and output, the "zero point" 0.0);
     ``shape.ic == shape.oc`` (one input channel per group, channel multiplier 1)."""
     if shape.ic != shape.oc:
         raise ValueError(f"depthwise conv2d: {shape.ic} input channels but {shape.oc} outputs")
@@ -37,9 +39,11 @@ def depthwise_func(shape: ConvShape, activation_dtype: str) -> tirx.PrimFunc:
     def dims(*values: int) -> tuple:
         return tuple(tirx.IntImm("int64", v) for v in values)  # int64 like LegalizeOps' kernels
 
+    integer = activation_dtype != "float32"
     x = te.placeholder(dims(shape.n, shape.h, shape.w, shape.ic), activation_dtype, name="x")
     zx = te.placeholder(dims(1), activation_dtype, name="zero_point")
-    w = te.placeholder(dims(shape.kh, shape.kw, shape.ic), "int8", name="w")
+    w = te.placeholder(dims(shape.kh, shape.kw, shape.ic), "int8" if integer else "float32", name="w")
+    widen = (lambda v: v.astype("int32")) if integer else (lambda v: v)
     xp = x
     if any(shape.padding):
         def pad(n, y, xx, c):
@@ -51,7 +55,7 @@ def depthwise_func(shape: ConvShape, activation_dtype: str) -> tirx.PrimFunc:
     acc = te.compute(
         dims(shape.n, oh, ow, shape.oc),
         lambda n, y, xx, c: te.sum(
-            xp[n, y * sh + rkh * dh, xx * sw + rkw * dw, c].astype("int32") * w[rkh, rkw, c].astype("int32"),
+            widen(xp[n, y * sh + rkh * dh, xx * sw + rkw * dw, c]) * widen(w[rkh, rkw, c]),
             axis=[rkh, rkw]),
         name=ANCHOR)
     return te.create_prim_func([x, zx, w, acc])

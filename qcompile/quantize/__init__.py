@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 
 from ..model import ImportedModel
-from ..pipeline import PHASES, run_phases
+from ..pipeline import phases_through, run_phases
 from .canonicalize import canonicalize_qdq, has_qdq
 from .config import QuantConfig
 from .ptq import annotate, calibrate, emit_qdq
@@ -30,7 +30,7 @@ def to_qdq(
     progress: Callable[[str], None] | None = None,
 ):
     """The float model in QDQ form after calibration: (module, plan, qparams)."""
-    mod = run_phases(model.mod, target, phases=PHASES[:1])  # fold batch-norm before calibrating
+    mod = run_phases(model.mod, target, phases=phases_through("inference"))  # fold batch-norm before calibrating
     plan = annotate(mod["main"], config)
     ranges = calibrate(mod, plan, batches, config, target, progress)
     main, qparams, _ = emit_qdq(mod["main"], plan, ranges, config)

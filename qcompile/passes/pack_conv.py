@@ -1,0 +1,207 @@
+"""PackConv: run conv2d layers on qcompile's own CPU kernels (:mod:`qcompile.kernels`).
+
+On LLVM (CPU) targets the module is first converted to NHWC (TVM's ConvertLayout:
+elementwise ops, pooling and the requantize chains follow, a transpose is left only at the
+ends), as ONNX Runtime, oneDNN and TFLite run convs on CPUs: a kernel then reads adjacent
+input channels and writes whole channel vectors.  Then, with the weight constant:
+
+* an integer conv -- ``conv2d(x, W, out_dtype="int32")``, ``x`` uint8/int8 as the target's
+  int8 dot-product instruction takes it (:func:`qcompile.kernels.int8_dot.int8_dot_for`),
+  one group, what :mod:`qcompile.quantize.realize` emits, optionally behind realize's
+  ``pad`` with the input zero point -- becomes ``call_tir`` of
+  :mod:`qcompile.kernels.packed_conv2d` with the weight packed at compile time.  Layers the
+  instruction cannot compute exactly (AVX2 with 8-bit weights whose pairs overflow int16)
+  keep TVM's conv2d: slower, never wrong ("int8_inexact");
+* an integer depthwise conv (groups = channels) becomes :mod:`qcompile.kernels.depthwise_conv2d`;
+* a float32 conv becomes :mod:`qcompile.kernels.float_conv2d` (output channels a multiple
+  of its 8 lanes), a float32 depthwise conv the float form of the depthwise kernel.
+
+An int8 model is converted only where some layer gets the int8 dot-product kernel (else the
+layout is left alone: nothing to gain).
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..kernels import depthwise_conv2d, float_conv2d, packed_conv2d
+from ..kernels.int8_dot import Int8Dot, int8_dot_for
+from .bindings import Graph, const_value, dtype_of, op_name, rebuild_module, shape_of
+
+COUNTS = ("int8", "int8_depthwise", "int8_inexact", "float", "float_depthwise")
+
+
+def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, dict[str, int]]:
+    """The rewritten module and counts of conv layers per kernel (:data:`COUNTS`;
+    ``int8_inexact``: one-group int8 convs left to TVM, see the module docstring)."""
+    counts = dict.fromkeys(COUNTS, 0)
+    if target.kind.name != "llvm" or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, counts
+    dot = int8_dot_for(target)
+    bindings = [v for _, v in Graph.from_main(mod["main"]).bindings]
+    weights = [_oihw_weight(v) for v in bindings if dot is not None and _int8_conv(v, dot)]
+    exact = [w is not None and dot.exact_for(packed_conv2d.pack_weight(w, dot.lanes)) for w in weights]
+    if not any(exact) and not any(_float_conv(v) for v in bindings):  # nothing to gain: leave the layout alone
+        counts["int8_inexact"] = sum(w is not None for w in weights)
+        return mod, counts
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    mod = relax.transform.FoldConstant()(mod)  # the per-channel constants, transposed once
+    graph = Graph.from_main(mod["main"])
+    kernels: dict = {}  # (kernel, ConvShape) -> GlobalVar: layers of one shape share one kernel
+
+    def kernel(em, kind: str, shape: packed_conv2d.ConvShape, make) -> relax.GlobalVar:
+        if (kind, shape) not in kernels:  # private functions, like legalized ops
+            kernels[kind, shape] = em.bb.add_func(make().without_attr("global_symbol"), f"qc_{kind}")
+        return kernels[kind, shape]
+
+    def rewrite(em, var, value):
+        if op_name(value) != "relax.nn.conv2d":
+            return None
+        integer = dot is not None and _int8_conv(value, dot)
+        depthwise = _match_depthwise(graph, value) if integer or _float_conv(value) else None
+        if depthwise is not None:
+            data, zero_point, shape, weight = depthwise
+            dtype = dtype_of(data)
+            counts["int8_depthwise" if integer else "float_depthwise"] += 1
+            func = kernel(em, f"depthwise_conv2d_{'int8' if integer else 'float32'}", shape,
+                          lambda: depthwise_conv2d.depthwise_func(shape, dtype))
+            return _call(em, func, data, weight, shape, zero_point)
+        match = _match(graph, value) if integer or _float_conv(value) else None
+        if match is None:
+            return _hwio(em, value)
+        data, zero_point, shape, weight = match
+        if not integer:
+            if shape.oc % float_conv2d.LANES or zero_point:
+                return _hwio(em, value)
+            counts["float"] += 1
+            func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape))
+            return _call(em, func, data, float_conv2d.pack_weight(weight), shape)
+        packed = packed_conv2d.pack_weight(weight, dot.lanes, shape.folds_rows)
+        if not dot.exact_for(packed):
+            counts["int8_inexact"] += 1
+            return _hwio(em, value)
+        counts["int8"] += 1
+        func = kernel(em, "conv2d_int8", shape, lambda: packed_conv2d.conv2d_func(shape, dot))
+        return _call(em, func, data, packed, shape, zero_point)
+
+    return rebuild_module(mod, rewrite), counts
+
+
+def _call(em, kernel: relax.GlobalVar, data, weight: np.ndarray, shape: packed_conv2d.ConvShape,
+          zero_point: int | None = None):
+    """``call_tir`` of one of the kernels: (input[, zero point], weight) -> NHWC output."""
+    oh, ow = shape.out_hw
+    dtype = dtype_of(data)
+    args = [em.subst(data)]
+    if zero_point is not None:  # the padding value, a tensor (the kernel does not depend on it)
+        args.append(relax.const(np.array([zero_point], dtype)))
+    out_dtype = "float32" if dtype == "float32" else "int32"
+    return relax.call_tir(kernel, args + [relax.const(weight)], relax.TensorType((shape.n, oh, ow, shape.oc), out_dtype))
+
+
+def _hwio(em, conv):
+    """An NHWC conv left to TVM with its constant weight as HWIO: the output channels of one
+    (kh, kw, ic) contiguous, so the default schedule's channel vectors load, not gather."""
+    weight = const_value(conv.args[1])
+    attrs = conv.attrs
+    if weight is None or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OHWI":
+        return None
+    return relax.op.nn.conv2d(em.subst(conv.args[0]), relax.const(np.ascontiguousarray(weight.transpose(1, 2, 3, 0))),
+                              strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+                              groups=int(attrs.groups), data_layout="NHWC", kernel_layout="HWIO",
+                              out_layout="NHWC", out_dtype=_out_dtype(conv))
+
+
+def _int8_conv(value, dot: Int8Dot) -> bool:
+    """An integer conv2d with a constant weight and the activation type ``dot`` multiplies."""
+    if op_name(value) != "relax.nn.conv2d" or str(value.attrs.out_dtype) != "int32":
+        return False
+    weight = const_value(value.args[1])
+    return weight is not None and weight.dtype == np.int8 and dtype_of(value.args[0]) == dot.activation_dtype
+
+
+def _float_conv(value) -> bool:
+    """A float32 conv2d with a constant float32 weight (the float kernels' input)."""
+    if op_name(value) != "relax.nn.conv2d" or _out_dtype(value) not in (None, "float32"):
+        return False
+    weight = const_value(value.args[1])
+    return weight is not None and weight.dtype == np.float32 and dtype_of(value.args[0]) == "float32"
+
+
+def _out_dtype(conv) -> str | None:
+    """A conv2d's ``out_dtype`` attribute; None where unset (the input's type)."""
+    dtype = str(conv.attrs.out_dtype)
+    return None if dtype in ("", "None", "void") else dtype
+
+
+def _oihw_weight(conv) -> np.ndarray | None:
+    """The constant weight of a one-group NCHW/OIHW or NHWC/OHWI conv2d, as OIHW."""
+    layouts = (str(conv.attrs.data_layout), str(conv.attrs.kernel_layout), str(conv.attrs.out_layout))
+    weight = const_value(conv.args[1])
+    if weight is None or weight.ndim != 4 or int(conv.attrs.groups) != 1:
+        return None
+    if layouts == ("NCHW", "OIHW", "NCHW"):
+        return weight
+    if layouts == ("NHWC", "OHWI", "NHWC"):
+        return weight.transpose(0, 3, 1, 2)
+    return None
+
+
+def _match(graph: Graph, conv):
+    """(input, zero point, ConvShape, OIHW weight) for a one-group NHWC conv, else None."""
+    weight = _oihw_weight(conv) if str(conv.attrs.data_layout) == "NHWC" else None
+    if weight is None:
+        return None
+    oc, ic, kh, kw = weight.shape
+    return _with_input(graph, conv, weight, oc, ic, (kh, kw))
+
+
+def _match_depthwise(graph: Graph, conv):
+    """(input, zero point, ConvShape, [KH, KW, C] weight) for an NHWC/OHWI depthwise conv
+    (groups = channels, channel multiplier 1) with a constant weight, else None."""
+    attrs = conv.attrs
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "OHWI", "NHWC"):
+        return None
+    weight = const_value(conv.args[1])  # (C, KH, KW, 1)
+    channels = int(attrs.groups)
+    if weight is None or weight.ndim != 4 or channels == 1 or weight.shape[0] != channels or weight.shape[3] != 1:
+        return None
+    return _with_input(graph, conv, np.ascontiguousarray(weight[..., 0].transpose(1, 2, 0)), channels, channels,
+                       weight.shape[1:3])
+
+
+def _with_input(graph: Graph, conv, weight: np.ndarray, oc: int, ic: int, kernel: tuple[int, int]):
+    """(input, zero point, ConvShape, weight): the conv's input, or, behind realize's
+    ``pad`` with the input zero point, the pad's input with the padding moved into the shape."""
+    attrs = conv.attrs
+    data, zero_point = conv.args[0], 0
+    padding = tuple(int(p) for p in attrs.padding)
+    pad = graph.call_of(data, "relax.nn.pad")
+    if pad is not None and not any(padding) and str(pad.attrs.pad_mode) == "constant":
+        widths = [int(p) for p in pad.attrs.pad_width]  # (before, after) per NHWC axis
+        value = float(pad.attrs.pad_value)
+        if widths[:2] == [0, 0] and widths[6:] == [0, 0] and value == int(value):
+            top, bottom, left, right = widths[2:6]
+            data, padding, zero_point = pad.args[0], (top, left, bottom, right), int(value)
+    if dtype_of(data) != dtype_of(conv.args[0]) or len(shape_of(data)) != 4:
+        return None
+    if len(padding) == 2:
+        padding = padding * 2
+    n, h, w, channels = shape_of(data)
+    if channels != ic:
+        return None
+    shape = packed_conv2d.ConvShape(n, ic, h, w, int(oc), int(kernel[0]), int(kernel[1]),
+                                    tuple(int(s) for s in attrs.strides), padding,
+                                    tuple(int(d) for d in attrs.dilation))
+    return data, zero_point, shape, weight
+
+
+def PackConv(target: tvm.target.Target):
+    """The module pass form of :func:`pack_conv` for ``target``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="qcompile.PackConv")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return pack_conv(mod, target)[0]
+
+    return _pass

@@ -1,0 +1,136 @@
+"""The float32 packed conv2d (qcompile.kernels.float_conv2d) and the float depthwise kernel
+against numpy, and the pass that routes float convs to them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from test_packed_conv import HOST
+from tvm import relax
+
+from qcompile.kernels import depthwise_conv2d, float_conv2d
+from qcompile.kernels.packed_conv2d import ConvShape
+from qcompile.passes.pack_conv import pack_conv
+from qcompile.pipeline import compile_module
+from qcompile.schedules import ConvMatmulCPU
+
+RNG = np.random.default_rng(3)
+
+CASES = {  # ic, h, w, oc, k, stride, pad, dilation
+    "3x3": (16, 12, 12, 16, 3, 1, 1, 1),
+    "3x3_stride2": (8, 13, 13, 24, 3, 2, 1, 1),
+    "1x1": (32, 7, 7, 64, 1, 1, 0, 1),
+    "7x7_stem_3_channels": (3, 20, 20, 16, 7, 2, 3, 1),
+    "dilated": (8, 11, 11, 8, 3, 1, 2, 2),
+    "14_wide": (8, 14, 14, 8, 3, 1, 1, 1),
+}
+
+
+def _conv_nhwc(x, w_oihw, stride, pad, dilation):
+    """float64 NHWC conv with zero padding."""
+    import torch
+
+    out = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64)),
+                                     torch.from_numpy(w_oihw.astype(np.float64)), stride=stride, padding=pad,
+                                     dilation=dilation, groups=x.shape[3] // w_oihw.shape[1])
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def _run(func, tile, *args):
+    sch = ConvMatmulCPU(tile).apply(func, HOST, False)
+    if sch is None:
+        return None
+    lib = tvm.compile(sch.mod, HOST)
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_matches_reference(case):
+    ic, h, w, oc, k, stride, pad, dilation = CASES[case]
+    shape = ConvShape(1, ic, h, w, oc, k, k, (stride, stride), (pad,) * 4, (dilation, dilation))
+    x = RNG.standard_normal((1, h, w, ic)).astype("float32")
+    weight = RNG.standard_normal((oc, ic, k, k)).astype("float32")
+    oh, ow = shape.out_hw
+    out = _run(float_conv2d.conv2d_func(shape), None, x, float_conv2d.pack_weight(weight),
+               np.zeros((1, oh, ow, oc), "float32"))
+    assert out is not None, "the default schedule rule did not take the float kernel"
+    np.testing.assert_allclose(out, _conv_nhwc(x, weight, stride, pad, dilation), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", float_conv2d.TILES)
+def test_every_tuning_tile_matches(tile):
+    shape = ConvShape(1, 8, 14, 14, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    x = RNG.standard_normal((1, 14, 14, 8)).astype("float32")
+    weight = RNG.standard_normal((32, 8, 3, 3)).astype("float32")
+    out = _run(float_conv2d.conv2d_func(shape), tile, x, float_conv2d.pack_weight(weight),
+               np.zeros((1, 14, 14, 32), "float32"))
+    if out is None:
+        assert 14 % tile[0] or 4 % tile[1], f"tile {tile} fits but was refused"
+        return
+    np.testing.assert_allclose(out, _conv_nhwc(x, weight, 1, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_float_depthwise_matches_reference():
+    shape = ConvShape(1, 24, 13, 13, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1))
+    x = RNG.standard_normal((1, 13, 13, 24)).astype("float32")
+    weight = RNG.standard_normal((3, 3, 24)).astype("float32")
+    out = _run(depthwise_conv2d.depthwise_func(shape, "float32"), None, x, np.zeros(1, "float32"), weight,
+               np.zeros((1, 7, 7, 24), "float32"))
+    expected = _conv_nhwc(x, weight.transpose(2, 0, 1)[:, None], 2, 1, 1)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_float_model_uses_the_kernels_and_matches_tvm():
+    """conv 3->16 (+bias, relu) -> depthwise 3x3 -> conv 1x1 16->12 (not a multiple of 8
+    lanes: left to TVM): the float kernels built for this CPU == TVM's own NCHW convs."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 16, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(RNG.standard_normal((16, 3, 3, 3)).astype("float32")),
+                                           strides=2, padding=1))
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(
+                y, relax.const(RNG.standard_normal((1, 16, 1, 1)).astype("float32"))))))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(RNG.standard_normal((16, 1, 3, 3)).astype("float32")),
+                                           padding=1, groups=16))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(RNG.standard_normal((12, 16, 1, 1)).astype("float32"))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    converted, counts = pack_conv(mod, HOST)
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_inexact": 0, "float": 1, "float_depthwise": 1}
+    gpu = tvm.target.Target("cuda")
+    assert pack_conv(mod, gpu)[0].same_as(mod)  # CPU kernels only
+    data = RNG.standard_normal((1, 3, 16, 16)).astype("float32")
+    vm = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(data)).numpy()
+    with tvm.transform.PassContext(disabled_pass=["qcompile.PackConv"]):
+        plain = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    assert got.shape == (1, 12, 8, 8)
+    np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_nhwc_max_pool_is_scheduled_and_exact(dtype):
+    """NHWC pools (what ConvertLayout leaves between the kernels) get the vectorized default
+    schedule and still equal PyTorch's max pool (padding with the pool's identity)."""
+    import torch
+
+    from qcompile.pipeline import phases_through, run_phases
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 17, 17, 32), dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.max_pool2d(x, 3, 2, 1, layout="NHWC")))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    lowered = run_phases(mod, HOST, phases_through("legalize"))
+    sch = ConvMatmulCPU().apply(lowered["max_pool2d"], HOST, False)
+    assert sch is not None and "T.vectorized" in sch.mod.script()
+    data = RNG.integers(0, 256, (1, 17, 17, 32)).astype(dtype)
+    got = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    ref = torch.nn.functional.max_pool2d(torch.from_numpy(data.astype("float32")).permute(0, 3, 1, 2), 3, 2, 1)
+    np.testing.assert_array_equal(got.astype("float32"), ref.permute(0, 2, 3, 1).numpy())
