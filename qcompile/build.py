@@ -71,14 +71,17 @@ def build(
         from .tune import apply_database_passes
 
         tuning: dict = {}
+        kernels: dict = {}
         passes = [] if tuning_logs is False else apply_database_passes(target, tuning_logs or None, tuning)
-        executable = compile_module(model.mod, tvm_target, dump_ir=dump_ir, tuning_passes=passes)
+        executable = compile_module(model.mod, tvm_target, dump_ir=dump_ir, tuning_passes=passes,
+                                    kernel_counts=kernels)
     except QcompileError:
         raise
     except Exception as exc:
         raise BuildError(f"compiling {model.source.name} for {target.name} failed: {first_line(exc)}") from exc
     compile_s = time.perf_counter() - started
     _report_tuning(tuning, target, say)
+    _report_kernels(kernels, target, say)
 
     say(f"exporting {library} ...")
     from .hostcpu import required_features
@@ -106,6 +109,7 @@ def build(
             build={
                 "compile_seconds": round(compile_s, 2),
                 "tuning": tuning,
+                "conv_kernels": kernels,
                 "host": platform.node(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
@@ -124,6 +128,20 @@ def _report_tuning(tuning: dict, target: TargetSpec, say: Progress) -> None:
               "the build is untuned (tuned for another model or quantization?)", file=sys.stderr)
     else:
         say(f"tuning records: {tuning['hits']} kernels tuned, {tuning['misses']} untuned")
+
+
+def _report_kernels(counts: dict, target: TargetSpec, say: Progress) -> None:
+    """Which of qcompile's conv kernels the layers run on (qcompile.passes.pack_conv), and a
+    warning for int8 convs left on TVM's generic conv because the target's int8 instruction
+    could saturate on their weights -- a model silently several times slower otherwise."""
+    used = {kind: n for kind, n in counts.items() if n and kind != "int8_inexact"}
+    if used:
+        say("conv kernels: " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in used.items()))
+    if counts.get("int8_inexact"):
+        print(f"warning: {counts['int8_inexact']} int8 conv layers run on TVM's generic conv, several times "
+              f"slower: their 8-bit weights could saturate {target.name}'s int8 instruction (AVX2 vpmaddubsw); "
+              "quantize the float model with `--quantize int8` (7-bit weights on this target, or --reduce-range) "
+              "for the fast kernel", file=sys.stderr)
 
 
 def _export_compiler(target: TargetSpec):

@@ -34,10 +34,10 @@ def _inference_passes(target: tvm.target.Target) -> list:
     ]
 
 
-def _kernel_passes(target: tvm.target.Target) -> list:
+def _kernel_passes(target: tvm.target.Target, counts: dict | None = None) -> list:
     from .passes.pack_conv import PackConv
 
-    return [PackConv(target), relax.transform.DeadCodeElimination(["main"])]
+    return [PackConv(target, counts), relax.transform.DeadCodeElimination(["main"])]
 
 
 def _legalize_passes(target: tvm.target.Target) -> list:
@@ -109,12 +109,15 @@ def default_schedule_passes(target: tvm.target.Target) -> list:
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None,
-                   tuning_passes: list | None = None):
+                   tuning_passes: list | None = None, kernel_counts: dict | None = None):
     """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``.
-    Kernels without a tuning record get :mod:`qcompile.schedules`' default schedule."""
+    Kernels without a tuning record get :mod:`qcompile.schedules`' default schedule;
+    ``kernel_counts`` (if given) receives how many convs each of qcompile's kernels runs."""
     from .tvm_compat import ensure
 
     ensure()
     passes = list(tuning_passes or []) + default_schedule_passes(target)
-    lowered = run_phases(mod, target, phases=with_tuning(passes), dump_ir=dump_ir)
+    phases = [(name, (lambda t: _kernel_passes(t, kernel_counts)) if name == "kernels" else make)
+              for name, make in with_tuning(passes)]
+    lowered = run_phases(mod, target, phases=phases, dump_ir=dump_ir)
     return tvm.compile(lowered, target, relax_pipeline=None)

@@ -64,6 +64,8 @@ def test_manifest_describes_the_build(tiny_artifact, tiny_pt2):
     assert {"qcompile", "tvm", "python"} <= set(data["versions"])
     assert "avx2" in data["cpu_features"] or data["target"]["target"].get("mcpu") not in ("haswell", "cascadelake")
     assert load_manifest(lib) == tiny_artifact.manifest
+    kernels = data["build"]["conv_kernels"]  # the float convs run on qcompile's NHWC kernel (x86 or ARM CPU)
+    assert kernels["float"] > 0 and kernels["int8"] == 0, kernels
 
 
 def test_weights_are_inside_the_library(tiny_artifact):

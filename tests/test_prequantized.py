@@ -19,7 +19,9 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from qcompile.kernels.int8_dot import int8_dot_for
 from qcompile.runtime import CompiledModel
+from qcompile.targets import resolve_target
 
 
 def ort_quantize(fp32_path, out_path, inputs: list[np.ndarray], name: str, fmt=QuantFormat.QDQ,
@@ -64,6 +66,8 @@ def check_against_reference(cli, qdq_path, tmp_path, xs, name, max_lsb=1.0, opti
     assert quant["scheme"] == "int8" and quant["source"] == "onnx-qdq"
     assert quant["float_ops"] == {}, "a conv/dense stayed float"
     assert any(layer["op"] == "conv2d" for layer in quant["layers"])
+    kernels = manifest["build"]["conv_kernels"]  # int8 convs the fast kernel cannot take are reported
+    assert ("run on TVM's generic conv" in result.err) == (kernels.get("int8_inexact", 0) > 0), kernels
     ours, ref = CompiledModel.load(lib), qdq_reference(qdq_path, optimized)
     out_name = ours.outputs[0].name
     scale = output_scale(qdq_path)
@@ -178,6 +182,9 @@ def test_onnxruntime_qoperator_tiny_model(cli, tmp_path, tiny_onnx, reduce_range
     if reduce_range:
         worst = check_against_reference(cli, qop, tmp_path, xs, "input", max_lsb=0.0, optimized=True)
         assert worst == 0.0
+        kernels = json.loads((tmp_path / "out" / "tiny-qop.manifest.json").read_text())["build"]["conv_kernels"]
+        if int8_dot_for(resolve_target("native").to_tvm()) is not None:  # 7-bit weights: all on the fast kernel
+            assert kernels["int8"] > 0 and kernels["int8_inexact"] == 0, kernels
     else:
         qdq = tmp_path / "tiny-qdq.onnx"
         ort_quantize(tiny_onnx, qdq, calib, "input")  # same calibration: same scales, QDQ format

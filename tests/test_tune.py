@@ -45,7 +45,9 @@ def test_tune_reports_progress_with_best_latency(tuned):
     assert "/12 trials]" in lines[-1] and "best" in lines[-1] and "ms over" in lines[-1]
     # The default schedule is measured and committed first: a tuned build is never slower.
     assert "kernels seeded with the default schedule's measurement" in tuned[1]
-    assert "default schedule of fused_conv2d" in tuned[1]
+    # the float convs run on qcompile's own kernel: its register tiles are measured, not searched
+    assert "register tiles of fused_qc_conv2d_float32" in tuned[1]
+    assert "conv kernels keep their hand schedule" in tuned[1]
 
 
 def test_tune_measures_over_rpc(tmp_path, tiny_pt2):
@@ -58,7 +60,8 @@ def test_tune_measures_over_rpc(tmp_path, tiny_pt2):
     assert code == 0, err[-3000:]
     records = (database_dir(resolve_target("native"), tmp_path / "logs") / "database_tuning_record.json")
     measured = [json.loads(r)[1][1][0] for r in records.read_text().splitlines()]
-    assert len(measured) >= 6 and all(t < 1.0 for t in measured), measured
+    # one record per searched kernel at least (the float convs' hand kernels are not searched)
+    assert len(measured) >= 4 and all(t < 1.0 for t in measured), measured
     refused = _tune(tiny_pt2, "--trials", "2", "--log-dir", tmp_path / "x", "--rpc", f"127.0.0.1:{free_port()}")
     assert refused[0] == 11 and "cannot reach RPC server" in refused[1]
 
@@ -77,9 +80,9 @@ def test_tune_writes_database_keyed_by_target_and_tvm(tuned_logs):
 def test_build_applies_records_and_reports_hits(cli, tuned_logs, tiny_pt2, tmp_path, tiny_input):
     result = cli("build", tiny_pt2, "--log-dir", tuned_logs, "-o", tmp_path / "tuned")
     assert result.code == 0, result.err
-    assert "tuning records: 6 kernels tuned, 0 untuned" in result.err
     tuning = json.loads((tmp_path / "tuned" / "tiny.manifest.json").read_text())["build"]["tuning"]
-    assert tuning["hits"] == 6 and tuning["misses"] == 0
+    assert tuning["hits"] >= 4 and tuning["misses"] == 0, tuning
+    assert f"tuning records: {tuning['hits']} kernels tuned, 0 untuned" in result.err
     untuned = cli("build", tiny_pt2, "--log-dir", tmp_path / "empty", "-o", tmp_path / "untuned")
     assert "no tuning records" in untuned.err
     a = CompiledModel.load(tmp_path / "tuned" / "tiny.so").run({"x": tiny_input})["output0"]
@@ -101,7 +104,7 @@ def test_int8_tuning_keeps_tensorized_convs_and_builds_from_records(cli, cli_sub
     quant = ["--quantize", "int8", "--calib-data", calib, "--calib-samples", "4"]
     code, err = _tune(tiny_pt2, *quant, "--trials", "24", "--max-trials-per-task", "2", "--log-dir", logs)
     assert code == 0, err
-    assert "tensorized int8 conv kernels keep their hand schedule" in err
+    assert "conv kernels keep their hand schedule" in err
     tuned = cli("build", tiny_pt2, *quant, "--log-dir", logs, "-o", tmp_path / "tuned")
     assert tuned.code == 0, tuned.err
     tuning = json.loads((tmp_path / "tuned" / "tiny-int8.manifest.json").read_text())["build"]["tuning"]

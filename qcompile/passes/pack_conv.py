@@ -197,11 +197,15 @@ def _with_input(graph: Graph, conv, weight: np.ndarray, oc: int, ic: int, kernel
     return data, zero_point, shape, weight
 
 
-def PackConv(target: tvm.target.Target):
-    """The module pass form of :func:`pack_conv` for ``target``."""
+def PackConv(target: tvm.target.Target, counts: dict | None = None):
+    """The module pass form of :func:`pack_conv` for ``target``; ``counts`` (if given)
+    is updated with the layer counts."""
 
     @tvm.transform.module_pass(opt_level=0, name="qcompile.PackConv")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return pack_conv(mod, target)[0]
+        mod, found = pack_conv(mod, target)
+        if counts is not None:
+            counts.update(found)
+        return mod
 
     return _pass
