@@ -36,14 +36,41 @@ def model_tasks(name: str, target, quantize: bool):
     return ms.relax_integration.extract_tasks(mod, target.to_tvm())
 
 
+def compact_workloads(path: Path) -> None:
+    """Rewrite MetaSchedule's workload file with each workload's IR JSON unindented.
+
+    Each line is ``[structural hash, base64(8-byte little-endian length + IR JSON)]``;
+    TVM writes that JSON indented (most of a 15 MB file is spaces).  Whitespace does not
+    change the IR it loads, nor the hash records are matched by."""
+    import base64
+    import json
+    import struct
+
+    lines = []
+    for line in path.read_text().splitlines():
+        key, blob = json.loads(line)
+        raw = base64.b64decode(blob)
+        (size,) = struct.unpack("<Q", raw[:8])
+        ir = json.dumps(json.loads(raw[8:8 + size]), separators=(",", ":")).encode()
+        lines.append(json.dumps([key, base64.b64encode(struct.pack("<Q", len(ir)) + ir).decode()]))
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+")
+    parser.add_argument("models", nargs="*")
     parser.add_argument("--target", default="x86-avx2")
     parser.add_argument("--top", type=int, default=3, help="records kept per workload (default: 3)")
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--seed", action="store_true", help="also measure and keep each workload's default schedule")
+    parser.add_argument("--compact-only", action="store_true", help="only unindent the workload file in place")
     args = parser.parse_args()
+    if args.compact_only:
+        from qcompile.targets import resolve_target
+        from qcompile.tune import database_dir
+
+        compact_workloads(database_dir(resolve_target(args.target), args.log_dir) / "database_workload.json")
+        return
 
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
@@ -78,6 +105,7 @@ def main() -> None:
                 new.commit_tuning_record(ms.database.TuningRecord(
                     record.trace, workload, record.run_secs, record.target, record.args_info))
                 kept += 1
+        compact_workloads(Path(tmp) / "database_workload.json")
         for file in ("database_workload.json", "database_tuning_record.json"):
             shutil.copyfile(Path(tmp) / file, path / file)
     print(f"{path}: kept {kept} of {before} records (best {args.top} per workload the models use) "

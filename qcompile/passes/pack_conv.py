@@ -45,7 +45,7 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
     if not any(exact) and not any(_float_conv(v) for v in bindings):  # nothing to gain: leave the layout alone
         counts["int8_inexact"] = sum(w is not None for w in weights)
         return mod, counts
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(_clip_as_min_max(mod))
     mod = relax.transform.FoldConstant()(mod)  # the per-channel constants, transposed once
     graph = Graph.from_main(mod["main"])
     kernels: dict = {}  # (kernel, ConvShape) -> GlobalVar: layers of one shape share one kernel
@@ -86,6 +86,22 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
         return _call(em, func, data, packed, shape, zero_point)
 
     return rebuild_module(mod, rewrite), counts
+
+
+def _clip_as_min_max(mod: tvm.IRModule) -> tvm.IRModule:
+    """``clip(x, lo, hi)`` (ReLU6) as ``minimum(maximum(x, lo), hi)``: ConvertLayout has no
+    layout rule for clip and wrapped each one in two transposes (mobilenet_v2 fp32: 11 ms of
+    transposes in a 17 ms run); elementwise binary ops follow the layout and still fuse."""
+
+    def rewrite(em, var, value):
+        bounds = [getattr(a, "value", None) for a in value.args[1:]]  # FloatImm / IntImm in TVM 0.27
+        if op_name(value) != "relax.clip" or not all(isinstance(b, (int, float)) for b in bounds):
+            return None
+        dtype = dtype_of(value.args[0])
+        lo, hi = (relax.const(np.array(b, dtype)) for b in bounds)
+        return relax.op.minimum(em.emit(relax.op.maximum(em.subst(value.args[0]), lo)), hi)
+
+    return rebuild_module(mod, rewrite)
 
 
 def _call(em, kernel: relax.GlobalVar, data, weight: np.ndarray, shape: packed_conv2d.ConvShape,
