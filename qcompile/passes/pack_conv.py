@@ -59,7 +59,9 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
         if op_name(value) != "relax.nn.conv2d":
             return None
         integer = dot is not None and _int8_conv(value, dot)
-        depthwise = _match_depthwise(graph, value) if integer or _float_conv(value) else None
+        if not integer and not _float_conv(value):
+            return _hwio(em, value)
+        depthwise = _match_depthwise(graph, value)
         if depthwise is not None:
             data, zero_point, shape, weight = depthwise
             dtype = dtype_of(data)
@@ -67,7 +69,7 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
             func = kernel(em, f"depthwise_conv2d_{'int8' if integer else 'float32'}", shape,
                           lambda: depthwise_conv2d.depthwise_func(shape, dtype))
             return _call(em, func, data, weight, shape, zero_point)
-        match = _match(graph, value) if integer or _float_conv(value) else None
+        match = _match(graph, value)
         if match is None:
             return _hwio(em, value)
         data, zero_point, shape, weight = match
