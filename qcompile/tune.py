@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tvm
 
 from .errors import ConfigError, QcompileError
@@ -152,14 +153,18 @@ def rpc_runner(endpoint, timeout_sec: float = 60.0):
 
 
 def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=None,
-                           say: Callable[[str], None] | None = None) -> int:
+                           say: Callable[[str], None] | None = None, rounds: int = 3) -> int:
     """Measure what an untuned build runs for each task -- qcompile's default schedule
-    (:mod:`qcompile.schedules`; for tensorized convs the fastest of its register tiles), or
-    TVM's default lowering for kernels no rule covers -- and commit it as a tuning record, so
-    it competes with MetaSchedule's candidates: the database's best record is then never
-    slower than an untuned build (MetaSchedule's first candidates for small elementwise
-    kernels measured 5x slower here), and the search starts from it.  Returns the number of
-    records committed."""
+    (:mod:`qcompile.schedules`; for qcompile's conv kernels the fastest of its register
+    tiles), or TVM's default lowering for kernels no rule covers -- and commit it as a tuning
+    record, so it competes with MetaSchedule's candidates: the database's best record is then
+    never slower than an untuned build (MetaSchedule's first candidates for small elementwise
+    kernels measured 5x slower here), and the search starts from it.
+
+    Register tiles are measured in ``rounds`` interleaved rounds (each round in a rotated
+    order) and ranked by their median: one measurement each, one tile after another, let the
+    machine's drift pick a slower tile than the default.  The default tile is kept unless
+    another is more than ``_TILE_MARGIN`` faster.  Returns the number of records committed."""
     from tvm.s_tir import meta_schedule as ms
 
     from .kernels import hand_kernel_tiles
@@ -173,8 +178,8 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
         mod = task.dispatched[0]
         if database.has_workload(mod):  # seeded (or tuned) by an earlier run: don't measure it again
             continue
-        # qcompile's own conv kernels: each register tile that fits is a candidate;
-        # other kernels: one
+        # qcompile's own conv kernels: each register tile that fits is a candidate (the
+        # default tile first); other kernels: one
         tiles = hand_kernel_tiles(mod.script())
         schedules = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], target, False)
                                  for tile in (None,) + (tiles or ()))
@@ -185,22 +190,43 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
             schedules = [s_tir.Schedule(mod["main"])]
         built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
         args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-        inputs = [ms.runner.RunnerInput(b.artifact_path, device, args_info) for b in built if not b.error_msg]
-        measured = [s for s, b in zip(schedules, built) if not b.error_msg]
-        results = [r.result() for r in runner.run(inputs)] if inputs else []
-        timed = [(sum(float(t) for t in r.run_secs) / len(r.run_secs), s, r)
-                 for s, r in zip(measured, results) if not r.error_msg and r.run_secs]
+        candidates = [(s, ms.runner.RunnerInput(b.artifact_path, device, args_info))
+                      for s, b in zip(schedules, built) if not b.error_msg]
+        secs = _measure_interleaved(runner, [c[1] for c in candidates], rounds if len(candidates) > 1 else 1)
+        timed = [(float(np.median(t)), s, t) for (s, _), t in zip(candidates, secs) if t]
         if not timed:
             continue
-        best_secs, sch, result = min(timed, key=lambda item: item[0])
+        best = min(timed, key=lambda item: item[0])
+        if timed[0][1] is schedules[0] and timed[0][0] <= best[0] * (1 + _TILE_MARGIN):
+            best = timed[0]  # within the noise of the best: keep what an untuned build runs
+        best_secs, sch, run_secs = best
         workload = database.commit_workload(mod)
-        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args_info))
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [tvm.runtime.convert(float(t)) for t in run_secs], target, args_info))
         committed += 1
         if say:
             what = f"best of {len(timed)} register tiles" if tiles else "default schedule"
             what = what if sch.trace.insts else "default lowering"
             say(f"{what} of {str(task.task_name)[:48]}: {1e3 * best_secs:.3f} ms")
     return committed
+
+
+# A register tile other than the default must measure this much faster to be committed.
+_TILE_MARGIN = 0.03
+
+
+def _measure_interleaved(runner, inputs: list, rounds: int) -> list[list[float]]:
+    """Mean seconds per run of each input, once per round; round r starts at input r
+    (rotated) so that no candidate is always measured first or right after the same one.
+    A failed measurement leaves that input's list short (empty if it never ran)."""
+    secs: list[list[float]] = [[] for _ in inputs]
+    for index in range(rounds):
+        order = [(index + k) % len(inputs) for k in range(len(inputs))] if inputs else []
+        results = [r.result() for r in runner.run([inputs[i] for i in order])] if order else []
+        for i, result in zip(order, results):
+            if not result.error_msg and result.run_secs:
+                secs[i].append(sum(float(t) for t in result.run_secs) / len(result.run_secs))
+    return secs
 
 
 def _detach_unnamed_metaschedule_handlers() -> None:

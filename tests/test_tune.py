@@ -118,3 +118,34 @@ def test_int8_tuning_keeps_tensorized_convs_and_builds_from_records(cli, cli_sub
     # (an fp32 build imports nothing int8 before opening it).
     fp32 = cli_subprocess("build", tiny_pt2, "--log-dir", logs, "-o", tmp_path / "fp32")
     assert fp32.code == 0, fp32.err
+
+
+class _FakeResult:
+    def __init__(self, secs, error=None):
+        self.run_secs, self.error_msg = secs, error
+
+    def result(self):
+        return self
+
+
+class _FakeRunner:
+    """Each input is a name; its run takes seconds[name][round]; records the order run."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, []
+
+    def run(self, inputs):
+        self.calls.append(list(inputs))
+        return [_FakeResult([self.seconds[name][len(self.calls) - 1]]) if name in self.seconds
+                else _FakeResult(None, "failed") for name in inputs]
+
+
+def test_register_tiles_are_measured_in_rotated_interleaved_rounds():
+    from qcompile.tune import _measure_interleaved
+
+    runner = _FakeRunner({"a": [1.0, 5.0, 1.2], "b": [2.0, 2.1, 1.9]})
+    secs = _measure_interleaved(runner, ["a", "b", "broken"], rounds=3)
+    assert runner.calls == [["a", "b", "broken"], ["b", "broken", "a"], ["broken", "a", "b"]]
+    # per input, one mean per round, in round order; a failing input gets none
+    assert secs == [[1.0, 5.0, 1.2], [2.0, 2.1, 1.9], []]
+    assert float(np.median(secs[0])) < float(np.median(secs[1]))  # one slow round does not decide
