@@ -163,14 +163,19 @@ def _folded_conv2d_func(shape: ConvShape, dot: Int8Dot, dims) -> tirx.PrimFunc:
 def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
     """(P pixels, O lane-groups) of accumulators per register tile.
 
-    Eight accumulators (4 x 2) leave room in 16 vector registers for the weights, the
-    broadcast activation and the intrinsic's temporaries; narrow outputs use 7 or 2 pixels
-    so that P divides the output width (a partial tile cannot be tensorized)."""
-    for pixels in (4, 7, 2, 1):
-        if out_width % pixels == 0:
-            groups = 2 if pixels <= 4 and lane_groups % 2 == 0 else 1
-            return pixels, groups
-    return 1, 1
+    Eight accumulators (4 x 2, or 2 x 4 where 4 does not divide the width) leave room in 16
+    vector registers for the weights, the broadcast activation and the intrinsic's
+    temporaries; P must divide the output width (a partial tile cannot be tensorized).  On
+    the 14-wide layers 2 x 4 measured 1.3-1.8x faster than 7 x 1 for 1x1 convs (mobilenet_v2
+    64->384: 0.062 vs 0.112 ms, resnet18's 128->256 stride-2 shortcut: 0.060 vs 0.104 ms) and
+    level for 3x3; 7-wide layers keep 7 x 1."""
+    if out_width % 4 == 0:
+        return 4, 2 if lane_groups % 2 == 0 else 1
+    if out_width % 2 == 0:
+        return 2, next(g for g in (4, 2, 1) if lane_groups % g == 0)
+    if out_width % 7 == 0:
+        return 7, 1
+    return 1, 2 if lane_groups % 2 == 0 else 1
 
 
 def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[[object], None],
