@@ -201,8 +201,7 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
             best = timed[0]  # within the noise of the best: keep what an untuned build runs
         best_secs, sch, run_secs = best
         workload = database.commit_workload(mod)
-        database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, [tvm.runtime.convert(float(t)) for t in run_secs], target, args_info))
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, run_secs, target, args_info))
         committed += 1
         if say:
             what = f"best of {len(timed)} register tiles" if tiles else "default schedule"
