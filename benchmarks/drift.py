@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # latency.py's ONNX Runtime helpers
 
 
 def runner(contender: str, model: str, threads: int, work: Path):
@@ -35,16 +36,11 @@ def runner(contender: str, model: str, threads: int, work: Path):
         artifact = build(import_model(model), resolve_target("native"), work, name=model)
         compiled = CompiledModel.load(artifact.library)
         return lambda: compiled.run({"x": x})
-    import onnxruntime as ort
-    import torch
+    from latency import export_onnx, ort_session
 
     from qcompile.frontend import torchvision_module
 
-    path = work / f"{model}.onnx"
-    torch.onnx.export(torchvision_module(model), (torch.from_numpy(x),), str(path), input_names=["x"], dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(export_onnx(torchvision_module(model), x, work / f"{model}.onnx"), threads)
     return lambda: session.run(None, {"x": x})
 
 

@@ -29,9 +29,25 @@ def busy_wait(seconds: float) -> None:
         pass
 
 
+def export_onnx(net, example: np.ndarray, path: Path) -> Path:
+    """The torchvision module as an ONNX file (input "x"), the way ONNX Runtime users export."""
+    import torch
+
+    torch.onnx.export(net, (torch.from_numpy(example),), str(path), input_names=["x"], dynamo=False)
+    return path
+
+
+def ort_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def contenders(model: str, threads: int, calib: int, work: Path,
                torch_int8: bool = True) -> dict[str, Callable[[np.ndarray], object]]:
-    import onnxruntime as ort
     import torch
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -67,8 +83,7 @@ def contenders(model: str, threads: int, calib: int, work: Path,
                 continue  # no records for this model: the untuned build below covers it
             built[f"qcompile {label} ({how})"] = CompiledModel.load(artifact.library)
 
-    onnx_path = work / f"{model}.onnx"
-    torch.onnx.export(net, (torch.from_numpy(samples[0]),), str(onnx_path), input_names=["x"], dynamo=False)
+    onnx_path = export_onnx(net, samples[0], work / f"{model}.onnx")
     pre = work / f"{model}-pre.onnx"
     quant_pre_process(str(onnx_path), str(pre))
 
@@ -82,10 +97,7 @@ def contenders(model: str, threads: int, calib: int, work: Path,
     ort_int8_path = work / f"{model}-ort-int8.onnx"
     quantize_static(str(pre), str(ort_int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    ort_fp32 = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    ort_int8 = ort.InferenceSession(str(ort_int8_path), options, providers=["CPUExecutionProvider"])
+    ort_fp32, ort_int8 = ort_session(onnx_path, threads), ort_session(ort_int8_path, threads)
 
     def torch_fp32(x):
         with torch.no_grad():
