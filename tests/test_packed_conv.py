@@ -38,6 +38,7 @@ CASES = {  # ic, h, w, oc, k, stride, pad, dilation
     "oc_not_multiple_of_lanes": (8, 6, 6, 12, 3, 1, 1, 1),
     "dilated": (8, 11, 11, 8, 3, 1, 2, 2),
     "14_wide_2x4_tile": (8, 14, 14, 32, 1, 1, 0, 1),  # default tile 2 pixels x 4 lane groups
+    "deep_3x3": (64, 4, 4, 32, 3, 1, 1, 1),  # weight larger than the input: channel blocks over the cores
 }
 
 
@@ -70,6 +71,14 @@ def test_kernel_matches_int64_reference(case):
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(zx),
                 tvm.runtime.tensor(packed_conv2d.pack_weight(weight, DOT.lanes, shape.folds_rows)), out)
     np.testing.assert_array_equal(out.numpy(), _conv_int(x, weight, stride, pad, dilation, 131))
+
+
+@pytest.mark.parametrize("case, rows", [("3x3", True), ("deep_3x3", False)])
+def test_wide_layers_spread_rows_deep_layers_channel_blocks(case, rows):
+    ic, h, w, oc, k, stride, pad, dilation = CASES[case]
+    shape = packed_conv2d.ConvShape(1, ic, h, w, oc, k, k, (stride, stride), (pad,) * 4, (dilation, dilation))
+    sch = tvm.s_tir.Schedule(packed_conv2d.conv2d_func(shape, AVX2))
+    assert packed_conv2d.rows_outer(sch, sch.get_sblock(packed_conv2d.ANCHOR)) is rows
 
 
 def test_default_tile_keeps_eight_accumulators_where_the_width_allows():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from .packed_conv2d import PAD, ConvShape, vectorize_pad
+from .packed_conv2d import PAD, ConvShape, rows_outer, vectorize_pad
 
 ANCHOR = "conv2d_float_packed"
 LANES = 8  # output channels per block: one AVX2 register (two NEON registers)
@@ -84,7 +84,7 @@ def tile_for(out_width: int, blocks: int) -> tuple[int, int]:
 
 def schedule(sch: s_tir.Schedule, anchor, fuse_epilogue: Callable[[object], None],
              tile: tuple[int, int] | None = None, lanes: int = LANES) -> bool:
-    """Channel blocks x rows over the cores (a block's weights stay in cache across rows);
+    """Rows or channel blocks over the cores (``packed_conv2d.rows_outer``);
     per tile, accumulators in registers over (kh, kw, ic); ``fuse_epilogue(loop)`` computes
     the consumers (the crop, then any fused elementwise ops) per tile.  False if ``tile``
     does not divide this conv (``sch`` is then untouched)."""
@@ -96,8 +96,9 @@ def schedule(sch: s_tir.Schedule, anchor, fuse_epilogue: Callable[[object], None
     co, ci = sch.split(c, [None, lanes])
     co_o, co_i = sch.split(co, [None, groups])
     ow_o, ow_i = sch.split(ow, [None, pixels])
-    sch.reorder(n, co_o, oh, ow_o, rkh, rkw, rc, ow_i, co_i, ci)
-    sch.parallel(sch.fuse(n, co_o, oh))
+    outer = (n, oh, co_o) if rows_outer(sch, anchor) else (n, co_o, oh)
+    sch.reorder(*outer, ow_o, rkh, rkw, rc, ow_i, co_i, ci)
+    sch.parallel(sch.fuse(*outer))
     sch.set_scope(anchor, 0, "local")  # one tile's accumulators, kept in registers
     fuse_epilogue(ow_o)  # at least the crop to the real output width
     sch.vectorize(ci)

@@ -191,9 +191,9 @@ def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[
         return False
     co_o, co_i = sch.split(co, [None, groups])
     ow_o, ow_i = sch.split(ow, [None, pixels])
-    # output-channel blocks outermost: one block's weights stay in cache across the rows
-    sch.reorder(n, co_o, oh, ow_o, *reduction[:-1], co_i, ow_i, ci, reduction[-1])
-    sch.parallel(sch.fuse(n, co_o, oh))
+    outer = (n, oh, co_o) if rows_outer(sch, anchor) else (n, co_o, oh)
+    sch.reorder(*outer, ow_o, *reduction[:-1], co_i, ow_i, ci, reduction[-1])
+    sch.parallel(sch.fuse(*outer))
     sch.set_scope(anchor, 0, "local")  # accumulators: compacted to one tile, kept in registers
     # (.., OC/L, L) -> (.., OC): the epilogue's index c // L, c % L becomes plain c, so its
     # channel vectors load straight from the accumulators instead of being scalarised
@@ -206,6 +206,20 @@ def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[
     sch.unroll(ow_i)
     vectorize_pad(sch)
     return True
+
+
+def rows_outer(sch: s_tir.Schedule, anchor) -> bool:
+    """Whether to spread a conv's output rows over the cores rather than its output-channel
+    blocks: rows where the input is at least as large as the weight (the early, wide layers),
+    so that each core reads mostly the rows it wrote in the layer before; channel blocks
+    where the weight is larger, so that each core reads only its blocks' weights.  Measured
+    in one process, builds A/B, 20 interleaved rounds: int8 resnet18 0.95x and mobilenet_v2
+    0.94x the latency of channel blocks everywhere; rows everywhere: 1.01x of this rule."""
+    sizes = [(int(np.prod([int(d) for d in region.source.shape])), len(region.source.shape))
+             for region in sch.get(anchor).reads]
+    activation = max(size for size, ndim in sizes if ndim in (3, 4))  # (N, H, W, C) or folded rows
+    weight = max(size for size, ndim in sizes if ndim in (5, 6))  # the packed weight
+    return activation >= weight
 
 
 def vectorize_pad(sch: s_tir.Schedule, name: str = PAD) -> None:
