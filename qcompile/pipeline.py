@@ -8,6 +8,9 @@
                   (GPU backends add dlight schedules here).
 4. ``lower``:     the backend's dataflow lowering and VM finalisation.
 
+Code generation lowers the kernels with TVM's TIR pipeline plus one pass of ours
+(:mod:`qcompile.passes.balance_parallel`: parallel loops balanced over the cores at run time).
+
 ``dump_ir`` writes the module after each phase (``01-inference.py`` ...) for debugging.
 """
 from __future__ import annotations
@@ -108,6 +111,26 @@ def default_schedule_passes(target: tvm.target.Target) -> list:
     return [dl.ApplyDefaultSchedule(ConvMatmulCPU())]
 
 
+def _cpu_tir_pipeline():
+    """TVM's default TIR lowering followed by :mod:`qcompile.passes.balance_parallel`
+    (the pass skips non-CPU functions)."""
+    from tvm.tirx import compilation_pipeline
+
+    from .passes.balance_parallel import BalanceParallel
+
+    lower, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
+    return tvm.transform.Sequential([lower, BalanceParallel]), finalize_host, finalize_device
+
+
+def tir_pipeline() -> str:
+    """The name of qcompile's TIR pipeline for ``tvm.compile(..., tir_pipeline=)``
+    (registered in TVM's process-wide table on first use)."""
+    from tvm.tirx import compilation_pipeline
+
+    compilation_pipeline.register_tir_pipeline("qcompile_cpu", _cpu_tir_pipeline)
+    return "qcompile_cpu"
+
+
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None,
                    tuning_passes: list | None = None, kernel_counts: dict | None = None):
     """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``.
@@ -120,4 +143,4 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path |
     phases = [(name, (lambda t: _kernel_passes(t, kernel_counts)) if name == "kernels" else make)
               for name, make in with_tuning(passes)]
     lowered = run_phases(mod, target, phases=phases, dump_ir=dump_ir)
-    return tvm.compile(lowered, target, relax_pipeline=None)
+    return tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=tir_pipeline())
