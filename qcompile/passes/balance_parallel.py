@@ -6,17 +6,18 @@ on the 2-vCPU VM this project is built on, each vCPU's single-thread speed moved
 from one 0.4-s window to the next, independently of the other, and ONNX Runtime (whose
 thread pool hands out work dynamically) slowed down less than qcompile in those phases.
 
-This TIR pass (run after TVM's lowering, on CPU targets) rewrites an outermost parallel
-loop into ``tasks`` parallel tasks.  Task ``t`` first runs the contiguous range of ``i`` the
-static split would give it (so each core still reads the rows or weights the schedule meant
-it to), in order; then it runs what is left of the other tasks' ranges from their ends.
-TVM 0.27's CPU backend has no atomic add, so an iteration is claimed with a plain flag
-(``qc_taken[i]``, checked then set): two tasks can both take the same iteration when they
-meet, and both then compute it.  That is harmless only when an iteration is idempotent --
-it writes memory that no iteration reads (the tile of a conv's output, a row of a padded
-copy) -- so a loop is rewritten only then; a loop that reads back what it writes (an
-accumulator kept in the output, as TVM's default matmul does) or calls out is left static.
-This is idempotent work stealing (Michael, Vechev, Saraswat, PPoPP 2009).
+This TIR pass (run after TVM's lowering, on CPU targets) keeps TVM's split -- each thread
+still runs its chunk in order, so each core reads the rows or weights the schedule meant it
+to -- and adds stealing: a thread that has run the last iteration of its chunk goes to the
+end of the loop and, walking back, skips what is done and runs iterations that nobody has
+taken, until it meets one that is taken (the owner's progress).  TVM 0.27's CPU backend has
+no atomic add, so an iteration is claimed with a plain flag (``qc_taken[i]``, checked then
+set): a thief and the owner can both take the iteration where they meet, and both compute
+it.  That is harmless only when an iteration is idempotent -- it writes memory that no
+iteration reads (the tile of a conv's output, a row of a padded copy) -- so a loop is
+rewritten only then; a loop that reads back what it writes (an accumulator kept in the
+output, as TVM's default matmul does) or calls out is left as it is.  This is idempotent
+work stealing (Michael, Vechev, Saraswat, PPoPP 2009).
 """
 from __future__ import annotations
 
@@ -24,43 +25,67 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-DEFAULT_TASKS = 8  # when the target does not say how many cores it has
 BALANCED = "qcompile.balanced"  # marks a rewritten loop
 _OPAQUE_CALLS = ("call_packed", "call_cpacked", "call_extern", "call_pure_extern", "atomic")
+_OWN, _SKIP, _TAKE, _DONE = 0, 1, 2, 3  # a task's stealing state
 
 
-def _int32(value: int) -> tirx.IntImm:
+def _int32(value) -> tirx.IntImm:
     return tirx.IntImm("int32", value)
 
 
-def balanced_loop(loop: tirx.For, tasks: int) -> tirx.Stmt:
-    """``loop`` (parallel, constant extent, idempotent iterations) as ``tasks`` parallel
-    tasks that run their own range, then steal from the others' ends."""
+def balanced_loop(loop: tirx.For) -> tirx.Stmt:
+    """``loop`` (parallel, constant extent, idempotent iterations) with stealing added."""
     extent = int(loop.extent)
     taken = tirx.decl_buffer((extent,), "int8", name="qc_taken")
-    k, j = tirx.Var("qc_k", "int32"), tirx.Var("qc_j", "int32")
-    task, offset = tirx.Var("qc_task", "int32"), tirx.Var("qc_offset", "int32")
+    state = tirx.decl_buffer((3,), "int32", name="qc_state", scope="local")  # next, mode, scan position
+    task, k = tirx.Var("qc_task", "int32"), tirx.Var("qc_k", "int32")
+    nxt, mode, pos = (tirx.BufferLoad(state, [_int32(i)]) for i in range(3))
 
-    def start(range_index):  # the first iteration of a task's own range
-        return tirx.floordiv(range_index * _int32(extent), _int32(tasks))
+    def put(slot: int, value) -> tirx.Stmt:
+        return tirx.BufferStore(state, value if not isinstance(value, int) else _int32(value), [_int32(slot)])
 
-    victim = tirx.floormod(task + offset, _int32(tasks))
-    first, end = start(victim), start(victim + 1)
-    index = tirx.Select(offset == 0, first + j, end - 1 - j)  # own range forwards, others backwards
-    iteration = tirx.SeqStmt([
-        tirx.BufferStore(taken, tirx.IntImm("int8", 1), [index]),
-        tirx.Bind(loop.loop_var, loop.min + tirx.Cast(str(loop.loop_var.ty.dtype), index)),
+    def is_free(index):
+        return tirx.BufferLoad(taken, [index]) == tirx.IntImm("int8", 0)
+
+    # after its own iteration: steal if that was the last of this thread's chunk (the next one
+    # is taken: another thread started there, or a thief got there)
+    chunk_ended = tirx.IfThenElse(
+        tirx.Or(task + 1 >= _int32(extent), tirx.Not(is_free(tirx.min(task + 1, _int32(extent - 1))))),
+        tirx.SeqStmt([put(1, _SKIP), put(2, _int32(extent - 1))]), None)
+    scan = tirx.While(
+        tirx.And(tirx.And(mode >= _int32(_SKIP), mode <= _int32(_TAKE)), tirx.And(pos >= _int32(0), nxt < _int32(0))),
+        tirx.SeqStmt([
+            tirx.IfThenElse(is_free(pos), tirx.SeqStmt([put(0, pos), put(1, _TAKE)]),
+                            tirx.IfThenElse(mode == _int32(_TAKE), put(1, _DONE), None)),
+            put(2, pos - 1),
+        ]))
+    current = tirx.Var("qc_current", "int32")
+    iteration = tirx.SeqStmt([  # claim this one, find the next one, run this one
+        tirx.Bind(current, nxt),
+        tirx.BufferStore(taken, tirx.IntImm("int8", 1), [current]),
+        put(0, -1),
+        tirx.IfThenElse(mode == _int32(_OWN), chunk_ended, None),
+        scan,
+        tirx.Bind(loop.loop_var, loop.min + tirx.Cast(str(loop.loop_var.ty.dtype), current)),
         loop.body,
     ])
-    run = tirx.For(offset, _int32(0), _int32(tasks), tirx.ForKind.SERIAL,
-                   tirx.For(j, _int32(0), end - first, tirx.ForKind.SERIAL,
-                            tirx.IfThenElse(tirx.BufferLoad(taken, [index]) == tirx.IntImm("int8", 0),
-                                            iteration, None)))
+    task_body = tirx.SeqStmt([
+        tirx.AllocBuffer(state),
+        put(0, tirx.Select(is_free(task), task, _int32(-1))),  # a stolen own iteration: nothing to do
+        put(1, _OWN),
+        put(2, -1),
+        # (a one-trip loop around the body: TVM frees a kernel's scratch buffers at the end
+        # of the enclosing loop body, and a While body does not count as one)
+        tirx.While(nxt >= _int32(0), tirx.For(tirx.Var("qc_once", "int32"), _int32(0), _int32(1),
+                                              tirx.ForKind.SERIAL, iteration)),
+    ])
     return tirx.SeqStmt([
         tirx.AllocBuffer(taken),
         tirx.For(k, _int32(0), _int32(extent), tirx.ForKind.SERIAL,
                  tirx.BufferStore(taken, tirx.IntImm("int8", 0), [k])),
-        tirx.For(task, _int32(0), _int32(tasks), tirx.ForKind.PARALLEL, run, annotations={BALANCED: _int32(1)}),
+        tirx.For(task, _int32(0), _int32(extent), tirx.ForKind.PARALLEL, task_body,
+                 annotations={BALANCED: _int32(1)}),
     ])
 
 
@@ -116,7 +141,7 @@ def _has_parallel(stmt) -> bool:
     return bool(found)
 
 
-def balance_function(func: tirx.PrimFunc, tasks: int) -> tirx.PrimFunc:
+def balance_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` with each outermost, constant-extent, idempotent parallel loop balanced
     (nested parallel loops, which TVM runs serially inside the outer one, are left as
     they are)."""
@@ -127,7 +152,7 @@ def balance_function(func: tirx.PrimFunc, tasks: int) -> tirx.PrimFunc:
                 and isinstance(node.extent, tirx.IntImm) and int(node.extent) > 1
                 and BALANCED not in (node.annotations or {}) and not _has_parallel(node.body)
                 and idempotent(node, aliases)):
-            return balanced_loop(node, tasks)
+            return balanced_loop(node)
         return node
 
     return func.with_body(tvm_ffi.structural_map(func.body, (tirx.For, rewrite)))
@@ -135,14 +160,12 @@ def balance_function(func: tirx.PrimFunc, tasks: int) -> tirx.PrimFunc:
 
 @tvm.transform.module_pass(opt_level=0, name="qcompile.BalanceParallel")
 def BalanceParallel(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a TVM pass)
-    """The pass over every CPU PrimFunc of ``mod``; ``tasks`` = the target's ``num-cores``."""
+    """:func:`balance_function` over every CPU (llvm) PrimFunc of ``mod``."""
     updates = {}
     for gvar, func in mod.functions.items():
         target = func.attrs.get("target") if isinstance(func, tirx.PrimFunc) and func.attrs else None
-        if target is None or target.kind.name != "llvm":
-            continue
-        cores = int(target.attrs.get("num-cores", 0) or 0)
-        updates[gvar] = balance_function(func, cores if cores > 1 else DEFAULT_TASKS)
+        if target is not None and target.kind.name == "llvm":
+            updates[gvar] = balance_function(func)
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod
