@@ -4,11 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-import tvm_ffi
-from tvm import tirx
 from tvm.script import tirx as T
 
-from qcompile.passes.balance_parallel import BALANCED, balance_function
+from qcompile.passes.balance_parallel import BALANCED, balance_function, parallel_loops
 from qcompile.pipeline import tir_pipeline
 
 
@@ -30,18 +28,11 @@ def _lower(func):
     return lowered(tvm.tirx.transform.BindTarget(target)(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})))["main"]
 
 
-def _parallel_loops(func) -> list:
-    loops = []
-    tvm_ffi.structural_walk(func.body, lambda n: loops.append(n)
-                            if isinstance(n, tirx.For) and n.kind == tirx.ForKind.PARALLEL else None)
-    return loops
-
-
 @pytest.mark.parametrize("rows", [7, 64, 3, 1, 50])
 def test_balanced_kernel_computes_every_row_once(rows):
     func = _rows_kernel(rows, 5)
     balanced = balance_function(_lower(func))
-    parallel = _parallel_loops(balanced)
+    parallel = parallel_loops(balanced.body)
     if rows > 1:  # one-iteration loops are left alone
         assert [int(p.extent) for p in parallel] == [rows] and BALANCED in parallel[0].annotations
         assert "qc_taken" in balanced.script()
@@ -63,7 +54,7 @@ def test_loop_that_reads_back_its_output_stays_static():
                 b[i] = b[i] + a[i, j]
 
     balanced = balance_function(_lower(row_sums))
-    assert [int(p.extent) for p in _parallel_loops(balanced)] == [9] and "qc_taken" not in balanced.script()
+    assert [int(p.extent) for p in parallel_loops(balanced.body)] == [9] and "qc_taken" not in balanced.script()
     lib = tvm.compile(tvm.IRModule({"main": row_sums}), "llvm", tir_pipeline=tir_pipeline())
     a = np.random.default_rng(1).standard_normal((9, 6)).astype("float32")
     b = tvm.runtime.tensor(np.zeros(9, "float32"))

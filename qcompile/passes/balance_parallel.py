@@ -38,7 +38,9 @@ def balanced_loop(loop: tirx.For) -> tirx.Stmt:
     """``loop`` (parallel, constant extent, idempotent iterations) with stealing added."""
     extent = int(loop.extent)
     taken = tirx.decl_buffer((extent,), "int8", name="qc_taken")
-    state = tirx.decl_buffer((3,), "int32", name="qc_state", scope="local")  # next, mode, scan position
+    # next, mode, scan position; "global" scope: TVM puts small global buffers on the stack
+    # but allocates "local" ones from the workspace pool, a call per task
+    state = tirx.decl_buffer((3,), "int32", name="qc_state")
     task, k = tirx.Var("qc_task", "int32"), tirx.Var("qc_k", "int32")
     nxt, mode, pos = (tirx.BufferLoad(state, [_int32(i)]) for i in range(3))
 
@@ -134,11 +136,12 @@ def idempotent(loop: tirx.For, aliases) -> bool:
     return not any(s.same_as(r) for s in shared for r in reads)
 
 
-def _has_parallel(stmt) -> bool:
+def parallel_loops(stmt) -> list[tirx.For]:
+    """The parallel loops in ``stmt``, at any depth."""
     found = []
-    tvm_ffi.structural_walk(stmt, lambda node: found.append(1)
+    tvm_ffi.structural_walk(stmt, lambda node: found.append(node)
                             if isinstance(node, tirx.For) and node.kind == tirx.ForKind.PARALLEL else None)
-    return bool(found)
+    return found
 
 
 def balance_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -150,7 +153,7 @@ def balance_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     def rewrite(node):
         if (isinstance(node, tirx.For) and node.kind == tirx.ForKind.PARALLEL
                 and isinstance(node.extent, tirx.IntImm) and int(node.extent) > 1
-                and BALANCED not in (node.annotations or {}) and not _has_parallel(node.body)
+                and BALANCED not in (node.annotations or {}) and not parallel_loops(node.body)
                 and idempotent(node, aliases)):
             return balanced_loop(node)
         return node
