@@ -8,8 +8,9 @@
                   (GPU backends add dlight schedules here).
 4. ``lower``:     the backend's dataflow lowering and VM finalisation.
 
-Code generation lowers the kernels with TVM's TIR pipeline plus one pass of ours
-(:mod:`qcompile.passes.balance_parallel`: parallel loops balanced over the cores at run time).
+Code generation lowers the kernels with TVM's TIR pipeline plus two passes of ours
+(:mod:`qcompile.passes.stack_tiles`: register tiles on the stack, not the workspace pool;
+:mod:`qcompile.passes.balance_parallel`: parallel loops balanced over the cores at run time).
 
 ``dump_ir`` writes the module after each phase (``01-inference.py`` ...) for debugging.
 """
@@ -112,14 +113,15 @@ def default_schedule_passes(target: tvm.target.Target) -> list:
 
 
 def _cpu_tir_pipeline():
-    """TVM's default TIR lowering followed by :mod:`qcompile.passes.balance_parallel`
-    (the pass skips non-CPU functions)."""
+    """TVM's default TIR lowering followed by :mod:`qcompile.passes.stack_tiles` and
+    :mod:`qcompile.passes.balance_parallel` (both skip non-CPU functions)."""
     from tvm.tirx import compilation_pipeline
 
     from .passes.balance_parallel import BalanceParallel
+    from .passes.stack_tiles import StackTiles
 
     lower, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
-    return tvm.transform.Sequential([lower, BalanceParallel]), finalize_host, finalize_device
+    return tvm.transform.Sequential([lower, StackTiles, BalanceParallel]), finalize_host, finalize_device
 
 
 def tir_pipeline() -> str:
