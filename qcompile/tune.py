@@ -42,16 +42,20 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
     submodule import runs the whole package) and the builder's fresh worker pool repeats it
     for every batch of candidates.  Building a candidate needs no intrinsic registry
     unless a schedule is replayed here (tensorized candidates arrive already lowered to
-    their LLVM intrinsics).
+    their LLVM intrinsics).  Candidates are lowered with qcompile's TIR pipeline
+    (:func:`qcompile.pipeline.tir_pipeline`), as ``qcompile build`` lowers them: a tile
+    measured without its passes (register tiles on the stack, run-time balancing) can rank
+    differently.
     """
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .pipeline import tir_pipeline
     from .tvm_compat import ensure
 
     ensure()
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    return tvm_build(mod, target=target, pipeline=tir_pipeline())
 
 
 def log_root() -> Path:
