@@ -3,8 +3,11 @@
 Every contender runs the same input with the same thread count; rounds are interleaved
 (A, B, C, then B, C, A, ...: the order rotates) with a short busy-wait gap between contenders, because
 ONNX Runtime's and PyTorch's worker threads keep spinning after a call and would slow
-the next contender on 2 cores; sleeping instead distorts too.  The VM's speed drifts,
-so ratios are taken within one run.  Writes benchmarks/results/latency_<model>.{json,md}.
+the next contender on 2 cores; sleeping instead distorts too.  The VM's speed drifts (by
+tens of percent from one minute to the next here), so ratios are taken within one run, and
+each ratio column is the median of the per-round ratios (a contender against the other
+one's median in the same round), which a phase that covers only some rounds moves less
+than a ratio of the two overall medians.  Writes benchmarks/results/latency_<model>.{json,md}.
 
     .venv/bin/python benchmarks/latency.py resnet18 --rounds 5
 """
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ORT_INT8 = "ONNX Runtime int8 (QDQ U8S8 per-channel)"
+TORCH_FP32 = "PyTorch fp32 eager"
 
 
 def busy_wait(seconds: float) -> None:
@@ -113,9 +118,9 @@ def contenders(model: str, threads: int, calib: int, work: Path,
     runners = {name: (lambda x, m=compiled: m.run({"x": x})) for name, compiled in built.items()}
     return {
         **runners,
-        "PyTorch fp32 eager": torch_fp32,
+        TORCH_FP32: torch_fp32,
         "ONNX Runtime fp32": lambda x: ort_fp32.run(None, {"x": x}),
-        "ONNX Runtime int8 (QDQ U8S8 per-channel)": lambda x: ort_int8.run(None, {"x": x}),
+        ORT_INT8: lambda x: ort_int8.run(None, {"x": x}),
         **extra,
     }
 
@@ -172,6 +177,11 @@ def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: f
     return per_round
 
 
+def paired_ratio(per_round: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of ``name``'s round median / ``base``'s round median."""
+    return float(np.median(np.array(per_round[name]) / np.array(per_round[base])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="resnet18")
@@ -188,12 +198,17 @@ def main() -> None:
         runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8)
         per_round = measure(runners, x, args.rounds, args.budget, gap_s=0.05)
     medians = {name: float(np.median(v)) for name, v in per_round.items()}
-    ort_int8 = medians["ONNX Runtime int8 (QDQ U8S8 per-channel)"]
-    torch_fp32 = medians["PyTorch fp32 eager"]
-    lines = [f"{args.model}, batch 1, {args.threads} threads, {args.rounds} interleaved rounds (median of round medians)",
+    lines = [f"{args.model}, batch 1, {args.threads} threads, {args.rounds} interleaved rounds of {args.budget:g} s "
+             "per contender (median of round medians; ratios: median of per-round ratios)",
              "", "| contender | median ms | vs ORT int8 | vs PyTorch fp32 |", "|---|---|---|---|"]
     for name, ms in medians.items():
-        lines.append(f"| {name} | {ms:.2f} | {ms / ort_int8:.2f}x | {ms / torch_fp32:.2f}x |")
+        lines.append(f"| {name} | {ms:.2f} | {paired_ratio(per_round, name, ORT_INT8):.2f}x "
+                     f"| {paired_ratio(per_round, name, TORCH_FP32):.2f}x |")
+    fp32, int8 = (next((n for n in per_round if n.startswith(f"qcompile {kind} (") and "untuned" not in n), None)
+                  for kind in ("fp32", "int8"))
+    if fp32 and int8:
+        lines += ["", f"qcompile int8 vs qcompile fp32 (both from the tuning records): "
+                      f"{1 / paired_ratio(per_round, int8, fp32):.2f}x faster"]
     table = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"latency_{args.model}.md").write_text(table)
