@@ -1,0 +1,44 @@
+# build every seeding candidate for x86-avx512 here (no AVX-512 to run them); measured on a VNNI machine
+import sys, json, time
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
+import tvm_ffi
+from tvm.s_tir import meta_schedule as ms
+from prune_tuning_logs import model_tasks
+from qcompile.kernels import hand_kernel_tiles
+from qcompile.schedules import ConvMatmulCPU
+from qcompile.targets import resolve_target
+from qcompile.tune import build_candidate
+out = ROOT / ".devcarry/cand"; out.mkdir(parents=True, exist_ok=True)
+target = resolve_target("x86-avx512"); t = target.to_tvm()
+tasks, seen = [], set()
+for name in ("resnet18", "mobilenet_v2"):
+    for quantize in (False, True):
+        for task in model_tasks(name, target, quantize):
+            key = tvm_ffi.structural_hash(task.dispatched[0])
+            if key not in seen:
+                seen.add(key); tasks.append(task)
+print(len(tasks), "tasks", flush=True)
+meta = []
+t0 = time.time()
+for ti, task in enumerate(tasks):
+    mod = task.dispatched[0]
+    tiles = hand_kernel_tiles(mod.script())
+    scheds = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], t, False) for tile in (None,) + (tiles or ())) if s is not None]
+    if not scheds:
+        from tvm import s_tir
+        scheds = [s_tir.Schedule(mod["main"])]
+    args = [[str(a.as_json()[1]), [int(d) for d in a.as_json()[2]]] for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
+    built = []
+    for si, s in enumerate(scheds):
+        try:
+            lib = build_candidate(s.mod, t)
+            lib.export_library(str(out / f"{ti}_{si}.so"))
+            built.append(si)
+        except Exception as exc:
+            print("build failed", ti, si, str(exc)[:100])
+    meta.append({"task": ti, "name": str(task.task_name), "candidates": built, "args": args})
+    if ti % 10 == 0: print(ti, f"{time.time()-t0:.0f}s", flush=True)
+(out / "meta.json").write_text(json.dumps(meta))
+print("done", time.time() - t0)

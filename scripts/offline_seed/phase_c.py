@@ -1,0 +1,50 @@
+# commit x86-avx512 records from the VNNI machine's measurements (same rule as tune.seed_default_schedules)
+import sys, json
+from pathlib import Path
+import numpy as np
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
+import tvm_ffi
+from tvm.s_tir import meta_schedule as ms
+from prune_tuning_logs import model_tasks, compact_workloads
+from qcompile.kernels import hand_kernel_tiles
+from qcompile.schedules import ConvMatmulCPU
+from qcompile.targets import resolve_target
+from qcompile.tune import database_dir, open_database, _TILE_MARGIN
+measured = json.load(open(sys.argv[1]))
+meta = json.load(open(ROOT / ".devcarry/cand/meta.json"))
+target = resolve_target("x86-avx512"); t = target.to_tvm()
+tasks, seen = [], set()
+for name in ("resnet18", "mobilenet_v2"):
+    for quantize in (False, True):
+        for task in model_tasks(name, target, quantize):
+            key = tvm_ffi.structural_hash(task.dispatched[0])
+            if key not in seen:
+                seen.add(key); tasks.append(task)
+assert len(tasks) == len(meta), (len(tasks), len(meta))
+path = database_dir(target); path.mkdir(parents=True, exist_ok=True)
+db = open_database(path)
+committed = 0
+for ti, task in enumerate(tasks):
+    assert str(task.task_name) == meta[ti]["name"]
+    secs = measured.get(str(ti))
+    if not secs: continue
+    mod = task.dispatched[0]
+    tiles = hand_kernel_tiles(mod.script())
+    scheds = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], t, False) for tile in (None,) + (tiles or ())) if s is not None]
+    if not scheds:
+        from tvm import s_tir
+        scheds = [s_tir.Schedule(mod["main"])]
+    timed = [(float(np.median(v)), int(si), v) for si, v in secs.items() if v]
+    if not timed: continue
+    best = min(timed, key=lambda x: x[0])
+    default = next((x for x in timed if x[1] == 0), None)
+    if default and default[0] <= best[0] * (1 + _TILE_MARGIN): best = default
+    sec, si, run = best
+    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    wl = db.commit_workload(mod)
+    db.commit_tuning_record(ms.database.TuningRecord(scheds[si].trace, wl, run, t, args_info))
+    committed += 1
+    print(f"{meta[ti]['name'][:50]}: sched {si} of {len(timed)}: {sec*1e3:.3f} ms")
+compact_workloads(path / "database_workload.json")
+print("committed", committed, "records to", path)
