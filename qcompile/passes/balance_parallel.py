@@ -25,6 +25,8 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from .cpu_functions import map_cpu_functions
+
 BALANCED = "qcompile.balanced"  # marks a rewritten loop
 _OPAQUE_CALLS = ("call_packed", "call_cpacked", "call_extern", "call_pure_extern", "atomic")
 _OWN, _SKIP, _TAKE, _DONE = 0, 1, 2, 3  # a task's stealing state
@@ -164,11 +166,4 @@ def balance_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
 @tvm.transform.module_pass(opt_level=0, name="qcompile.BalanceParallel")
 def BalanceParallel(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a TVM pass)
     """:func:`balance_function` over every CPU (llvm) PrimFunc of ``mod``."""
-    updates = {}
-    for gvar, func in mod.functions.items():
-        target = func.attrs.get("target") if isinstance(func, tirx.PrimFunc) and func.attrs else None
-        if target is not None and target.kind.name == "llvm":
-            updates[gvar] = balance_function(func)
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return map_cpu_functions(mod, balance_function)

@@ -16,6 +16,8 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from .cpu_functions import map_cpu_functions
+
 # LowerTVMBuiltin's stack limit (runtime::kMaxStackAlloca): larger buffers would go back
 # to the workspace pool anyway
 MAX_STACK_BYTES = 1024
@@ -64,11 +66,4 @@ def stack_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
 @tvm.transform.module_pass(opt_level=0, name="qcompile.StackTiles")
 def StackTiles(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a TVM pass)
     """:func:`stack_function` over every CPU (llvm) PrimFunc of ``mod``."""
-    updates = {}
-    for gvar, func in mod.functions.items():
-        target = func.attrs.get("target") if isinstance(func, tirx.PrimFunc) and func.attrs else None
-        if target is not None and target.kind.name == "llvm":
-            updates[gvar] = stack_function(func)
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return map_cpu_functions(mod, stack_function)
