@@ -36,6 +36,21 @@ def model_tasks(name: str, target, quantize: bool):
     return ms.relax_integration.extract_tasks(mod, target.to_tvm())
 
 
+def unique_tasks(models: list[str], target) -> list:
+    """The tuning tasks of each model, fp32 then int8, each workload once (first seen)."""
+    import tvm_ffi
+
+    tasks, seen = [], set()
+    for name in models:
+        for quantize in (False, True):
+            for task in model_tasks(name, target, quantize):
+                key = tvm_ffi.structural_hash(task.dispatched[0])
+                if key not in seen:
+                    seen.add(key)
+                    tasks.append(task)
+    return tasks
+
+
 def compact_workloads(path: Path) -> None:
     """Rewrite MetaSchedule's workload file with each workload's IR JSON unindented.
 
@@ -72,7 +87,6 @@ def main() -> None:
         compact_workloads(database_dir(resolve_target(args.target), args.log_dir) / "database_workload.json")
         return
 
-    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     from qcompile.kernels import hand_kernel_tiles
@@ -85,14 +99,7 @@ def main() -> None:
     before = len(old)
     with tempfile.TemporaryDirectory() as tmp:
         new = open_database(Path(tmp))
-        tasks, seen = [], set()
-        for name in args.models:
-            for quantize in (False, True):
-                for task in model_tasks(name, target, quantize):
-                    key = tvm_ffi.structural_hash(task.dispatched[0])
-                    if key not in seen:
-                        seen.add(key)
-                        tasks.append(task)
+        tasks = unique_tasks(args.models, target)
         if args.seed:
             seed_default_schedules(tasks, target.to_tvm(), new, say=print)
         kept = 0

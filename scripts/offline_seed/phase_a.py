@@ -3,22 +3,15 @@ import sys, json, time
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
-import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
-from prune_tuning_logs import model_tasks
+from prune_tuning_logs import unique_tasks
 from qcompile.kernels import hand_kernel_tiles
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
 from qcompile.tune import build_candidate
 out = ROOT / ".devcarry/cand"; out.mkdir(parents=True, exist_ok=True)
 target = resolve_target("x86-avx512"); t = target.to_tvm()
-tasks, seen = [], set()
-for name in ("resnet18", "mobilenet_v2"):
-    for quantize in (False, True):
-        for task in model_tasks(name, target, quantize):
-            key = tvm_ffi.structural_hash(task.dispatched[0])
-            if key not in seen:
-                seen.add(key); tasks.append(task)
+tasks = unique_tasks(["resnet18", "mobilenet_v2"], target)
 print(len(tasks), "tasks", flush=True)
 meta = []
 t0 = time.time()

@@ -4,9 +4,8 @@ from pathlib import Path
 import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
-import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
-from prune_tuning_logs import model_tasks, compact_workloads
+from prune_tuning_logs import compact_workloads, unique_tasks
 from qcompile.kernels import hand_kernel_tiles
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
@@ -14,13 +13,7 @@ from qcompile.tune import database_dir, open_database, _TILE_MARGIN
 measured = json.load(open(sys.argv[1]))
 meta = json.load(open(ROOT / ".devcarry/cand/meta.json"))
 target = resolve_target("x86-avx512"); t = target.to_tvm()
-tasks, seen = [], set()
-for name in ("resnet18", "mobilenet_v2"):
-    for quantize in (False, True):
-        for task in model_tasks(name, target, quantize):
-            key = tvm_ffi.structural_hash(task.dispatched[0])
-            if key not in seen:
-                seen.add(key); tasks.append(task)
+tasks = unique_tasks(["resnet18", "mobilenet_v2"], target)
 assert len(tasks) == len(meta), (len(tasks), len(meta))
 path = database_dir(target); path.mkdir(parents=True, exist_ok=True)
 db = open_database(path)
