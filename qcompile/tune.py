@@ -264,22 +264,48 @@ def tune(
     """Tune every fused kernel of ``model`` for ``target``; records are appended to the
     database as they are measured, so an interrupted run keeps them and a re-run resumes
     from them.  ``rpc`` (a :class:`qcompile.rpc.RpcEndpoint`) measures on a remote board."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .pipeline import phases_through, run_phases
+
+    if trials < 1:
+        raise ConfigError(f"--trials: expected at least 1, but got {trials}")
+    # Tune exactly the fused kernels the build's legalize phase produces, where the
+    # records are applied (MetaSchedule extracts tasks from fused TIR functions).
+    tvm_target = target.to_tvm()
+    mod = run_phases(model.mod, tvm_target, phases=phases_through("legalize"))
+    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    try:
+        return tune_tasks(tasks, target, trials, max_trials_per_task, root, rpc, progress)
+    except TuningError as exc:
+        raise TuningError(f"tuning {model.source.name} for {target.name} failed: {exc}") from exc
+
+
+def tune_tasks(
+    tasks: list,
+    target: TargetSpec,
+    trials: int,
+    max_trials_per_task: int | None = None,
+    root: Path | None = None,
+    rpc=None,
+    progress: Callable[[str], None] | None = None,
+    database_path: Path | None = None,
+) -> TuneResult:
+    """:func:`tune` for tasks already extracted (MetaSchedule ``ExtractedTask`` s): seed each
+    with the default schedule's measurement, then search the kernels without a hand
+    schedule with MetaSchedule and its XGBoost cost model.  ``database_path`` overrides
+    the target's folder under ``root`` (a copy of the logs tuned on another machine)."""
     import functools
 
     from tvm.s_tir import meta_schedule as ms
 
     from .kernels import hand_kernel_tiles
-    from .pipeline import phases_through, run_phases
 
     if trials < 1:
         raise ConfigError(f"--trials: expected at least 1, but got {trials}")
     say = progress or (lambda _m: None)
     tvm_target = target.to_tvm()
-    # Tune exactly the fused kernels the build's legalize phase produces, where the
-    # records are applied (MetaSchedule extracts tasks from fused TIR functions).
-    mod = run_phases(model.mod, tvm_target, phases=phases_through("legalize"))
-    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
-    path = database_dir(target, root)
+    path = database_path or database_dir(target, root)
     say(f"{len(tasks)} tuning tasks; {trials} trials; records in {path}")
     database = open_database(path)
     runner = rpc_runner(rpc) if rpc is not None else "local"  # an unreachable board fails here, clearly
@@ -308,7 +334,7 @@ def tune(
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(say, trials)],
         )
     except Exception as exc:
-        raise TuningError(f"tuning {model.source.name} for {target.name} failed: {exc}") from exc
+        raise TuningError(str(exc)) from exc
     return TuneResult(path, len(tasks), trials, len(database))
 
 
