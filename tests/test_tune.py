@@ -149,3 +149,44 @@ def test_register_tiles_are_measured_in_rotated_interleaved_rounds():
     # per input, one mean per round, in round order; a failing input gets none
     assert secs == [[1.0, 5.0, 1.2], [2.0, 2.1, 1.9], []]
     assert float(np.median(secs[0])) < float(np.median(secs[1]))  # one slow round does not decide
+
+
+def test_pooled_builder_keeps_its_workers_across_batches():
+    import os
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    from qcompile.tune import build_candidate, pooled_builder
+
+    @T.prim_func(s_tir=True)
+    def add_one(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+        for i in range(64):
+            with T.sblock("b"):
+                vi = T.axis.spatial(64, i)
+                b[vi] = a[vi] + T.float32(1)
+
+    target = tvm.target.Target({"kind": "llvm"})
+    good = ms.builder.BuilderInput(tvm.IRModule({"main": add_one}), target)
+    builder = pooled_builder(build_candidate, max_workers=1)
+    first = builder.build([good, good])
+    pool = builder.pool
+    second = builder.build([good])
+    assert builder.pool is pool  # the same worker processes served both batches
+    assert first[0].error_msg is None and os.path.isfile(first[0].artifact_path)
+    assert first[1].error_msg is None and first[1].artifact_path != first[0].artifact_path
+    assert second[0].error_msg is None and os.path.isfile(second[0].artifact_path)
+    lib = tvm.runtime.load_module(second[0].artifact_path)
+    a = tvm.runtime.tensor(np.arange(64, dtype="float32"))
+    b = tvm.runtime.tensor(np.zeros(64, dtype="float32"))
+    lib["main"](a, b)
+    np.testing.assert_allclose(b.numpy(), np.arange(64) + 1)
+
+
+def test_seed_choice_keeps_the_default_unless_another_is_clearly_faster():
+    from qcompile.tune import choose_seed
+
+    assert choose_seed([[1.00, 1.02, 0.99], [0.985, 0.98, 0.99]]) == 0  # 1.5% faster: noise
+    assert choose_seed([[1.00, 1.02, 0.99], [0.90, 0.91, 5.0]]) == 1  # 10% faster by the median
+    assert choose_seed([[1.00], [0.985]], default_first=False) == 1  # no default: the fastest

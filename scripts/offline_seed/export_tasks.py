@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
 import tvm  # noqa: E402
 import tvm_ffi  # noqa: E402
-
 from prune_tuning_logs import model_tasks  # noqa: E402
+
 from qcompile.kernels import hand_kernel_tiles  # noqa: E402
 from qcompile.targets import resolve_target  # noqa: E402
 

@@ -13,9 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
 import tvm_ffi  # noqa: E402
+from prune_tuning_logs import compact_workloads  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 
-from prune_tuning_logs import compact_workloads  # noqa: E402
 from qcompile.targets import resolve_target  # noqa: E402
 from qcompile.tune import database_dir, open_database  # noqa: E402
 

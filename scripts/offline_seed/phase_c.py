@@ -1,4 +1,4 @@
-# commit x86-avx512 records from the VNNI machine's measurements (same rule as tune.seed_default_schedules)
+# commit x86-avx512 records from the VNNI machine's measurements (tune.choose_seed: the seeding's rule)
 import sys, json
 from pathlib import Path
 import numpy as np
@@ -9,7 +9,7 @@ from prune_tuning_logs import compact_workloads, unique_tasks
 from qcompile.kernels import hand_kernel_tiles
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
-from qcompile.tune import database_dir, open_database, _TILE_MARGIN
+from qcompile.tune import choose_seed, database_dir, open_database
 measured = json.load(open(sys.argv[1]))
 meta = json.load(open(ROOT / ".devcarry/cand/meta.json"))
 target = resolve_target("x86-avx512"); t = target.to_tvm()
@@ -28,12 +28,10 @@ for ti, task in enumerate(tasks):
     if not scheds:
         from tvm import s_tir
         scheds = [s_tir.Schedule(mod["main"])]
-    timed = [(float(np.median(v)), int(si), v) for si, v in secs.items() if v]
+    timed = sorted((int(si), v) for si, v in secs.items() if v)
     if not timed: continue
-    best = min(timed, key=lambda x: x[0])
-    default = next((x for x in timed if x[1] == 0), None)
-    if default and default[0] <= best[0] * (1 + _TILE_MARGIN): best = default
-    sec, si, run = best
+    si, run = timed[choose_seed([v for _, v in timed], default_first=timed[0][0] == 0)]
+    sec = float(np.median(run))
     args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     wl = db.commit_workload(mod)
     db.commit_tuning_record(ms.database.TuningRecord(scheds[si].trace, wl, run, t, args_info))

@@ -11,6 +11,7 @@ that machine.  merge_there.py puts the result into tuning_logs/.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ parser.add_argument("--per-task", type=int)
 parser.add_argument("--target", default="x86-avx512")
 parser.add_argument("--tasks-file", type=Path, default=ROOT / ".devcarry" / "tasks.json")
 parser.add_argument("--tasks", type=int, help="only the first N tasks (a dry run)")
+parser.add_argument("--seeded", type=Path, help="start from this database (an earlier run's)")
+parser.add_argument("--task-scheduler", default="round-robin")
 parser.add_argument("--build-cpus", help="CPUs for the builder's workers, as taskset lists them: 8-15 or 4,5,12,13")
 args = parser.parse_args()
 
@@ -49,11 +52,13 @@ if args.build_cpus:
 target = resolve_target(args.target)
 tvm_target = target.to_tvm()
 db = Path(os.environ.get("OUT", "/tmp")) / "db"
+if args.seeded:  # a database returned by an earlier run: its seeds are not measured again
+    shutil.copytree(args.seeded, db, dirs_exist_ok=True)
 tasks = []
 for entry in json.loads(args.tasks_file.read_text())[:args.tasks]:
     mod = tvm.ir.load_json(entry["mod"])
     tasks.append(ms.ExtractedTask(entry["name"], mod, tvm_target, [mod], entry["weight"]))
 t0 = time.time()
-result = tune_tasks(tasks, target, args.trials, args.per_task, database_path=db,
+result = tune_tasks(tasks, target, args.trials, args.per_task, database_path=db, task_scheduler=args.task_scheduler,
                     progress=lambda m: print(f"{time.time() - t0:6.0f}s {m}", flush=True))
 print("done", result, f"{time.time() - t0:.0f} s", flush=True)
