@@ -1,7 +1,12 @@
 """On the VNNI machine: time every seeding candidate (x86-avx512) in 3 rotated interleaved rounds."""
-import os, json, time
+import json
+import os
+import time
+
 os.environ["TVM_USE_RUNTIME_LIB"] = "1"; os.environ.setdefault("TVM_NUM_THREADS", "2")
-import numpy as np, tvm
+import numpy as np
+import tvm
+
 C = ".devcarry/cand/"
 meta = json.load(open(C + "meta.json"))
 dev = tvm.cpu(); rng = np.random.default_rng(0)

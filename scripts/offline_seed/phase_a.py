@@ -1,14 +1,19 @@
 # build every seeding candidate for x86-avx512 here (no AVX-512 to run them); measured on a VNNI machine
-import sys, json, time
+import json
+import sys
+import time
 from pathlib import Path
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
-from tvm.s_tir import meta_schedule as ms
 from prune_tuning_logs import unique_tasks
+from tvm.s_tir import meta_schedule as ms
+
 from qcompile.kernels import hand_kernel_tiles
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
 from qcompile.tune import build_candidate
+
 out = ROOT / ".devcarry/cand"; out.mkdir(parents=True, exist_ok=True)
 target = resolve_target("x86-avx512"); t = target.to_tvm()
 tasks = unique_tasks(["resnet18", "mobilenet_v2"], target)

@@ -1,15 +1,20 @@
 # commit x86-avx512 records from the VNNI machine's measurements (tune.choose_seed: the seeding's rule)
-import sys, json
+import json
+import sys
 from pathlib import Path
+
 import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
-from tvm.s_tir import meta_schedule as ms
 from prune_tuning_logs import compact_workloads, unique_tasks
+from tvm.s_tir import meta_schedule as ms
+
 from qcompile.kernels import hand_kernel_tiles
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
 from qcompile.tune import choose_seed, database_dir, open_database
+
 measured = json.load(open(sys.argv[1]))
 meta = json.load(open(ROOT / ".devcarry/cand/meta.json"))
 target = resolve_target("x86-avx512"); t = target.to_tvm()
