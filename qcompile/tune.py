@@ -223,7 +223,7 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
     committed = 0
     for task in tasks:
         mod = task.dispatched[0]
-        if database.has_workload(mod):  # seeded (or tuned) by an earlier run: don't measure it again
+        if has_valid_record(database, mod):  # seeded (or tuned) by an earlier run: don't measure it again
             continue
         # qcompile's own conv kernels: each register tile that fits is a candidate (the
         # default tile first); other kernels: one
@@ -232,9 +232,7 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
                                  for tile in (None,) + (tiles or ()))
                      if s is not None]
         if not schedules:  # no rule for it: TVM's default lowering is what an untuned build runs
-            from tvm import s_tir
-
-            schedules = [s_tir.Schedule(mod["main"])]
+            schedules = [default_lowering(mod["main"])]
         built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
         args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
         candidates = [(s, ms.runner.RunnerInput(b.artifact_path, device, args_info))
@@ -254,6 +252,33 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
             what = what if sch.trace.insts else "default lowering"
             say(f"{what} of {str(task.task_name)[:48]}: {1e3 * best_secs:.3f} ms")
     return committed
+
+
+def default_lowering(func):
+    """TVM's default lowering of ``func``, as a schedule whose record builds can find.
+
+    TVM 0.27's JSONDatabase never returns a record whose trace is empty (``get_top_k``
+    and the build's query skip it): the seeded measurement of an unscheduled kernel was
+    invisible, the build counted a miss and applied any slower MetaSchedule record of it
+    instead.  One ``get_sblock`` -- a lookup that changes nothing -- makes the trace
+    non-empty."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    try:
+        sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 -- a function without a root block: nothing to look up
+        pass
+    return sch
+
+
+def has_valid_record(database, mod: tvm.IRModule) -> bool:
+    """Whether ``database`` holds a successful measurement of ``mod``'s workload.  A workload
+    can be present with only failed runs (MetaSchedule stores them at 1e10 s; ``get_top_k``
+    skips them): a build then misses it, so the seeding must measure it again."""
+    if not database.has_workload(mod):
+        return False
+    return bool(database.get_top_k(database.commit_workload(mod), 1))
 
 
 # A register tile other than the default must measure this much faster to be committed.

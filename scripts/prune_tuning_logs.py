@@ -8,6 +8,12 @@ seeding) so that no kept record is slower than that; the records of qcompile's o
 kernels are then replaced by the new measurement of their register tiles (a changed schedule
 function makes the old traces stale).
 
+``--visible-traces`` rewrites records whose trace is empty (TVM's default lowering, as the
+seeding wrote them before ``tune.default_lowering``) with the no-op lookup that lets TVM 0.27's
+JSONDatabase return them; the measurement is kept (the schedule is the same).
+``--fill`` only measures, in place, the workloads that have no successful record (a seeding
+whose measurement failed leaves the workload with none, and builds miss it).
+
     .venv/bin/python scripts/prune_tuning_logs.py --target x86-avx2 resnet18 mobilenet_v2
 """
 from __future__ import annotations
@@ -71,6 +77,30 @@ def compact_workloads(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def make_traces_visible(path: Path) -> int:
+    """Rewrite the database at ``path``: every record whose trace is empty gets
+    ``tune.default_lowering``'s trace (same schedule, same measurement); returns how many."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.tune import default_lowering, open_database
+
+    old = open_database(path)
+    changed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        new = open_database(Path(tmp))
+        for record in old.get_all_tuning_records():
+            trace = record.trace
+            if not trace.insts:
+                trace = default_lowering(record.workload.mod["main"]).trace
+                changed += 1
+            new.commit_tuning_record(ms.database.TuningRecord(
+                trace, new.commit_workload(record.workload.mod), record.run_secs, record.target, record.args_info))
+        compact_workloads(Path(tmp) / "database_workload.json")
+        for file in ("database_workload.json", "database_tuning_record.json"):
+            shutil.copyfile(Path(tmp) / file, path / file)
+    return changed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*")
@@ -79,6 +109,10 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--seed", action="store_true", help="also measure and keep each workload's default schedule")
     parser.add_argument("--compact-only", action="store_true", help="only unindent the workload file in place")
+    parser.add_argument("--visible-traces", action="store_true",
+                        help="rewrite records with an empty trace so builds can find them (keeps every record)")
+    parser.add_argument("--fill", action="store_true",
+                        help="only measure, in place, the workloads without a successful record (keeps every record)")
     args = parser.parse_args()
     if args.compact_only:
         from qcompile.targets import resolve_target
@@ -91,11 +125,24 @@ def main() -> None:
 
     from qcompile.kernels import hand_kernel_tiles
     from qcompile.targets import resolve_target
-    from qcompile.tune import database_dir, open_database, seed_default_schedules
+    from qcompile.tune import (
+        database_dir,
+        has_valid_record,
+        open_database,
+        seed_default_schedules,
+    )
 
     target = resolve_target(args.target)
     path = database_dir(target, args.log_dir)
     old = open_database(path)
+    if args.visible_traces:
+        print(f"{path}: {make_traces_visible(path)} records with an empty trace rewritten")
+        return
+    if args.fill:
+        filled = seed_default_schedules(unique_tasks(args.models, target), target.to_tvm(), old, say=print)
+        compact_workloads(path / "database_workload.json")
+        print(f"{path}: measured {filled} workloads that had no successful record")
+        return
     before = len(old)
     with tempfile.TemporaryDirectory() as tmp:
         new = open_database(Path(tmp))
@@ -105,7 +152,7 @@ def main() -> None:
         kept = 0
         for task in tasks:
             mod = task.dispatched[0]
-            if not old.has_workload(mod) or (args.seed and hand_kernel_tiles(mod.script()) is not None):
+            if not has_valid_record(old, mod) or (args.seed and hand_kernel_tiles(mod.script()) is not None):
                 continue  # qcompile's own kernels: the seeding just measured every tile of their schedule
             workload = new.commit_workload(mod)
             for record in old.get_top_k(old.commit_workload(mod), args.top):

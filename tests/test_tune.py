@@ -190,3 +190,63 @@ def test_seed_choice_keeps_the_default_unless_another_is_clearly_faster():
     assert choose_seed([[1.00, 1.02, 0.99], [0.985, 0.98, 0.99]]) == 0  # 1.5% faster: noise
     assert choose_seed([[1.00, 1.02, 0.99], [0.90, 0.91, 5.0]]) == 1  # 10% faster by the median
     assert choose_seed([[1.00], [0.985]], default_first=False) == 1  # no default: the fastest
+
+
+def test_a_workload_with_only_failed_runs_counts_as_unmeasured(tmp_path):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    from qcompile.tune import default_lowering, has_valid_record, open_database
+
+    @T.prim_func(s_tir=True)
+    def double(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
+        for i in range(16):
+            with T.sblock("b"):
+                vi = T.axis.spatial(16, i)
+                b[vi] = a[vi] * T.float32(2)
+
+    mod = tvm.IRModule({"main": double})
+    target = tvm.target.Target({"kind": "llvm"})
+    database = open_database(tmp_path)
+    assert not has_valid_record(database, mod)
+    workload = database.commit_workload(mod)
+    args_info = ms.arg_info.ArgInfo.from_prim_func(double)
+    trace = default_lowering(double).trace
+    # MetaSchedule stores a failed measurement as 1e10 s: a build would not apply it
+    database.commit_tuning_record(ms.database.TuningRecord(trace, workload, [1e10], target, args_info))
+    assert database.has_workload(mod) and not has_valid_record(database, mod)
+    database.commit_tuning_record(ms.database.TuningRecord(trace, workload, [2e-6], target, args_info))
+    assert has_valid_record(database, mod)
+
+
+def test_default_lowering_records_are_visible_to_builds(tmp_path):
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    from qcompile.tune import default_lowering, open_database
+
+    @T.prim_func(s_tir=True)
+    def double(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
+        for i in range(16):
+            with T.sblock("b"):
+                vi = T.axis.spatial(16, i)
+                b[vi] = a[vi] * T.float32(2)
+
+    mod = tvm.IRModule({"main": double})
+    target = tvm.target.Target({"kind": "llvm"})
+    database = open_database(tmp_path)
+    workload = database.commit_workload(mod)
+    args_info = ms.arg_info.ArgInfo.from_prim_func(double)
+    # TVM 0.27's JSONDatabase skips records with an empty trace, however fast
+    database.commit_tuning_record(ms.database.TuningRecord(s_tir.Schedule(double).trace, workload, [1e-6], target,
+                                                           args_info))
+    assert not database.get_top_k(workload, 1)
+    sch = default_lowering(double)
+    tvm.ir.assert_structural_equal(sch.mod, mod)  # the same code as no schedule at all
+    database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [2e-6], target, args_info))
+    with target:
+        found = database.query_tuning_record(mod, target, "main")
+    assert found is not None and float(found.run_secs[0]) == 2e-6

@@ -12,7 +12,7 @@ from tvm.s_tir import meta_schedule as ms
 from qcompile.kernels import hand_kernel_tiles
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
-from qcompile.tune import build_candidate
+from qcompile.tune import build_candidate, default_lowering
 
 out = ROOT / ".devcarry/cand"; out.mkdir(parents=True, exist_ok=True)
 target = resolve_target("x86-avx512"); t = target.to_tvm()
@@ -25,8 +25,7 @@ for ti, task in enumerate(tasks):
     tiles = hand_kernel_tiles(mod.script())
     scheds = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], t, False) for tile in (None,) + (tiles or ())) if s is not None]
     if not scheds:
-        from tvm import s_tir
-        scheds = [s_tir.Schedule(mod["main"])]
+        scheds = [default_lowering(mod["main"])]
     args = [[str(a.as_json()[1]), [int(d) for d in a.as_json()[2]]] for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
     built = []
     for si, s in enumerate(scheds):
