@@ -192,12 +192,11 @@ def test_seed_choice_keeps_the_default_unless_another_is_clearly_faster():
     assert choose_seed([[1.00], [0.985]], default_first=False) == 1  # no default: the fastest
 
 
-def test_a_workload_with_only_failed_runs_counts_as_unmeasured(tmp_path):
+def _double_kernel():
+    """A 16-element kernel, a JSON database and what a tuning record of it needs."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.script import tirx as T
-
-    from qcompile.tune import default_lowering, has_valid_record, open_database
 
     @T.prim_func(s_tir=True)
     def double(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
@@ -206,12 +205,19 @@ def test_a_workload_with_only_failed_runs_counts_as_unmeasured(tmp_path):
                 vi = T.axis.spatial(16, i)
                 b[vi] = a[vi] * T.float32(2)
 
-    mod = tvm.IRModule({"main": double})
     target = tvm.target.Target({"kind": "llvm"})
+    return double, tvm.IRModule({"main": double}), target, ms.arg_info.ArgInfo.from_prim_func(double)
+
+
+def test_a_workload_with_only_failed_runs_counts_as_unmeasured(tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.tune import default_lowering, has_valid_record, open_database
+
+    double, mod, target, args_info = _double_kernel()
     database = open_database(tmp_path)
     assert not has_valid_record(database, mod)
     workload = database.commit_workload(mod)
-    args_info = ms.arg_info.ArgInfo.from_prim_func(double)
     trace = default_lowering(double).trace
     # MetaSchedule stores a failed measurement as 1e10 s: a build would not apply it
     database.commit_tuning_record(ms.database.TuningRecord(trace, workload, [1e10], target, args_info))
@@ -224,22 +230,12 @@ def test_default_lowering_records_are_visible_to_builds(tmp_path):
     import tvm
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
-    from tvm.script import tirx as T
 
     from qcompile.tune import default_lowering, open_database
 
-    @T.prim_func(s_tir=True)
-    def double(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
-        for i in range(16):
-            with T.sblock("b"):
-                vi = T.axis.spatial(16, i)
-                b[vi] = a[vi] * T.float32(2)
-
-    mod = tvm.IRModule({"main": double})
-    target = tvm.target.Target({"kind": "llvm"})
+    double, mod, target, args_info = _double_kernel()
     database = open_database(tmp_path)
     workload = database.commit_workload(mod)
-    args_info = ms.arg_info.ArgInfo.from_prim_func(double)
     # TVM 0.27's JSONDatabase skips records with an empty trace, however fast
     database.commit_tuning_record(ms.database.TuningRecord(s_tir.Schedule(double).trace, workload, [1e-6], target,
                                                            args_info))
