@@ -98,6 +98,12 @@ def pooled_builder(f_build=None, f_export=None, timeout_sec: float = 120.0,
                     results.append(ms.builder.BuilderResult(None, f"build failed:\n{done.value}"))
             return results
 
+        def close(self) -> None:
+            """Stop the worker processes (they would otherwise wait for garbage collection)."""
+            if self.pool is not None:
+                self.pool.shutdown()
+                self.pool = None
+
     return PooledBuilder()
 
 
@@ -214,11 +220,20 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
     another is more than ``_TILE_MARGIN`` faster.  Returns the number of records committed."""
     from tvm.s_tir import meta_schedule as ms
 
+    builder = pooled_builder(build_candidate)
+    try:
+        return _seed(tasks, target, database, builder, runner or ms.runner.LocalRunner(), say, rounds)
+    finally:
+        builder.close()
+
+
+def _seed(tasks, target: tvm.target.Target, database, builder, runner, say, rounds: int) -> int:
+    """:func:`seed_default_schedules`' loop."""
+    from tvm.s_tir import meta_schedule as ms
+
     from .kernels import hand_kernel_tiles
     from .schedules import ConvMatmulCPU
 
-    builder = pooled_builder(build_candidate)
-    runner = runner or ms.runner.LocalRunner()
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     committed = 0
     for task in tasks:
@@ -403,20 +418,22 @@ def tune_tasks(
         say(f"{len(tasks) - len(searchable)} conv kernels keep their hand schedule (best register tile)")
     if not searchable:
         return TuneResult(path, len(tasks), 0, len(database))
+    builder = pooled_builder(build_candidate, f_export=(
+        functools.partial(export_candidate, target.cross_compiler) if rpc is not None else None))
     try:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             extracted_tasks=searchable, work_dir=str(path / "work"))
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(path / "work"), max_trials_global=trials,
             max_trials_per_task=max_trials_per_task, database=database,
-            num_trials_per_iter=min(16, max_trials_per_task or 16),
-            builder=pooled_builder(build_candidate, f_export=(
-                functools.partial(export_candidate, target.cross_compiler) if rpc is not None else None)),
+            num_trials_per_iter=min(16, max_trials_per_task or 16), builder=builder,
             runner=runner, cost_model="xgb", task_scheduler=task_scheduler,
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(say, trials)],
         )
     except Exception as exc:
         raise TuningError(str(exc)) from exc
+    finally:
+        builder.close()
     return TuneResult(path, len(tasks), trials, len(database))
 
 

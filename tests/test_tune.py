@@ -174,6 +174,7 @@ def test_pooled_builder_keeps_its_workers_across_batches():
     pool = builder.pool
     second = builder.build([good])
     assert builder.pool is pool  # the same worker processes served both batches
+    builder.close()
     assert first[0].error_msg is None and os.path.isfile(first[0].artifact_path)
     assert first[1].error_msg is None and first[1].artifact_path != first[0].artifact_path
     assert second[0].error_msg is None and os.path.isfile(second[0].artifact_path)
