@@ -77,6 +77,27 @@ def compact_workloads(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def rewrite_database(path: Path, records) -> int:
+    """Replace the database at ``path`` by ``records`` (an iterable of TuningRecords, read before
+    the files are replaced), workload file compacted; returns how many were written."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.tune import open_database
+
+    written = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        new = open_database(Path(tmp))
+        for record in records:
+            new.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, new.commit_workload(record.workload.mod), record.run_secs, record.target,
+                record.args_info))
+            written += 1
+        compact_workloads(Path(tmp) / "database_workload.json")
+        for file in ("database_workload.json", "database_tuning_record.json"):
+            shutil.copyfile(Path(tmp) / file, path / file)
+    return written
+
+
 def make_traces_visible(path: Path) -> int:
     """Rewrite the database at ``path``: every record whose trace is empty gets
     ``tune.default_lowering``'s trace (same schedule, same measurement); returns how many."""
@@ -84,21 +105,12 @@ def make_traces_visible(path: Path) -> int:
 
     from qcompile.tune import default_lowering, open_database
 
-    old = open_database(path)
-    changed = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        new = open_database(Path(tmp))
-        for record in old.get_all_tuning_records():
-            trace = record.trace
-            if not trace.insts:
-                trace = default_lowering(record.workload.mod["main"]).trace
-                changed += 1
-            new.commit_tuning_record(ms.database.TuningRecord(
-                trace, new.commit_workload(record.workload.mod), record.run_secs, record.target, record.args_info))
-        compact_workloads(Path(tmp) / "database_workload.json")
-        for file in ("database_workload.json", "database_tuning_record.json"):
-            shutil.copyfile(Path(tmp) / file, path / file)
-    return changed
+    records = open_database(path).get_all_tuning_records()
+    empty = [r for r in records if not r.trace.insts]
+    rewrite_database(path, (ms.database.TuningRecord(
+        default_lowering(r.workload.mod["main"]).trace, r.workload, r.run_secs, r.target, r.args_info)
+        if not r.trace.insts else r for r in records))
+    return len(empty)
 
 
 def main() -> None:
@@ -121,7 +133,6 @@ def main() -> None:
         compact_workloads(database_dir(resolve_target(args.target), args.log_dir) / "database_workload.json")
         return
 
-    from tvm.s_tir import meta_schedule as ms
 
     from qcompile.kernels import hand_kernel_tiles
     from qcompile.targets import resolve_target
@@ -144,25 +155,21 @@ def main() -> None:
         print(f"{path}: measured {filled} workloads that had no successful record")
         return
     before = len(old)
-    with tempfile.TemporaryDirectory() as tmp:
-        new = open_database(Path(tmp))
-        tasks = unique_tasks(args.models, target)
-        if args.seed:
-            seed_default_schedules(tasks, target.to_tvm(), new, say=print)
-        kept = 0
-        for task in tasks:
-            mod = task.dispatched[0]
-            if not has_valid_record(old, mod) or (args.seed and hand_kernel_tiles(mod.script()) is not None):
-                continue  # qcompile's own kernels: the seeding just measured every tile of their schedule
-            workload = new.commit_workload(mod)
-            for record in old.get_top_k(old.commit_workload(mod), args.top):
-                new.commit_tuning_record(ms.database.TuningRecord(
-                    record.trace, workload, record.run_secs, record.target, record.args_info))
-                kept += 1
-        compact_workloads(Path(tmp) / "database_workload.json")
-        for file in ("database_workload.json", "database_tuning_record.json"):
-            shutil.copyfile(Path(tmp) / file, path / file)
-    print(f"{path}: kept {kept} of {before} records (best {args.top} per workload the models use) "
+    tasks = unique_tasks(args.models, target)
+    kept: list = []  # the best --top records of each workload in use
+    seeded_db = None
+    if args.seed:  # measured into a scratch database first, then written with the kept records
+        scratch = tempfile.TemporaryDirectory()
+        seeded_db = open_database(Path(scratch.name))
+        seed_default_schedules(tasks, target.to_tvm(), seeded_db, say=print)
+    for task in tasks:
+        mod = task.dispatched[0]
+        if not has_valid_record(old, mod) or (args.seed and hand_kernel_tiles(mod.script()) is not None):
+            continue  # qcompile's own kernels: the seeding just measured every tile of their schedule
+        kept.extend(old.get_top_k(old.commit_workload(mod), args.top))
+    seeds = list(seeded_db.get_all_tuning_records()) if seeded_db is not None else []
+    rewrite_database(path, seeds + kept)
+    print(f"{path}: kept {len(kept)} of {before} records (best {args.top} per workload the models use) "
           f"for {len(tasks)} workloads" + (", plus each one's default schedule" if args.seed else ""))
 
 

@@ -1,6 +1,6 @@
 """Save the x86-avx512 tuning tasks of resnet18 and mobilenet_v2 (fp32, int8) for a machine
 that has TVM's compiler but not the models' frontends: `.devcarry/tasks.json` (name,
-weight summed over the models, workload as TVM's IR JSON), read by tune_there.py.
+weight in the model where it first appears, workload as TVM's IR JSON), read by tune_there.py.
 Only the kernels MetaSchedule searches: qcompile's own conv kernels keep the register tile
 the seeding measured (phase_a.py .. phase_c.py)."""
 import json
@@ -10,24 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
 import tvm  # noqa: E402
-import tvm_ffi  # noqa: E402
-from prune_tuning_logs import model_tasks  # noqa: E402
+from prune_tuning_logs import unique_tasks  # noqa: E402
 
 from qcompile.kernels import hand_kernel_tiles  # noqa: E402
 from qcompile.targets import resolve_target  # noqa: E402
 
 target = resolve_target("x86-avx512")
-tasks: dict[int, dict] = {}
-for name in ("resnet18", "mobilenet_v2"):
-    for quantize in (False, True):
-        for task in model_tasks(name, target, quantize):
-            mod = task.dispatched[0]
-            if hand_kernel_tiles(mod.script()) is not None:
-                continue
-            key = tvm_ffi.structural_hash(mod)
-            entry = tasks.setdefault(key, {"name": str(task.task_name), "weight": 0, "mod": tvm.ir.save_json(mod)})
-            entry["weight"] += int(task.weight)
+tasks = [{"name": str(task.task_name), "weight": int(task.weight), "mod": tvm.ir.save_json(task.dispatched[0])}
+         for task in unique_tasks(["resnet18", "mobilenet_v2"], target)
+         if hand_kernel_tiles(task.dispatched[0].script()) is None]
 out = ROOT / ".devcarry" / "tasks.json"
 out.parent.mkdir(exist_ok=True)
-out.write_text(json.dumps(list(tasks.values())))
+out.write_text(json.dumps(tasks))
 print(len(tasks), "tasks ->", out, f"{out.stat().st_size / 1e6:.1f} MB")

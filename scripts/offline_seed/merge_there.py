@@ -5,16 +5,13 @@ machine), replacing the committed ones; every other workload keeps its records.
     .venv/bin/python scripts/offline_seed/merge_there.py PATH/TO/RETURNED/db
 """
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
 import tvm_ffi  # noqa: E402
-from prune_tuning_logs import compact_workloads  # noqa: E402
-from tvm.s_tir import meta_schedule as ms  # noqa: E402
+from prune_tuning_logs import rewrite_database  # noqa: E402
 
 from qcompile.targets import resolve_target  # noqa: E402
 from qcompile.tune import database_dir, open_database  # noqa: E402
@@ -31,12 +28,6 @@ path = database_dir(resolve_target(args.target))
 old, there = open_database(path), open_database(args.there)
 
 
-def copy(record, into) -> None:
-    workload = into.commit_workload(record.workload.mod)
-    into.commit_tuning_record(ms.database.TuningRecord(
-        record.trace, workload, record.run_secs, record.target, record.args_info))
-
-
 def mean_ms(record) -> float:
     return 1e3 * sum(float(t) for t in record.run_secs) / len(record.run_secs)
 
@@ -50,26 +41,18 @@ if args.tasks_file.is_file():
     for entry in json.loads(args.tasks_file.read_text()):
         names[tvm_ffi.structural_hash(tvm.ir.load_json(entry["mod"]))] = entry["name"]
 
-with tempfile.TemporaryDirectory() as tmp:
-    new = open_database(Path(tmp))
-    replaced: dict[int, list] = {}
-    for record in there.get_all_tuning_records():
-        replaced.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
-    kept = 0
-    for record in old.get_all_tuning_records():
-        if tvm_ffi.structural_hash(record.workload.mod) not in replaced:
-            copy(record, new)
-            kept += 1
-    for key, records in replaced.items():
-        best = sorted(records, key=mean_ms)
-        # the default schedule's measurement (the seeding): its trace samples nothing
-        seed = next((r for r in records if not r.trace.decisions), None)
-        for record in best[:args.top]:
-            copy(record, new)
-        default = f"{mean_ms(seed):.4f} ms" if seed else "n/a"
-        print(f"{names.get(key, '?')[:44]:44s} {len(records):3d} records; "
-              f"default {default} -> best {mean_ms(best[0]):.4f} ms")
-    compact_workloads(Path(tmp) / "database_workload.json")
-    for file in ("database_workload.json", "database_tuning_record.json"):
-        shutil.copyfile(Path(tmp) / file, path / file)
-print(f"{path}: kept {kept} records, {len(replaced)} workloads from {args.there}")
+replaced: dict[int, list] = {}
+for record in there.get_all_tuning_records():
+    replaced.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
+kept = [r for r in old.get_all_tuning_records() if tvm_ffi.structural_hash(r.workload.mod) not in replaced]
+taken = []
+for key, records in replaced.items():
+    best = sorted(records, key=mean_ms)
+    # the default schedule's measurement (the seeding): its trace samples nothing
+    seed = next((r for r in records if not r.trace.decisions), None)
+    taken += best[:args.top]
+    default = f"{mean_ms(seed):.4f} ms" if seed else "n/a"
+    print(f"{names.get(key, '?')[:44]:44s} {len(records):3d} records; "
+          f"default {default} -> best {mean_ms(best[0]):.4f} ms")
+rewrite_database(path, kept + taken)
+print(f"{path}: kept {len(kept)} records, {len(replaced)} workloads from {args.there}")
