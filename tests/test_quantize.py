@@ -210,3 +210,24 @@ def test_quantize_for_another_target_calibrates_here_and_picks_weight_bits(tiny_
     _, info = quantize_model(import_model(str(tiny_pt2)), calib(4), QuantConfig(), resolve_target(preset).to_tvm())
     assert info["config"]["reduce_range"] is reduce_range
     assert info["weight_range"] == ([-63, 63] if reduce_range else [-127, 127])
+
+
+def test_kernels_do_not_depend_on_the_calibration(tiny_pt2):
+    """Tuning records are keyed by the kernels' TIR: recalibrating (other scales, other zero
+    points) must give the same kernels -- including the input's quantize and the output's
+    dequantize -- or every build from user data misses the committed records."""
+    import tvm_ffi
+    from tvm import tirx
+
+    from qcompile.pipeline import phases_through, run_phases
+
+    model = import_model(str(tiny_pt2))
+    kernels = []
+    for seed, spread in ((3, 1.0), (5, 3.0)):
+        data = [{"x": d["x"] * spread + 0.5 * seed} for d in calib(4, seed=seed)]
+        qmodel, _ = quantize_model(model, data, QuantConfig(num_samples=4), TARGET.to_tvm())
+        mod = run_phases(qmodel.mod, TARGET.to_tvm(), phases=phases_through("legalize"))
+        kernels.append({tvm_ffi.structural_hash(f): gv.name_hint for gv, f in mod.functions.items()
+                        if isinstance(f, tirx.PrimFunc)})
+    assert any("quantize" in name for name in kernels[0].values())
+    assert set(kernels[0]) == set(kernels[1]), [k[h] for k in kernels for h in set(k) - set(kernels[0]).intersection(kernels[1])]

@@ -87,7 +87,8 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
         func = kernel(em, "conv2d_int8", shape, lambda: packed_conv2d.conv2d_func(shape, dot))
         return _call(em, func, data, packed, shape, zero_point)
 
-    return rebuild_module(mod, rewrite), counts
+    # DCE: pads whose input a conv kernel now takes directly
+    return relax.transform.DeadCodeElimination(["main"])(rebuild_module(mod, rewrite)), counts
 
 
 def _clip_as_min_max(mod: tvm.IRModule) -> tvm.IRModule:
@@ -112,6 +113,8 @@ def _call(em, kernel: relax.GlobalVar, data, weight: np.ndarray, shape: packed_c
     oh, ow = shape.out_hw
     dtype = dtype_of(data)
     args = [em.subst(data)]
+    if not isinstance(args[0], relax.Var):  # an input taken through a transpose
+        args[0] = em.emit(args[0])
     if zero_point is not None:  # the padding value, a tensor (the kernel does not depend on it)
         args.append(relax.const(np.array([zero_point], dtype)))
     out_dtype = "float32" if dtype == "float32" else "int32"
@@ -195,13 +198,13 @@ def _with_input(graph: Graph, conv, weight: np.ndarray, oc: int, ic: int, kernel
     attrs = conv.attrs
     data, zero_point = conv.args[0], 0
     padding = tuple(int(p) for p in attrs.padding)
-    pad = graph.call_of(data, "relax.nn.pad")
+    pad, unpadded, spatial = _zero_point_pad(graph, data)
     if pad is not None and not any(padding) and str(pad.attrs.pad_mode) == "constant":
-        widths = [int(p) for p in pad.attrs.pad_width]  # (before, after) per NHWC axis
+        widths = [int(p) for p in pad.attrs.pad_width]  # (before, after) per axis
         value = float(pad.attrs.pad_value)
-        if widths[:2] == [0, 0] and widths[6:] == [0, 0] and value == int(value):
-            top, bottom, left, right = widths[2:6]
-            data, padding, zero_point = pad.args[0], (top, left, bottom, right), int(value)
+        if all(w == 0 for i, w in enumerate(widths) if i // 2 not in spatial) and value == int(value):
+            (top, bottom), (left, right) = (widths[2 * a:2 * a + 2] for a in spatial)
+            data, padding, zero_point = unpadded, (top, left, bottom, right), int(value)
     if dtype_of(data) != dtype_of(conv.args[0]) or len(shape_of(data)) != 4:
         return None
     if len(padding) == 2:
@@ -213,6 +216,24 @@ def _with_input(graph: Graph, conv, weight: np.ndarray, oc: int, ic: int, kernel
                                     tuple(int(s) for s in attrs.strides), padding,
                                     tuple(int(d) for d in attrs.dilation))
     return data, zero_point, shape, weight
+
+
+def _zero_point_pad(graph: Graph, data):
+    """Realize's ``pad`` (with the input zero point) in front of an NHWC conv: (pad call,
+    the conv's input without it, the padded axes H and W), or (None, data, ()).  The model
+    input's pad is still NCHW, behind ConvertLayout's transpose (TVM has no layout rule for
+    pad): its input is then taken through that transpose, so the conv kernel pads with the
+    zero point as an argument rather than a pad kernel with the zero point as a literal
+    (a new kernel and a missed tuning record for every calibration)."""
+    pad = graph.call_of(data, "relax.nn.pad")
+    if pad is not None:
+        return pad, pad.args[0], (1, 2)
+    transpose = graph.call_of(data, "relax.permute_dims")
+    pad = graph.call_of(transpose.args[0], "relax.nn.pad") if transpose is not None else None
+    if pad is None or [int(a) for a in transpose.attrs.axes or ()] != [0, 2, 3, 1]:
+        return None, data, ()
+    nhwc = relax.BlockBuilder().normalize(relax.op.permute_dims(pad.args[0], [0, 2, 3, 1]))  # typed
+    return pad, nhwc, (2, 3)
 
 
 def PackConv(target: tvm.target.Target, counts: dict | None = None):

@@ -71,7 +71,34 @@ def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
 
     main = rebuild(func, rewrite)
     new_mod = relax.transform.DeadCodeElimination(["main"])(with_main(mod, main))
-    return _realize_float_outputs(new_mod, report, counters), report
+    return _qparams_as_tensors(_realize_float_outputs(new_mod, report, counters)), report
+
+
+@relax.expr_functor.mutator
+class _QParamsAsTensors(relax.PyExprMutator):
+    """Scalar scales/zero points of the remaining quantize/dequantize calls -> shape-(1,)
+    tensors (see :func:`_qparams_as_tensors`)."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if op_name(call) not in ("relax.quantize", "relax.dequantize"):
+            return call
+        args = [call.args[0]] + [_one_element(a) for a in call.args[1:]]
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+
+def _one_element(expr):
+    value = const_value(expr)
+    return relax.const(value.reshape(1)) if value is not None and value.ndim == 0 else expr
+
+
+def _qparams_as_tensors(mod: tvm.IRModule) -> tvm.IRModule:
+    """The model's boundary quantize/dequantize calls (its input's quantize, the output's
+    dequantize) with their scale and zero point as shape-(1,) tensors: legalization makes
+    scalar constants literals in the fused kernel (a new kernel, and a missed tuning record,
+    for every calibration) but reads a one-element tensor as a kernel argument; the
+    formula is the same."""
+    return with_main(mod, _QParamsAsTensors().visit_expr(mod["main"]))
 
 
 def _dequantize_readers(graph: Graph):
