@@ -14,7 +14,8 @@ Requantize: ``y = clip(round(float32(acc) * float32(sx * sw / sy)) + zy, lo, hi)
 round-half-to-even (``relax.op.round``, like ``numpy.round``); a fused relu raises ``lo``
 to ``zy``.  Scales, zero points and bounds are tensor constants, not literals, so kernels
 and their tuning records do not change when the model is recalibrated.  Everything else is re-emitted unchanged: unmatched ops stay float, their
-boundaries are the remaining ``dequantize``/``quantize`` calls.
+boundaries are the remaining ``dequantize``/``quantize`` calls, whose scalar scales and zero
+points become one-element tensors for the same reason.
 """
 from __future__ import annotations
 
