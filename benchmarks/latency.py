@@ -148,6 +148,9 @@ def _torch_pt2e_int8(net, samples):
     compiled = torch.compile(converted)
     with torch.no_grad():
         compiled(example)  # compiles here, not inside the timed rounds
+    from torch._inductor.async_compile import shutdown_compile_workers
+
+    shutdown_compile_workers()  # inductor's compile-worker processes, not needed any more
 
     def run(x):
         with torch.no_grad():
@@ -156,8 +159,31 @@ def _torch_pt2e_int8(net, samples):
     return run
 
 
+def wait_for_idle_cpus(max_busy: float = 0.1, window_s: float = 1.0, limit_s: float = 120.0) -> float:
+    """Wait (this process asleep) until the machine's CPUs are at most ``max_busy`` busy over
+    ``window_s``: compilers' leftover worker processes, or anything else still running, would
+    slow the first rounds (seen: 3 rounds at 2-20x).  Returns the seconds waited."""
+    def busy_idle() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, idle  # user .. steal
+
+    if not Path("/proc/stat").exists():
+        return 0.0
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        b0, i0 = busy_idle()
+        time.sleep(window_s)
+        b1, i1 = busy_idle()
+        if (b1 - b0) <= max_busy * max(1, (b1 - b0) + (i1 - i0)):
+            break
+    return time.perf_counter() - start
+
+
 def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: float) -> dict[str, list[float]]:
     """Per contender: the median latency (ms) of each round."""
+    waited = wait_for_idle_cpus()
+    print(f"waited {waited:.1f} s for idle CPUs before the rounds")
     for run in runners.values():  # warm-up
         run(x)
     per_round: dict[str, list[float]] = {name: [] for name in runners}
