@@ -235,6 +235,9 @@ def main() -> None:
     if fp32 and int8:
         lines += ["", f"qcompile int8 vs qcompile fp32 (both from the tuning records): "
                       f"{1 / paired_ratio(per_round, int8, fp32):.2f}x faster"]
+    if fp32 and "ONNX Runtime fp32" in per_round:
+        lines += [f"qcompile fp32 (tuning records) vs ONNX Runtime fp32: "
+                  f"{paired_ratio(per_round, fp32, 'ONNX Runtime fp32'):.2f}x its latency"]
     table = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"latency_{args.model}.md").write_text(table)
