@@ -1,4 +1,6 @@
-# build every seeding candidate for x86-avx512 here (no AVX-512 to run them); measured on a VNNI machine
+# build every seeding candidate for x86-avx512 here (no AVX-512 to run them); measured on a VNNI machine.
+# --missing: only the workloads without a successful record in the committed logs (the others are
+# listed with no candidates, so that phase_c.py's task indices still match)
 import json
 import sys
 import time
@@ -12,16 +14,20 @@ from tvm.s_tir import meta_schedule as ms
 from qcompile.kernels import hand_kernel_tiles
 from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
-from qcompile.tune import build_candidate, default_lowering
+from qcompile.tune import build_candidate, database_dir, default_lowering, has_valid_record, open_database
 
 out = ROOT / ".devcarry/cand"; out.mkdir(parents=True, exist_ok=True)
 target = resolve_target("x86-avx512"); t = target.to_tvm()
 tasks = unique_tasks(["resnet18", "mobilenet_v2"], target)
+committed = open_database(database_dir(target)) if "--missing" in sys.argv else None
 print(len(tasks), "tasks", flush=True)
 meta = []
 t0 = time.time()
 for ti, task in enumerate(tasks):
     mod = task.dispatched[0]
+    if committed is not None and has_valid_record(committed, mod):
+        meta.append({"task": ti, "name": str(task.task_name), "candidates": [], "args": []})
+        continue
     tiles = hand_kernel_tiles(mod.script())
     scheds = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], t, False) for tile in (None,) + (tiles or ())) if s is not None]
     if not scheds:
