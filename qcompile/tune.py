@@ -231,23 +231,13 @@ def _seed(tasks, target: tvm.target.Target, database, builder, runner, say, roun
     """:func:`seed_default_schedules`' loop."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .kernels import hand_kernel_tiles
-    from .schedules import ConvMatmulCPU
-
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     committed = 0
     for task in tasks:
         mod = task.dispatched[0]
         if has_valid_record(database, mod):  # seeded (or tuned) by an earlier run: don't measure it again
             continue
-        # qcompile's own conv kernels: each register tile that fits is a candidate (the
-        # default tile first); other kernels: one
-        tiles = hand_kernel_tiles(mod.script())
-        schedules = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], target, False)
-                                 for tile in (None,) + (tiles or ()))
-                     if s is not None]
-        if not schedules:  # no rule for it: TVM's default lowering is what an untuned build runs
-            schedules = [default_lowering(mod["main"])]
+        schedules = seed_candidates(mod, target)
         built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
         args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
         candidates = [(s, ms.runner.RunnerInput(b.artifact_path, device, args_info))
@@ -263,10 +253,23 @@ def _seed(tasks, target: tvm.target.Target, database, builder, runner, say, roun
         database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, run_secs, target, args_info))
         committed += 1
         if say:
-            what = f"best of {len(timed)} register tiles" if tiles else "default schedule"
-            what = what if sch.trace.insts else "default lowering"
+            what = f"best of {len(timed)} register tiles" if len(schedules) > 1 else "default schedule"
+            what = what if len(sch.trace.insts) > 1 else "default lowering"  # default_lowering's one lookup
             say(f"{what} of {str(task.task_name)[:48]}: {1e3 * best_secs:.3f} ms")
     return committed
+
+
+def seed_candidates(mod: tvm.IRModule, target: tvm.target.Target) -> list:
+    """What the seeding measures for one workload: for qcompile's own conv kernels each
+    register tile that fits (the default tile first), for other kernels the default
+    schedule, and where no rule applies TVM's default lowering (what an untuned build runs)."""
+    from .kernels import hand_kernel_tiles
+    from .schedules import ConvMatmulCPU
+
+    tiles = hand_kernel_tiles(mod.script())
+    schedules = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], target, False) for tile in (None,) + (tiles or ()))
+                 if s is not None]
+    return schedules or [default_lowering(mod["main"])]
 
 
 def default_lowering(func):

@@ -11,10 +11,8 @@ sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
 from prune_tuning_logs import unique_tasks
 from tvm.s_tir import meta_schedule as ms
 
-from qcompile.kernels import hand_kernel_tiles
-from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
-from qcompile.tune import build_candidate, database_dir, default_lowering, has_valid_record, open_database
+from qcompile.tune import build_candidate, database_dir, has_valid_record, open_database, seed_candidates
 
 out = ROOT / ".devcarry/cand"; out.mkdir(parents=True, exist_ok=True)
 target = resolve_target("x86-avx512"); t = target.to_tvm()
@@ -28,10 +26,7 @@ for ti, task in enumerate(tasks):
     if committed is not None and has_valid_record(committed, mod):
         meta.append({"task": ti, "name": str(task.task_name), "candidates": [], "args": []})
         continue
-    tiles = hand_kernel_tiles(mod.script())
-    scheds = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], t, False) for tile in (None,) + (tiles or ())) if s is not None]
-    if not scheds:
-        scheds = [default_lowering(mod["main"])]
+    scheds = seed_candidates(mod, t)
     args = [[str(a.as_json()[1]), [int(d) for d in a.as_json()[2]]] for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
     built = []
     for si, s in enumerate(scheds):

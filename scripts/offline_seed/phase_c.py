@@ -10,10 +10,8 @@ sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
 from prune_tuning_logs import compact_workloads, unique_tasks
 from tvm.s_tir import meta_schedule as ms
 
-from qcompile.kernels import hand_kernel_tiles
-from qcompile.schedules import ConvMatmulCPU
 from qcompile.targets import resolve_target
-from qcompile.tune import choose_seed, database_dir, default_lowering, open_database
+from qcompile.tune import choose_seed, database_dir, open_database, seed_candidates
 
 measured = json.load(open(sys.argv[1]))
 meta = json.load(open(ROOT / ".devcarry/cand/meta.json"))
@@ -28,10 +26,7 @@ for ti, task in enumerate(tasks):
     secs = measured.get(str(ti))
     if not secs: continue
     mod = task.dispatched[0]
-    tiles = hand_kernel_tiles(mod.script())
-    scheds = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], t, False) for tile in (None,) + (tiles or ())) if s is not None]
-    if not scheds:
-        scheds = [default_lowering(mod["main"])]
+    scheds = seed_candidates(mod, t)
     timed = sorted((int(si), v) for si, v in secs.items() if v)
     if not timed: continue
     si, run = timed[choose_seed([v for _, v in timed], default_first=timed[0][0] == 0)]
