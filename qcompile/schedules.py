@@ -78,7 +78,8 @@ class ConvMatmulCPU(dl.ScheduleRule):
                 return sch if depthwise_conv2d.schedule(sch, anchor, fuse, self.tile) else None
             if name.startswith(float_conv2d.ANCHOR):
                 fuse = lambda loop: self._fuse_epilogue(sch, epilogue, loop, float_conv2d.LANES)  # noqa: E731
-                return sch if float_conv2d.schedule(sch, anchor, fuse, self.tile) else None
+                registers = float_conv2d.vector_registers(target)
+                return sch if float_conv2d.schedule(sch, anchor, fuse, self.tile, registers=registers) else None
             elif kinds == "SSSSRRR" and "conv2d_nhwc" in name:
                 tile_loop = self._conv_nhwc(sch, anchor, names[:names.index(name)], bool(epilogue))
             elif kinds == "SSSSRRR" and "conv2d" in name:

@@ -13,6 +13,7 @@ from qcompile.kernels.packed_conv2d import ConvShape
 from qcompile.passes.pack_conv import pack_conv
 from qcompile.pipeline import compile_module
 from qcompile.schedules import ConvMatmulCPU
+from qcompile.targets import resolve_target
 
 RNG = np.random.default_rng(3)
 
@@ -22,7 +23,7 @@ CASES = {  # ic, h, w, oc, k, stride, pad, dilation
     "1x1": (32, 7, 7, 64, 1, 1, 0, 1),
     "7x7_stem_3_channels": (3, 20, 20, 16, 7, 2, 3, 1),
     "dilated": (8, 11, 11, 8, 3, 1, 2, 2),
-    "14_wide": (8, 14, 14, 8, 3, 1, 1, 1),  # computed 16 wide (see padded_width), cropped
+    "14_wide": (8, 14, 14, 8, 3, 1, 1, 1),  # 16 registers: computed 16 wide (see padded_width), cropped
     "7_wide_stride2_no_padding": (8, 16, 15, 16, 3, 2, 0, 1),
 }
 
@@ -47,28 +48,40 @@ def _run(func, tile, *args):
     return tensors[-1].numpy()
 
 
+@pytest.mark.parametrize("registers", [16, 32])  # AVX2's padded widths, AVX-512's exact ones
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_matches_reference(case):
+def test_kernel_matches_reference(case, registers):
     ic, h, w, oc, k, stride, pad, dilation = CASES[case]
     shape = ConvShape(1, ic, h, w, oc, k, k, (stride, stride), (pad,) * 4, (dilation, dilation))
     x = RNG.standard_normal((1, h, w, ic)).astype("float32")
     weight = RNG.standard_normal((oc, ic, k, k)).astype("float32")
     oh, ow = shape.out_hw
-    out = _run(float_conv2d.conv2d_func(shape), None, x, float_conv2d.pack_weight(weight),
+    out = _run(float_conv2d.conv2d_func(shape, registers=registers), None, x, float_conv2d.pack_weight(weight),
                np.zeros((1, oh, ow, oc), "float32"))
     assert out is not None, "the default schedule rule did not take the float kernel"
     np.testing.assert_allclose(out, _conv_nhwc(x, weight, stride, pad, dilation), rtol=1e-4, atol=1e-4)
 
 
+def test_register_budget_sets_width_and_default_tile():
+    assert float_conv2d.padded_width(14) == 16 and float_conv2d.padded_width(7) == 8
+    assert float_conv2d.padded_width(14, 32) == 14 and float_conv2d.padded_width(7, 32) == 7
+    assert float_conv2d.tile_for(16, 8) == (4, 2) and float_conv2d.tile_for(14, 8, 32) == (7, 4)
+    assert float_conv2d.tile_for(56, 8, 32) == (4, 4) and float_conv2d.tile_for(7, 2, 32) == (7, 2)
+    assert float_conv2d.vector_registers(resolve_target("x86-avx2").to_tvm()) == 16
+    assert float_conv2d.vector_registers(resolve_target("x86-avx512").to_tvm()) == 32
+    assert float_conv2d.vector_registers(resolve_target("rpi5").to_tvm()) == 16
+
+
+@pytest.mark.parametrize("registers", [16, 32])
 @pytest.mark.parametrize("tile", float_conv2d.TILES)
-def test_every_tuning_tile_matches(tile):
+def test_every_tuning_tile_matches(tile, registers):
     shape = ConvShape(1, 8, 14, 14, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     x = RNG.standard_normal((1, 14, 14, 8)).astype("float32")
     weight = RNG.standard_normal((32, 8, 3, 3)).astype("float32")
-    out = _run(float_conv2d.conv2d_func(shape), tile, x, float_conv2d.pack_weight(weight),
+    out = _run(float_conv2d.conv2d_func(shape, registers=registers), tile, x, float_conv2d.pack_weight(weight),
                np.zeros((1, 14, 14, 32), "float32"))
     if out is None:
-        assert float_conv2d.padded_width(14) % tile[0] or 4 % tile[1], f"tile {tile} fits but was refused"
+        assert float_conv2d.padded_width(14, registers) % tile[0] or 4 % tile[1], f"tile {tile} fits but was refused"
         return
     np.testing.assert_allclose(out, _conv_nhwc(x, weight, 1, 1, 1), rtol=1e-4, atol=1e-4)
 

@@ -8,6 +8,11 @@ accumulated over (kh, kw, ic) with one broadcast of the input value per pixel an
 per (pixel, block).  TVM's own conv2d, untuned or tuned by MetaSchedule within a CI budget,
 ran resnet18 at about half of ONNX Runtime's speed here; this kernel's 3x3 layers measured
 70-80 GMAC/s on 2 AVX2 cores (vs 42-46 before).
+
+The register budget decides the output width the kernel computes and its default tile:
+AVX2 (and NEON, two registers per 8-lane block) has 16 eight-lane registers, AVX-512 (with
+VL) 32 -- enough for 7-pixel tiles over 2-4 blocks, so the 14- and 7-wide layers need no
+padded columns there (see :func:`padded_width`).
 """
 from __future__ import annotations
 
@@ -21,8 +26,18 @@ from .packed_conv2d import PAD, ConvShape, rows_outer, vectorize_pad
 ANCHOR = "conv2d_float_packed"
 LANES = 8  # output channels per block: one AVX2 register (two NEON registers)
 
-# (P, O) register tiles that `qcompile tune` measures (the default is `tile_for`'s).
-TILES = ((4, 2), (2, 4), (7, 1), (4, 1), (2, 2), (14, 1), (8, 1), (1, 4))
+# (P, O) register tiles that `qcompile tune` measures (the default is `tile_for`'s); the
+# last four need 32 registers (AVX-512): on AVX2 they spill and lose to the others.
+TILES = ((4, 2), (2, 4), (7, 1), (4, 1), (2, 2), (14, 1), (8, 1), (1, 4), (4, 4), (7, 2), (7, 4), (8, 2))
+
+
+def vector_registers(target) -> int:
+    """How many ``LANES``-wide vector registers ``target``'s CPU has: 32 with AVX-512 (its
+    VL extension gives 256-bit code registers 16-31), else 16 (AVX2; NEON's 32 128-bit
+    registers are 16 pairs)."""
+    from .int8_dot import cpu_features
+
+    return 32 if "avx512f" in cpu_features(target) else 16
 
 
 def pack_weight(weight: np.ndarray, lanes: int = LANES) -> np.ndarray:
@@ -33,18 +48,24 @@ def pack_weight(weight: np.ndarray, lanes: int = LANES) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(oc // lanes, lanes, ic, kh, kw).transpose(0, 3, 4, 2, 1))
 
 
-def padded_width(out_width: int) -> int:
-    """The output width the kernel computes: rounded up to a multiple of 4 (14 -> 16, 7 -> 8)
-    so that the 4-pixel register tile always fits; the extra columns read zero padding and
-    are dropped.  7 x 1 tiles on the 14- and 7-wide layers ran at 45-55 GMAC/s vs 70-80."""
-    return out_width if out_width % 4 == 0 or out_width < 4 else (out_width + 3) // 4 * 4
+def padded_width(out_width: int, registers: int = 16) -> int:
+    """The output width the kernel computes.  With 16 registers: rounded up to a multiple of
+    4 (14 -> 16, 7 -> 8) so that the 4-pixel register tile always fits; the extra columns
+    read zero padding and are dropped (7 x 1 tiles on the 14- and 7-wide layers ran at 45-55
+    GMAC/s vs 70-80 on AVX2).  With 32 (AVX-512) the width itself: 7 x 2 and 7 x 4 tiles fit
+    and ran resnet18's 14-wide 3x3 conv at 110-112 GMAC/s vs 92 for the best 16-wide tile
+    (counting real columns; 2-vCPU Zen 4)."""
+    if registers >= 32 or out_width % 4 == 0 or out_width < 4:
+        return out_width
+    return (out_width + 3) // 4 * 4
 
 
-def conv2d_func(shape: ConvShape, lanes: int = LANES) -> tirx.PrimFunc:
-    """The compute definition: (x NHWC, packed weight) -> float32 NHWC; zero padding."""
+def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> tirx.PrimFunc:
+    """The compute definition: (x NHWC, packed weight) -> float32 NHWC; zero padding;
+    ``registers``: the target's (:func:`vector_registers`), which sets the computed width."""
     top, left, bottom, right = shape.padding
     oh, ow = shape.out_hw
-    owp = padded_width(ow)
+    owp = padded_width(ow, registers)
     (sh, sw), (dh, dw) = shape.stride, shape.dilation
     right += max(0, (owp - 1) * sw + (shape.kw - 1) * dw + 1 - (shape.w + left + right))
 
@@ -72,25 +93,27 @@ def conv2d_func(shape: ConvShape, lanes: int = LANES) -> tirx.PrimFunc:
     return te.create_prim_func([x, w, out])
 
 
-def tile_for(out_width: int, blocks: int) -> tuple[int, int]:
-    """(P pixels, O channel blocks): 4 x 2 (8 accumulators) where it divides (always, but for
-    outputs narrower than 4: see :func:`padded_width`) -- 7 x 2 spills the 16 AVX2 registers
-    and ran at half speed."""
-    for pixels, groups in ((4, 2), (4, 1), (7, 1), (2, 2), (2, 1), (1, 1)):
+def tile_for(out_width: int, blocks: int, registers: int = 16) -> tuple[int, int]:
+    """(P pixels, O channel blocks).  16 registers: 4 x 2 (8 accumulators) where it divides
+    (always, but for outputs narrower than 4: see :func:`padded_width`) -- 7 x 2 spills the
+    16 AVX2 registers and ran at half speed.  32: 4 x 4 or 7 x 4 (16 or 28 accumulators;
+    on resnet18's 3x3 layers 101-113 GMAC/s vs 88-105 for 4 x 2, Zen 4)."""
+    wide = ((4, 4), (7, 4), (7, 2)) if registers >= 32 else ()
+    for pixels, groups in (*wide, (4, 2), (4, 1), (7, 1), (2, 2), (2, 1), (1, 1)):
         if out_width % pixels == 0 and blocks % groups == 0:
             return pixels, groups
     return 1, 1
 
 
 def schedule(sch: s_tir.Schedule, anchor, fuse_epilogue: Callable[[object], None],
-             tile: tuple[int, int] | None = None, lanes: int = LANES) -> bool:
+             tile: tuple[int, int] | None = None, lanes: int = LANES, registers: int = 16) -> bool:
     """Rows or channel blocks over the cores (``packed_conv2d.rows_outer``);
     per tile, accumulators in registers over (kh, kw, ic); ``fuse_epilogue(loop)`` computes
     the consumers (the crop, then any fused elementwise ops) per tile.  False if ``tile``
     does not divide this conv (``sch`` is then untouched)."""
     n, oh, ow, c, rkh, rkw, rc = sch.get_loops(anchor)
     width, blocks = int(sch.get(ow).extent), int(sch.get(c).extent) // lanes
-    pixels, groups = tile or tile_for(width, blocks)
+    pixels, groups = tile or tile_for(width, blocks, registers)
     if width % pixels or blocks % groups or int(sch.get(c).extent) % lanes:
         return False
     co, ci = sch.split(c, [None, lanes])

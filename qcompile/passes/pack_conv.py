@@ -39,6 +39,7 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
     if target.kind.name != "llvm" or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, counts
     dot = int8_dot_for(target)
+    float_registers = float_conv2d.vector_registers(target)
     bindings = [v for _, v in Graph.from_main(mod["main"]).bindings]
     weights = [_oihw_weight(v) for v in bindings if dot is not None and _int8_conv(v, dot)]
     exact = [w is not None and dot.exact_for(packed_conv2d.pack_weight(w, dot.lanes)) for w in weights]
@@ -77,7 +78,8 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
             if shape.oc % float_conv2d.LANES or zero_point:
                 return _hwio(em, value)
             counts["float"] += 1
-            func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape))
+            func = kernel(em, "conv2d_float32", shape,
+                          lambda: float_conv2d.conv2d_func(shape, registers=float_registers))
             return _call(em, func, data, float_conv2d.pack_weight(weight), shape)
         packed = packed_conv2d.pack_weight(weight, dot.lanes, shape.folds_rows)
         if not dot.exact_for(packed):
