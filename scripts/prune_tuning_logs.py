@@ -11,6 +11,9 @@ function makes the old traces stale).
 ``--visible-traces`` rewrites records whose trace is empty (TVM's default lowering, as the
 seeding wrote them before ``tune.default_lowering``) with the no-op lookup that lets TVM 0.27's
 JSONDatabase return them; the measurement is kept (the schedule is the same).
+``--seed --kernel depthwise_conv2d`` (or ``packed_conv2d``, ``float_conv2d``) measures only the
+workloads built on that kernel -- after a change to its schedule function, whose old traces a
+build would otherwise replay -- and keeps every other record.
 ``--fill`` only measures, in place, the workloads that have no successful record (a seeding
 whose measurement failed leaves the workload with none, and builds miss it).
 
@@ -120,6 +123,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="records kept per workload (default: 3)")
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--seed", action="store_true", help="also measure and keep each workload's default schedule")
+    parser.add_argument("--kernel", choices=["packed_conv2d", "depthwise_conv2d", "float_conv2d"],
+                        help="with --seed: measure only the workloads built on this qcompile kernel (after a "
+                             "change to its schedule); every other record is kept")
     parser.add_argument("--compact-only", action="store_true", help="only unindent the workload file in place")
     parser.add_argument("--visible-traces", action="store_true",
                         help="rewrite records with an empty trace so builds can find them (keeps every record)")
@@ -158,13 +164,20 @@ def main() -> None:
     tasks = unique_tasks(args.models, target)
     kept: list = []  # the best --top records of each workload in use
     seeded_db = None
+    reseeded = tasks
+    if args.kernel:
+        import importlib
+
+        anchor = importlib.import_module(f"qcompile.kernels.{args.kernel}").ANCHOR
+        reseeded = [task for task in tasks if anchor in task.dispatched[0].script()]
     if args.seed:  # measured into a scratch database first, then written with the kept records
         scratch = tempfile.TemporaryDirectory()
         seeded_db = open_database(Path(scratch.name))
-        seed_default_schedules(tasks, target.to_tvm(), seeded_db, say=print)
+        seed_default_schedules(reseeded, target.to_tvm(), seeded_db, say=print)
     for task in tasks:
         mod = task.dispatched[0]
-        if not has_valid_record(old, mod) or (args.seed and hand_kernel_tiles(mod.script()) is not None):
+        if not has_valid_record(old, mod) or (
+                args.seed and task in reseeded and hand_kernel_tiles(mod.script()) is not None):
             continue  # qcompile's own kernels: the seeding just measured every tile of their schedule
         kept.extend(old.get_top_k(old.commit_workload(mod), args.top))
     seeds = list(seeded_db.get_all_tuning_records()) if seeded_db is not None else []
