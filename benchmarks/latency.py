@@ -7,9 +7,11 @@ the next contender on 2 cores; sleeping instead distorts too.  The VM's speed dr
 tens of percent from one minute to the next here), so ratios are taken within one run, and
 each ratio column is the median of the per-round ratios (a contender against the other
 one's median in the same round), which a phase that covers only some rounds moves less
-than a ratio of the two overall medians.  Writes benchmarks/results/latency_<model>.{json,md}.
+than a ratio of the two overall medians.  Writes benchmarks/results/latency_<model>.{json,md,png}
+(``latency_<model>_<target>.*`` for a ``--target`` other than native).
 
     .venv/bin/python benchmarks/latency.py resnet18 --rounds 5
+    .venv/bin/python benchmarks/latency.py resnet18 --target x86-avx2   # AVX2 kernels on an AVX-512 CPU
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def contenders(model: str, threads: int, calib: int, work: Path,
-               torch_int8: bool = True) -> dict[str, Callable[[np.ndarray], object]]:
+def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: bool = True,
+               target_name: str = "native") -> dict[str, Callable[[np.ndarray], object]]:
     import torch
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -72,7 +74,7 @@ def contenders(model: str, threads: int, calib: int, work: Path,
     rng = np.random.default_rng(0)
     samples = [rng.standard_normal((1, 3, 224, 224)).astype("float32") for _ in range(calib)]
     net = torchvision_module(model)
-    target = resolve_target("native")
+    target = resolve_target(target_name)
     imported = import_model(model)
     qmodel, info = quantize_model(imported, [{"x": s} for s in samples], QuantConfig(num_samples=calib),
                                   target.to_tvm())
@@ -215,16 +217,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per contender per round")
     parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--target", default="native",
+                        help="qcompile's target (e.g. x86-avx2 on an AVX-512 CPU: the AVX2 kernels on the same cores)")
     parser.add_argument("--no-torch-int8", dest="torch_int8", action="store_false",
                         help="skip PyTorch int8 (PT2E + torch.compile, which compiles for minutes)")
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype("float32")
     with tempfile.TemporaryDirectory() as tmp:
-        runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8)
+        runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8, args.target)
         per_round = measure(runners, x, args.rounds, args.budget, gap_s=0.05)
     medians = {name: float(np.median(v)) for name, v in per_round.items()}
-    lines = [f"{args.model}, batch 1, {args.threads} threads, {args.rounds} interleaved rounds of {args.budget:g} s "
+    lines = [f"{args.model}, qcompile target {args.target}, batch 1, {args.threads} threads, "
+             f"{args.rounds} interleaved rounds of {args.budget:g} s "
              "per contender (median of round medians; ratios: median of per-round ratios)",
              "", "| contender | median ms | vs ORT int8 | vs PyTorch fp32 |", "|---|---|---|---|"]
     for name, ms in medians.items():
@@ -240,10 +245,12 @@ def main() -> None:
                   f"{paired_ratio(per_round, fp32, 'ONNX Runtime fp32'):.2f}x its latency"]
     table = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"latency_{args.model}.md").write_text(table)
-    (RESULTS / f"latency_{args.model}.json").write_text(json.dumps(
-        {"model": args.model, "threads": args.threads, "rounds": per_round, "medians_ms": medians}, indent=2) + "\n")
-    _bar_chart(args.model, medians, RESULTS / f"latency_{args.model}.png")
+    stem = f"latency_{args.model}" + ("" if args.target == "native" else f"_{args.target}")
+    (RESULTS / f"{stem}.md").write_text(table)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {"model": args.model, "target": args.target, "threads": args.threads, "rounds": per_round,
+         "medians_ms": medians}, indent=2) + "\n")
+    _bar_chart(args.model, medians, RESULTS / f"{stem}.png")
     print(table)
 
 

@@ -135,7 +135,7 @@ def test_realized_model_packed_equals_unpacked():
     x = RNG.standard_normal((1, 8, 12, 12)).astype("float32")
     mod = _qdq_conv(RNG.integers(-63, 64, (16, 8, 3, 3)).astype("int8"), x)
     packed, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 1, "int8_depthwise": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0}
+    assert counts == {"int8": 1, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0}
     assert "qc_conv2d_int8" in [gv.name_hint for gv in packed.get_global_vars()]
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own conv2d
     assert int8_dot_for(plain) is None
@@ -153,5 +153,48 @@ def test_weights_that_would_saturate_are_not_packed():
     weight[3, 0:2, 1, 1] = 127  # one channel pair: 255 * 254 overflows int16
     mod = _qdq_conv(weight, np.zeros((1, 8, 12, 12), "float32"))
     packed, counts = pack_conv(mod, resolve_target("x86-avx2").to_tvm())
-    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_inexact": 1, "float": 0, "float_depthwise": 0}
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 1, "float": 0, "float_depthwise": 0}
     assert packed.same_as(mod)  # not even converted to NHWC
+
+
+def _qdq_dense(weight: np.ndarray, x: np.ndarray):
+    """main(x) = quantize(matmul(dq(q(x)), dq(W))) realized to an integer matmul (W: [K, N])."""
+    n = weight.shape[1]
+    sw = RNG.uniform(0.001, 0.01, n).astype("float32")
+    bb = relax.BlockBuilder()
+    param = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [param]):
+        with bb.dataflow():
+            xd = dq(bb, q(bb, param, 0.02, 131, "uint8"), 0.02, 131)
+            wd = dq(bb, relax.const(weight), sw, np.zeros(n, "int32"), axis=1)
+            y = bb.emit(relax.op.matmul(xd, wd))
+            out = bb.emit_output(q(bb, y, 0.05, 7, "uint8"))
+        bb.emit_func_output(out)
+    return realize(bb.get())[0]
+
+
+@needs_dot
+@pytest.mark.parametrize("m, k, n", [(1, 64, 40), (3, 20, 16)])  # N not a multiple of the lanes; K not of 4
+def test_realized_dense_packed_equals_unpacked(m, k, n):
+    x = RNG.standard_normal((m, k)).astype("float32")
+    mod = _qdq_dense(RNG.integers(-63, 64, (k, n)).astype("int8"), x)
+    assert "R.matmul" in mod.script()  # realize made the matmul integer
+    packed, counts = pack_conv(mod, HOST)
+    assert counts["int8_dense"] == 1, counts
+    plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own matmul
+    results = []
+    for target in (HOST, resolve_target("x86-avx2").to_tvm(), plain):
+        vm = relax.VirtualMachine(compile_module(mod, target), tvm.cpu())
+        results.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_array_equal(results[0], results[2])
+    np.testing.assert_array_equal(results[1], results[2])
+
+
+def test_dense_weights_that_would_saturate_are_left_to_tvm():
+    weight = RNG.integers(-63, 64, (64, 16)).astype("int8")
+    weight[0:2, 5] = 127  # one pair along K: 255 * 254 overflows int16
+    mod = _qdq_dense(weight, np.zeros((1, 64), "float32"))
+    _, counts = pack_conv(mod, resolve_target("x86-avx2").to_tvm())
+    assert counts["int8_dense"] == 0, counts
+    _, counts = pack_conv(mod, resolve_target("x86-avx512").to_tvm())  # VNNI: exact for any int8
+    assert counts["int8_dense"] == 1, counts
