@@ -114,20 +114,26 @@ def test_saturation_check():
     assert not AVX2.exact_for(np.array([[0, 0, -127, -2]], np.int8))
 
 
-def _qdq_conv(weight: np.ndarray, x: np.ndarray):
-    """main(x) = quantize(relu(conv(dq(q(x)), dq(W)))) realized to integer ops."""
-    oc = weight.shape[0]
-    sw = RNG.uniform(0.001, 0.01, oc).astype("float32")
+def _realized(x: np.ndarray, weight: np.ndarray, axis: int, layer, out_zero_point: int = 0):
+    """main(x) = quantize(layer(dq(q(x)), dq(W))) realized to integer ops; ``W`` per-channel
+    along ``axis`` (its output channels)."""
+    channels = weight.shape[axis]
+    sw = RNG.uniform(0.001, 0.01, channels).astype("float32")
     bb = relax.BlockBuilder()
     param = relax.Var("x", relax.TensorType(x.shape, "float32"))
     with bb.function("main", [param]):
         with bb.dataflow():
             xd = dq(bb, q(bb, param, 0.02, 131, "uint8"), 0.02, 131)
-            wd = dq(bb, relax.const(weight), sw, np.zeros(oc, "int32"), axis=0)
-            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.nn.conv2d(xd, wd, padding=1))))
-            out = bb.emit_output(q(bb, y, 0.05, 0, "uint8"))
+            wd = dq(bb, relax.const(weight), sw, np.zeros(channels, "int32"), axis=axis)
+            out = bb.emit_output(q(bb, layer(bb, xd, wd), 0.05, out_zero_point, "uint8"))
         bb.emit_func_output(out)
     return realize(bb.get())[0]
+
+
+def _qdq_conv(weight: np.ndarray, x: np.ndarray):
+    """main(x) = quantize(relu(conv(dq(q(x)), dq(W))))."""
+    return _realized(x, weight, 0, lambda bb, xd, wd: bb.emit(relax.op.nn.relu(
+        bb.emit(relax.op.nn.conv2d(xd, wd, padding=1)))))
 
 
 @needs_dot
@@ -158,19 +164,8 @@ def test_weights_that_would_saturate_are_not_packed():
 
 
 def _qdq_dense(weight: np.ndarray, x: np.ndarray):
-    """main(x) = quantize(matmul(dq(q(x)), dq(W))) realized to an integer matmul (W: [K, N])."""
-    n = weight.shape[1]
-    sw = RNG.uniform(0.001, 0.01, n).astype("float32")
-    bb = relax.BlockBuilder()
-    param = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [param]):
-        with bb.dataflow():
-            xd = dq(bb, q(bb, param, 0.02, 131, "uint8"), 0.02, 131)
-            wd = dq(bb, relax.const(weight), sw, np.zeros(n, "int32"), axis=1)
-            y = bb.emit(relax.op.matmul(xd, wd))
-            out = bb.emit_output(q(bb, y, 0.05, 7, "uint8"))
-        bb.emit_func_output(out)
-    return realize(bb.get())[0]
+    """main(x) = quantize(matmul(dq(q(x)), dq(W))), W: [K, N]."""
+    return _realized(x, weight, 1, lambda bb, xd, wd: bb.emit(relax.op.matmul(xd, wd)), out_zero_point=7)
 
 
 @needs_dot
