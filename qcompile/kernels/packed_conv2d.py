@@ -222,10 +222,15 @@ def rows_outer(sch: s_tir.Schedule, anchor) -> bool:
     return activation >= weight
 
 
+def has_block(sch: s_tir.Schedule, name: str) -> bool:
+    """Whether the function in ``sch`` has a top-level block called ``name`` (e.g. ``PAD``)."""
+    return name in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
 def vectorize_pad(sch: s_tir.Schedule, name: str = PAD) -> None:
     """Rows of the padded-input block ``name`` (if any) over the cores, channels in 32- or
     16-byte vectors: vectorizing all C at once (C = 96, 144 ...) measured 20x slower."""
-    if name not in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]:
+    if not has_block(sch, name):
         return
     loops = sch.get_loops(sch.get_sblock(name))
     sch.parallel(sch.fuse(*loops[:2]))
