@@ -82,7 +82,7 @@ def qcompile_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dic
     from qcompile.frontend import import_model
     from qcompile.quantize import QuantConfig, quantize_model
     from qcompile.runtime import CompiledModel
-    from qcompile.targets import resolve_target
+    from qcompile.target import resolve_target
 
     pt2 = workdir / "digits.pt2"
     torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 8, 8),)), str(pt2))
@@ -108,7 +108,12 @@ def qcompile_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dic
 def ort_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dict:
     """ONNX Runtime fp32 and quantize_static (QDQ, U8S8, per-channel, MinMax)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = workdir / "digits.onnx"
@@ -142,7 +147,9 @@ def pt2e_predictor(net: nn.Module, calib: np.ndarray) -> dict:
     """PyTorch PT2E with torchao's X86InductorQuantizer (static, per-channel weights)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     exported = torch.export.export(net, (torch.zeros(1, 1, 8, 8),), strict=True).module()

@@ -31,14 +31,14 @@ def runner(contender: str, model: str, threads: int, work: Path):
         from qcompile.build import build
         from qcompile.frontend import import_model
         from qcompile.runtime import CompiledModel
-        from qcompile.targets import resolve_target
+        from qcompile.target import resolve_target
 
         artifact = build(import_model(model), resolve_target("native"), work, name=model)
         compiled = CompiledModel.load(artifact.library)
         return lambda: compiled.run({"x": x})
     from latency import export_onnx, ort_session
 
-    from qcompile.frontend import torchvision_module
+    from qcompile.frontend.from_torch import torchvision_module
 
     session = ort_session(export_onnx(torchvision_module(model), x, work / f"{model}.onnx"), threads)
     return lambda: session.run(None, {"x": x})

@@ -65,10 +65,11 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from qcompile.build import build
-    from qcompile.frontend import import_model, torchvision_module
+    from qcompile.frontend import import_model
+    from qcompile.frontend.from_torch import torchvision_module
     from qcompile.quantize import QuantConfig, quantize_model
     from qcompile.runtime import CompiledModel
-    from qcompile.targets import resolve_target
+    from qcompile.target import resolve_target
 
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
-from .model import TensorInfo
+from qcompile.errors import ArtifactError
+from qcompile.model import TensorInfo
 
 FORMAT = "qcompile-manifest/1"
 

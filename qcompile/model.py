@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from qcompile.errors import ConfigError
 
 
 @dataclass(frozen=True)

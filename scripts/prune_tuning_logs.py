@@ -32,8 +32,8 @@ import numpy as np
 def model_tasks(name: str, target, quantize: bool):
     from tvm.s_tir import meta_schedule as ms
 
+    from qcompile.build.pipeline import phases_through, run_phases
     from qcompile.frontend import import_model
-    from qcompile.pipeline import phases_through, run_phases
     from qcompile.quantize import QuantConfig, quantize_model
 
     model = import_model(name)
@@ -133,7 +133,7 @@ def main() -> None:
                         help="only measure, in place, the workloads without a successful record (keeps every record)")
     args = parser.parse_args()
     if args.compact_only:
-        from qcompile.targets import resolve_target
+        from qcompile.target import resolve_target
         from qcompile.tune import database_dir
 
         compact_workloads(database_dir(resolve_target(args.target), args.log_dir) / "database_workload.json")
@@ -141,7 +141,7 @@ def main() -> None:
 
 
     from qcompile.kernels import hand_kernel_tiles
-    from qcompile.targets import resolve_target
+    from qcompile.target import resolve_target
     from qcompile.tune import (
         database_dir,
         has_valid_record,

@@ -22,6 +22,19 @@ from qcompile.cli.main import main
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_tuning_logs(tmp_path_factory):
+    """Tests never read or write the user's own records (~/.cache/qcompile/tuning_logs):
+    builds without --log-dir see only the records shipped in the package."""
+    old = os.environ.get("QCOMPILE_TUNING_LOGS")
+    os.environ["QCOMPILE_TUNING_LOGS"] = str(tmp_path_factory.mktemp("user_tuning_logs"))
+    yield
+    if old is None:
+        os.environ.pop("QCOMPILE_TUNING_LOGS", None)
+    else:
+        os.environ["QCOMPILE_TUNING_LOGS"] = old
+
+
 class TinyResNet(nn.Module):
     """Conv-BN-ReLU stem, one residual block, pooling, dense head: the op mix of real CNNs."""
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from qcompile.build import build
-from qcompile.emulator import emulator_dir
 from qcompile.frontend import import_model
 from qcompile.quantize import quantize_model
 from qcompile.quantize.config import QuantConfig
-from qcompile.rpc import RpcEndpoint, free_port
 from qcompile.runtime import CompiledModel
-from qcompile.targets import resolve_target
+from qcompile.runtime.emulator import emulator_dir
+from qcompile.runtime.rpc import RpcEndpoint, free_port
+from qcompile.target import resolve_target
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def _board(tmp_path_factory, cpu: str):
     if not (emulator_dir() / "python3").is_file():
         pytest.skip(f"no emulated ARM board in {emulator_dir()}: run deploy/arm-emulator/setup.sh")
-    from qcompile.emulator import start_emulated_board
+    from qcompile.runtime.emulator import start_emulated_board
 
     return start_emulated_board(port=free_port(), cpu=cpu, log=tmp_path_factory.mktemp(cpu) / "server.log")
 

@@ -6,8 +6,8 @@ import pytest
 import tvm
 from tvm.script import tirx as T
 
+from qcompile.build.pipeline import tir_pipeline
 from qcompile.passes.balance_parallel import BALANCED, balance_function, parallel_loops
-from qcompile.pipeline import tir_pipeline
 
 
 def _rows_kernel(rows: int, cols: int):

@@ -16,7 +16,7 @@ from qcompile.errors import BuildError
 from qcompile.frontend import import_model
 from qcompile.manifest import load_manifest, manifest_path, sha256_file
 from qcompile.runtime import CompiledModel
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
 
 HAS_CROSS = shutil.which("aarch64-linux-gnu-g++") is not None
 

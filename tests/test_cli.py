@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from qcompile.errors import ArtifactError, ConfigError, ModelImportError, RuntimeInputError
+from qcompile.errors import (
+    ArtifactError,
+    ConfigError,
+    ModelImportError,
+    RuntimeInputError,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from qcompile.build import build
 from qcompile.frontend import import_model
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,13 +14,13 @@ from test_packed_conv import DOT, HOST, needs_dot
 from test_realize_exact import conv2d_int, dq, q
 from tvm import relax
 
+from qcompile.build.pipeline import compile_module
+from qcompile.build.schedules import ConvMatmulCPU
 from qcompile.kernels import depthwise_conv2d
 from qcompile.kernels.int8_dot import int8_dot_for
 from qcompile.kernels.packed_conv2d import ConvShape
 from qcompile.passes.pack_conv import pack_conv
-from qcompile.pipeline import compile_module
 from qcompile.quantize.realize import realize
-from qcompile.schedules import ConvMatmulCPU
 
 RNG = np.random.default_rng(5)
 

@@ -8,12 +8,12 @@ import tvm
 from test_packed_conv import HOST
 from tvm import relax
 
+from qcompile.build.pipeline import compile_module
+from qcompile.build.schedules import ConvMatmulCPU
 from qcompile.kernels import depthwise_conv2d, float_conv2d
 from qcompile.kernels.packed_conv2d import ConvShape
 from qcompile.passes.pack_conv import pack_conv
-from qcompile.pipeline import compile_module
-from qcompile.schedules import ConvMatmulCPU
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
 
 RNG = np.random.default_rng(3)
 
@@ -132,7 +132,7 @@ def test_nhwc_max_pool_is_scheduled_and_exact(dtype):
     schedule and still equal PyTorch's max pool (padding with the pool's identity)."""
     import torch
 
-    from qcompile.pipeline import phases_through, run_phases
+    from qcompile.build.pipeline import phases_through, run_phases
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 17, 17, 32), dtype))

@@ -5,9 +5,8 @@ import onnx
 import pytest
 import torch
 
-from qcompile import onnx_shapes
 from qcompile.errors import ConfigError, ModelImportError
-from qcompile.frontend import import_model
+from qcompile.frontend import import_model, onnx_shapes
 from qcompile.model import TensorInfo, parse_input_shapes
 
 

@@ -19,7 +19,7 @@ from qcompile.build import build
 from qcompile.frontend import import_model
 from qcompile.quantize import quantize_model
 from qcompile.quantize.config import QuantConfig
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
 
 # int8 x int8 products widened to 16/32 bits: multiply-accumulate or multiply-long.
 WIDENING_MAC = {"smlal", "smlal2", "smull", "smull2"}

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from qcompile.frontend import torchvision_module
-from qcompile.hostcpu import cpu_flags
+from qcompile.frontend.from_torch import torchvision_module
+from qcompile.target.hostcpu import cpu_flags
 
 pytestmark = pytest.mark.slow
 
@@ -67,12 +67,13 @@ def test_resnet18_cross_compiled_for_cortex_a72(cli, tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_int8_build_is_integer_and_small(cli, tmp_path, name):
+    from test_quantize import float_anchor_ops
+
     from qcompile.build import build
     from qcompile.frontend import import_model
     from qcompile.quantize import QuantConfig, quantize_model
     from qcompile.runtime import CompiledModel
-    from qcompile.targets import resolve_target
-    from test_quantize import float_anchor_ops
+    from qcompile.target import resolve_target
 
     target = resolve_target("native")
     model = import_model(name)

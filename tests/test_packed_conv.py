@@ -14,13 +14,13 @@ import tvm
 from test_realize_exact import conv2d_int, dq, q
 from tvm import relax
 
+from qcompile.build.pipeline import compile_module
+from qcompile.build.schedules import ConvMatmulCPU
 from qcompile.kernels import packed_conv2d
 from qcompile.kernels.int8_dot import AVX2, VNNI, int8_dot_for
 from qcompile.passes.pack_conv import pack_conv
-from qcompile.pipeline import compile_module
 from qcompile.quantize.realize import realize
-from qcompile.schedules import ConvMatmulCPU
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
 
 HOST = resolve_target("native").to_tvm()
 DOT = int8_dot_for(HOST)

@@ -16,12 +16,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from qcompile.kernels.int8_dot import int8_dot_for
 from qcompile.runtime import CompiledModel
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
 
 
 def ort_quantize(fp32_path, out_path, inputs: list[np.ndarray], name: str, fmt=QuantFormat.QDQ,
@@ -92,7 +97,7 @@ def test_onnxruntime_qdq_tiny_model(cli, tmp_path, tiny_onnx):
 
 @pytest.mark.slow
 def test_onnxruntime_qdq_resnet18(cli, tmp_path):
-    from qcompile.frontend import torchvision_module
+    from qcompile.frontend.from_torch import torchvision_module
 
     fp32 = tmp_path / "resnet18.onnx"
     torch.onnx.export(torchvision_module("resnet18"), (torch.zeros(1, 3, 224, 224),), str(fp32),
@@ -108,7 +113,9 @@ def pt2e_program(net, example: torch.Tensor, calib: list[torch.Tensor]):
     """PT2E static quantization with torchao's X86InductorQuantizer, re-exported for saving."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     # strict=True: torchvision blocks reuse one nn.ReLU, which non-strict export cannot partition.
@@ -156,7 +163,7 @@ def test_pt2e_tiny_model(cli, tmp_path, tiny_net):
 
 @pytest.mark.slow
 def test_pt2e_resnet18(cli, tmp_path):
-    from qcompile.frontend import torchvision_module
+    from qcompile.frontend.from_torch import torchvision_module
 
     check_pt2e(cli, tmp_path, torchvision_module("resnet18"), (1, 3, 224, 224), 2, 4)
 

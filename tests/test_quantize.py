@@ -13,7 +13,7 @@ from qcompile.frontend import import_model
 from qcompile.quantize import QuantConfig, quantize_model
 from qcompile.quantize.observers import HistogramObserver, MinMaxObserver
 from qcompile.quantize.ptq import activation_qparams, weight_qparams
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
 
 TARGET = resolve_target("native")
 
@@ -205,7 +205,7 @@ def test_image_folder_calibration(tmp_path):
 def test_quantize_for_another_target_calibrates_here_and_picks_weight_bits(tiny_pt2, preset, reduce_range):
     # rpi4 code cannot run here and x86-avx512 code would fault on this AVX2 CPU: calibration
     # must run a build for this machine; the target only decides the weight range.
-    from qcompile.targets import resolve_target
+    from qcompile.target import resolve_target
 
     _, info = quantize_model(import_model(str(tiny_pt2)), calib(4), QuantConfig(), resolve_target(preset).to_tvm())
     assert info["config"]["reduce_range"] is reduce_range
@@ -219,7 +219,7 @@ def test_kernels_do_not_depend_on_the_calibration(tiny_pt2):
     import tvm_ffi
     from tvm import tirx
 
-    from qcompile.pipeline import phases_through, run_phases
+    from qcompile.build.pipeline import phases_through, run_phases
 
     model = import_model(str(tiny_pt2))
     kernels = []

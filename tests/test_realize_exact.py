@@ -12,7 +12,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from qcompile.pipeline import compile_module
+from qcompile.build.pipeline import compile_module
 from qcompile.quantize.realize import realize
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})

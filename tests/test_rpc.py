@@ -12,9 +12,9 @@ import pytest
 from qcompile.build import build
 from qcompile.errors import RpcError
 from qcompile.frontend import import_model
-from qcompile.rpc import RpcEndpoint, free_port, start_server, start_tracker
 from qcompile.runtime import CompiledModel
-from qcompile.targets import resolve_target
+from qcompile.runtime.rpc import RpcEndpoint, free_port, start_server, start_tracker
+from qcompile.target import resolve_target
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import pytest
 from qcompile.build import build
 from qcompile.errors import ArtifactError, RuntimeInputError
 from qcompile.frontend import import_model
-from qcompile.hostcpu import cpu_flags
 from qcompile.manifest import manifest_path
 from qcompile.runtime import CompiledModel
-from qcompile.targets import resolve_target
+from qcompile.target import resolve_target
+from qcompile.target.hostcpu import cpu_flags
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from qcompile.build.pipeline import tir_pipeline
 from qcompile.passes.stack_tiles import StackTiles
-from qcompile.pipeline import tir_pipeline
 
 
 def _tile_kernel(tile: int):

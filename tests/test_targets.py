@@ -7,7 +7,7 @@ import pytest
 
 from qcompile.cli.main import join_target_tokens
 from qcompile.errors import ConfigError
-from qcompile.targets import list_presets, parse_tvmc_string, resolve_target
+from qcompile.target import list_presets, parse_tvmc_string, resolve_target
 
 
 def test_tvmc_arm_cpu_without_triple_means_aarch64_linux():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from qcompile.runtime import CompiledModel
-from qcompile.targets import resolve_target
-from qcompile.tune import database_dir
+from qcompile.target import resolve_target
+from qcompile.tune.records import database_dir
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_tune_reports_progress_with_best_latency(tuned):
 
 
 def test_tune_measures_over_rpc(tmp_path, tiny_pt2):
-    from qcompile.rpc import free_port, start_server
+    from qcompile.runtime.rpc import free_port, start_server
 
     with start_server("127.0.0.1", free_port(), log=tmp_path / "server.log") as server:
         host, port = server.address
@@ -141,7 +141,7 @@ class _FakeRunner:
 
 
 def test_register_tiles_are_measured_in_rotated_interleaved_rounds():
-    from qcompile.tune import _measure_interleaved
+    from qcompile.tune.seeding import _measure_interleaved
 
     runner = _FakeRunner({"a": [1.0, 5.0, 1.2], "b": [2.0, 2.1, 1.9]})
     secs = _measure_interleaved(runner, ["a", "b", "broken"], rounds=3)
@@ -157,7 +157,7 @@ def test_pooled_builder_keeps_its_workers_across_batches():
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from qcompile.tune import build_candidate, pooled_builder
+    from qcompile.tune.workers import build_candidate, pooled_builder
 
     _, mod, target, _ = _double_kernel()
     good = ms.builder.BuilderInput(mod, target)
@@ -178,7 +178,7 @@ def test_pooled_builder_keeps_its_workers_across_batches():
 
 
 def test_seed_choice_keeps_the_default_unless_another_is_clearly_faster():
-    from qcompile.tune import choose_seed
+    from qcompile.tune.seeding import choose_seed
 
     assert choose_seed([[1.00, 1.02, 0.99], [0.985, 0.98, 0.99]]) == 0  # 1.5% faster: noise
     assert choose_seed([[1.00, 1.02, 0.99], [0.90, 0.91, 5.0]]) == 1  # 10% faster by the median
@@ -205,7 +205,8 @@ def _double_kernel():
 def test_a_workload_with_only_failed_runs_counts_as_unmeasured(tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
-    from qcompile.tune import default_lowering, has_valid_record, open_database
+    from qcompile.tune.records import open_database
+    from qcompile.tune.seeding import default_lowering, has_valid_record
 
     double, mod, target, args_info = _double_kernel()
     database = open_database(tmp_path)
@@ -224,7 +225,8 @@ def test_default_lowering_records_are_visible_to_builds(tmp_path):
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from qcompile.tune import default_lowering, open_database
+    from qcompile.tune.records import open_database
+    from qcompile.tune.seeding import default_lowering
 
     double, mod, target, args_info = _double_kernel()
     database = open_database(tmp_path)

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import json
 
-from ..runtime import CompiledModel
-from .common import add_input_option, add_rpc_options, load_inputs, rpc_endpoint
+from qcompile.cli.common import (
+    add_input_option,
+    add_rpc_options,
+    load_inputs,
+    rpc_endpoint,
+)
+from qcompile.runtime import CompiledModel
 
 
 def register(sub) -> None:

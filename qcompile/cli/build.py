@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..build import build
-from ..frontend import import_model
-from ..errors import ConfigError
-from ..model import parse_input_shapes
-from ..quantize.config import CALIBRATION_METHODS
-from ..targets import resolve_target
-from .common import Progress
+from qcompile.build import build
+from qcompile.cli.common import Progress
+from qcompile.errors import ConfigError
+from qcompile.frontend import import_model
+from qcompile.model import parse_input_shapes
+from qcompile.quantize.config import CALIBRATION_METHODS
+from qcompile.target import resolve_target
 
 
 def add_model_options(p) -> None:
@@ -86,14 +86,14 @@ def load_model(args, target, progress):
     progress(f"importing {args.model} ...")
     model = import_model(args.model, shapes, weights=args.weights)
     if config is not None:
-        from ..quantize import quantize_model
-        from ..quantize.data import calibration_batches
+        from qcompile.quantize import quantize_model
+        from qcompile.quantize.data import calibration_batches
 
         progress(f"calibrating on {args.calib_data} ({config.calibration_method}, up to {config.num_samples} samples) ...")
         batches = calibration_batches(args.calib_data, model.inputs, _preprocess(args))
         model, quantization = quantize_model(model, batches, config, target.to_tvm(), progress)
         return model, quantization, f"{model.source.name}-int8"
-    from ..quantize import has_qdq, realize_prequantized
+    from qcompile.quantize import has_qdq, realize_prequantized
 
     if has_qdq(model.mod):  # pre-quantized ONNX / PT2E: integer kernels, no calibration
         progress("model is pre-quantized (QDQ): realizing integer kernels ...")
@@ -113,7 +113,7 @@ def _quant_config(args):
         return None
     if not args.calib_data:
         raise ConfigError("--quantize int8 needs --calib-data PATH (.npz, .npy or a folder of images)")
-    from ..quantize.config import QuantConfig
+    from qcompile.quantize.config import QuantConfig
 
     return QuantConfig(
         calibration_method=args.calib_method,
@@ -127,7 +127,7 @@ def _quant_config(args):
 
 
 def _preprocess(args):
-    from ..quantize.data import ImagePreprocess
+    from qcompile.quantize.data import ImagePreprocess
 
     default = ImagePreprocess()
     return ImagePreprocess(mean=tuple(args.calib_mean or default.mean), std=tuple(args.calib_std or default.std))

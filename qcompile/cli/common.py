@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RuntimeInputError
-from ..model import TensorInfo, read_arrays
+from qcompile.errors import RuntimeInputError
+from qcompile.model import TensorInfo, read_arrays
 
 
 class Progress:
@@ -55,6 +55,6 @@ def add_rpc_options(parser) -> None:
 
 
 def rpc_endpoint(args):
-    from ..rpc import RpcEndpoint
+    from qcompile.runtime.rpc import RpcEndpoint
 
     return RpcEndpoint.from_args(args.rpc, args.rpc_tracker, args.rpc_key, args.rpc_timeout)

@@ -5,14 +5,10 @@ import json
 
 import numpy as np
 
-from ..errors import QcompileError
-from ..reference import reference_runner, time_runner
-from ..runtime import CompiledModel
-from .common import add_input_option, load_inputs
-
-
-class MismatchError(QcompileError):
-    exit_code = 8
+from qcompile.cli.common import add_input_option, load_inputs
+from qcompile.errors import MismatchError
+from qcompile.frontend.reference import reference_runner, time_runner
+from qcompile.runtime import CompiledModel
 
 
 def register(sub) -> None:

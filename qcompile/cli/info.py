@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..manifest import load_manifest, verify_library
+from qcompile.manifest import load_manifest, verify_library
 
 
 def register(sub) -> None:

@@ -5,9 +5,9 @@ import argparse
 import re
 import sys
 
-from .. import __version__
-from ..errors import QcompileError
-from . import bench, build, compare, info, rpc_service, run, targets, tune
+from qcompile import __version__
+from qcompile.cli import bench, build, compare, info, rpc_service, run, targets, tune
+from qcompile.errors import QcompileError
 
 COMMANDS = [build, tune, run, bench, compare, info, targets, rpc_service]
 

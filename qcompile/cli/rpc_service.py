@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 
-from ..rpc import (
+from qcompile.runtime.rpc import (
     DEFAULT_PORT,
     DEFAULT_TRACKER_PORT,
     parse_address,
@@ -55,7 +55,7 @@ def run_server(args) -> int:
     tracker = parse_address(args.tracker, "--tracker", DEFAULT_TRACKER_PORT) if args.tracker else None
     where = f", registered as {args.key!r} with the tracker at {args.tracker}" if tracker else ""
     if args.emulate:
-        from ..emulator import start_emulated_board
+        from qcompile.runtime.emulator import start_emulated_board
 
         return _serve(lambda: start_emulated_board(args.host, args.port, args.emulate, tracker, args.key),
                       f"RPC server on an emulated {args.emulate} (qemu-user) listening on {args.host}:{args.port}"

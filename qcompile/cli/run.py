@@ -7,8 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import CompiledModel
-from .common import add_input_option, add_rpc_options, load_inputs, rpc_endpoint
+from qcompile.cli.common import (
+    add_input_option,
+    add_rpc_options,
+    load_inputs,
+    rpc_endpoint,
+)
+from qcompile.runtime import CompiledModel
 
 
 def register(sub) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ..targets import list_presets, resolve_target
+from qcompile.target import list_presets, resolve_target
 
 
 def register(sub) -> None:

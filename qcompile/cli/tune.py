@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..targets import resolve_target
-from .build import add_model_options, load_model
-from .common import Progress, add_rpc_options, rpc_endpoint
+from qcompile.cli.build import add_model_options, load_model
+from qcompile.cli.common import Progress, add_rpc_options, rpc_endpoint
+from qcompile.target import resolve_target
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..tune import tune
+    from qcompile.tune import tune
 
     progress = Progress(args.quiet)
     target = resolve_target(args.target)

@@ -12,7 +12,7 @@ from __future__ import annotations
 def hand_kernel_tiles(script: str) -> tuple[tuple[int, int], ...] | None:
     """The register tiles `qcompile tune` measures for a fused kernel (its TVMScript) built
     on one of these kernels, or None for any other kernel (MetaSchedule searches those)."""
-    from . import depthwise_conv2d, float_conv2d, packed_conv2d
+    from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
 
     for kernel in (packed_conv2d, depthwise_conv2d, float_conv2d):
         if kernel.ANCHOR in script:

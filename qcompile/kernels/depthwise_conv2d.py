@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tvm import s_tir, te, tirx
 
-from .packed_conv2d import PAD, ConvShape, has_block
+from qcompile.kernels.packed_conv2d import PAD, ConvShape, has_block
 
 ANCHOR = "qc_depthwise_conv2d"
 

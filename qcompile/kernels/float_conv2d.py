@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from .packed_conv2d import PAD, ConvShape, rows_outer, vectorize_pad
+from qcompile.kernels.packed_conv2d import PAD, ConvShape, rows_outer, vectorize_pad
 
 ANCHOR = "conv2d_float_packed"
 LANES = 8  # output channels per block: one AVX2 register (two NEON registers)
@@ -35,7 +35,7 @@ def vector_registers(target) -> int:
     """How many ``LANES``-wide vector registers ``target``'s CPU has: 32 with AVX-512 (its
     VL extension gives 256-bit code registers 16-31), else 16 (AVX2; NEON's 32 128-bit
     registers are 16 pairs)."""
-    from .int8_dot import cpu_features
+    from qcompile.kernels.int8_dot import cpu_features
 
     return 32 if "avx512f" in cpu_features(target) else 16
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from .int8_dot import Int8Dot
+from qcompile.kernels.int8_dot import Int8Dot
 
 ANCHOR = "conv2d_int8_packed"
 PAD = "qc_pad"

@@ -25,7 +25,7 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from .cpu_functions import map_cpu_functions
+from qcompile.passes.cpu_functions import map_cpu_functions
 
 BALANCED = "qcompile.balanced"  # marks a rewritten loop
 _OPAQUE_CALLS = ("call_packed", "call_cpacked", "call_extern", "call_pure_extern", "atomic")

@@ -12,7 +12,14 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .bindings import Emitter, Graph, const_value, op_name, rebuild, with_main
+from qcompile.passes.bindings import (
+    Emitter,
+    Graph,
+    const_value,
+    op_name,
+    rebuild,
+    with_main,
+)
 
 _AFFINE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide"}
 

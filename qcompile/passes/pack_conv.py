@@ -30,9 +30,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..kernels import depthwise_conv2d, float_conv2d, packed_conv2d
-from ..kernels.int8_dot import Int8Dot, int8_dot_for
-from .bindings import Graph, const_value, dtype_of, op_name, rebuild_module, shape_of
+from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
+from qcompile.kernels.int8_dot import Int8Dot, int8_dot_for
+from qcompile.passes.bindings import (
+    Graph,
+    const_value,
+    dtype_of,
+    op_name,
+    rebuild_module,
+    shape_of,
+)
 
 COUNTS = ("int8", "int8_depthwise", "int8_dense", "int8_inexact", "float", "float_depthwise")
 

@@ -16,7 +16,7 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from .cpu_functions import map_cpu_functions
+from qcompile.passes.cpu_functions import map_cpu_functions
 
 # LowerTVMBuiltin's stack limit (runtime::kMaxStackAlloca): larger buffers would go back
 # to the workspace pool anyway

@@ -12,12 +12,12 @@ from typing import Callable, Iterable
 import numpy as np
 import tvm
 
-from ..model import ImportedModel
-from ..pipeline import phases_through, run_phases
-from .canonicalize import canonicalize_qdq, has_qdq
-from .config import QuantConfig
-from .ptq import annotate, calibrate, emit_qdq
-from .realize import realize
+from qcompile.build.pipeline import phases_through, run_phases
+from qcompile.model import ImportedModel
+from qcompile.quantize.canonicalize import canonicalize_qdq, has_qdq
+from qcompile.quantize.config import QuantConfig
+from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
+from qcompile.quantize.realize import realize
 
 __all__ = ["QuantConfig", "quantize_model", "to_qdq", "realize", "realize_prequantized", "has_qdq"]
 
@@ -34,7 +34,7 @@ def to_qdq(
     plan = annotate(mod["main"], config)
     ranges = calibrate(mod, plan, batches, config, target, progress)
     main, qparams, _ = emit_qdq(mod["main"], plan, ranges, config)
-    from ..passes.bindings import with_main
+    from qcompile.passes.bindings import with_main
 
     return with_main(mod, main), plan, qparams
 
@@ -51,7 +51,7 @@ def quantize_model(
     ``target`` is the build's: it decides ``reduce_range`` where the config leaves it open.
     Calibration runs the float model here, compiled for this machine (a cross-compiled or GPU
     target cannot run here, and an x86 target with features this CPU lacks would fault)."""
-    from ..targets import resolve_target
+    from qcompile.target import resolve_target
 
     say = progress or (lambda _m: None)
     config = config.for_target(target)
@@ -94,7 +94,7 @@ def realize_prequantized(model: ImportedModel, source: str) -> tuple[ImportedMod
 
 def _float_anchors(mod) -> list[tuple[str, str]]:
     """(var name, op) of conv2d/matmul still on float inputs: layers realize could not match."""
-    from ..passes.bindings import Graph, dtype_of, op_name
+    from qcompile.passes.bindings import Graph, dtype_of, op_name
 
     return [(var.name, op_name(value)) for var, value in Graph.from_main(mod["main"]).bindings
             if op_name(value) in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32"]

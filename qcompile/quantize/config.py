@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import ConfigError
-from .observers import OBSERVERS
+from qcompile.errors import ConfigError
+from qcompile.quantize.observers import OBSERVERS
 
 CALIBRATION_METHODS = tuple(OBSERVERS)
 VERSION = 1
@@ -51,7 +51,7 @@ class QuantConfig:
         the target's int8 kernels would otherwise lose their fast instruction."""
         if self.reduce_range is not None:
             return self
-        from ..kernels.int8_dot import int8_dot_for
+        from qcompile.kernels.int8_dot import int8_dot_for
 
         dot = int8_dot_for(target)
         needs = dot is not None and dot.pair_saturates and dot.activation_dtype == self.activation_dtype

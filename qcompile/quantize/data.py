@@ -7,8 +7,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import CalibrationError
-from ..model import TensorInfo, read_arrays
+from qcompile.errors import CalibrationError
+from qcompile.model import TensorInfo, read_arrays
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 

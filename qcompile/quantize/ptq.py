@@ -18,10 +18,19 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import CalibrationError, ConfigError
-from .config import QuantConfig
-from ..passes.bindings import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
-from .observers import make_observer
+from qcompile.errors import CalibrationError, ConfigError
+from qcompile.passes.bindings import (
+    Emitter,
+    Graph,
+    const_value,
+    dtype_of,
+    op_name,
+    rebuild,
+    shape_of,
+    with_main,
+)
+from qcompile.quantize.config import QuantConfig
+from qcompile.quantize.observers import make_observer
 
 ANCHORS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 # Ops whose int8 output keeps the input's scale and zero point.
@@ -209,7 +218,7 @@ def calibrate(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run calibration data through the float model; return {var: (lo, hi)}."""
-    from ..pipeline import compile_module
+    from qcompile.build.pipeline import compile_module
 
     if not plan.observed:
         return {}

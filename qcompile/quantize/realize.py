@@ -25,7 +25,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..passes.bindings import Emitter, Graph, const_value, dtype_of, op_name, rebuild, shape_of, with_main
+from qcompile.passes.bindings import (
+    Emitter,
+    Graph,
+    const_value,
+    dtype_of,
+    op_name,
+    rebuild,
+    shape_of,
+    with_main,
+)
 
 _QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 _SAME_SCALE = {"relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ConfigError, MissingDependencyError
-from .rpc import ServiceProcess, start_server
+from qcompile.errors import ConfigError, MissingDependencyError
+from qcompile.runtime.rpc import ServiceProcess, start_server
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the source checkout (deploy/ is not package data)
 SETUP = REPO / "deploy" / "arm-emulator" / "setup.sh"
 CPUS = ("cortex-a72", "cortex-a76")  # Raspberry Pi 4 and 5 (the a76 has sdot/udot)
 

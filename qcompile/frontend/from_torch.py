@@ -1,47 +1,26 @@
-"""Import: torchvision names, ``torch.export`` programs (.pt2) and ONNX files into Relax.
+"""PyTorch import: torchvision model names and saved ``torch.export`` programs (``.pt2``).
 
-Each importer returns an :class:`~qcompile.model.ImportedModel` whose ``mod["main"]``
-takes the model inputs and returns its outputs, with weights bound as constants.
-Frameworks are imported lazily so that ``qcompile.runtime`` never pulls in torch.
+torch is an optional extra (``pip install qcompile[torch]``): it is imported on first use,
+and its absence is a one-line error naming the extra.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .errors import ConfigError, MissingDependencyError, ModelImportError, first_line
-from .manifest import sha256_file
-from .model import ImportedModel, ModelSource, TensorInfo, resolve_input_names
+from qcompile.errors import (
+    ConfigError,
+    MissingDependencyError,
+    ModelImportError,
+    first_line,
+)
+from qcompile.frontend.signature import finish
+from qcompile.manifest import sha256_file
+from qcompile.model import ImportedModel, ModelSource, resolve_input_names
 
 # Default input sizes for torchvision models (batch 1, NCHW).
 _DEFAULT_IMAGE_SIZE = {"inception_v3": 299}
-
-
-def import_model(
-    model: str,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    weights: str | None = None,
-) -> ImportedModel:
-    """Import ``model`` (torchvision name, ``.pt2`` or ``.onnx`` path) into Relax."""
-    shapes = dict(input_shapes or {})
-    path = Path(model)
-    suffix = path.suffix.lower()
-    if suffix in _FILE_IMPORTERS:
-        if not path.is_file():
-            raise ModelImportError(f"model file {model} does not exist")
-        if weights:
-            raise ConfigError("--weights applies to torchvision model names only, not to model files")
-        return _FILE_IMPORTERS[suffix](path, shapes)
-    if path.suffix or "/" in model:
-        raise ModelImportError(
-            f"model {model!r}: unsupported file type {path.suffix or '(none)'}; "
-            "give a torchvision model name, a .pt2 (torch.export) or an .onnx file"
-        )
-    return import_torchvision(model, shapes, weights)
-
-
-# --------------------------------------------------------------------------- torch
 
 
 def import_torchvision(
@@ -88,9 +67,20 @@ def torchvision_module(name: str, weights: str | None = None):
     return net.eval()
 
 
-def import_pt2(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> ImportedModel:
-    """Import a saved ``torch.export`` program; re-export with static shapes if needed."""
+def import_pt2(path: Path, input_shapes: dict[str, tuple[int, ...]], trust: bool = False) -> ImportedModel:
+    """Import a saved ``torch.export`` program; re-export with static shapes if needed.
+
+    Unless ``trust``, the archive is checked first (:mod:`qcompile.frontend.pt2_safety`) and
+    refused if loading it would unpickle anything beyond tensors."""
     torch, _ = _import_torch()
+    if not trust:
+        from qcompile.frontend.pt2_safety import unsafe_members
+
+        unsafe = unsafe_members(path)
+        if unsafe:
+            raise ModelImportError(
+                f"model file {path}: holds pickled objects that loading would execute ({', '.join(unsafe[:3])}); "
+                "load it only if you trust its source: --trust-pt2 (Python: trust_pt2=True)")
     _register_pt2e_ops()
     try:
         program = torch.export.load(str(path))
@@ -150,81 +140,13 @@ def _pt2_input_specs(program) -> list[tuple[str, tuple, Any]]:
 def _from_exported_program(program, source: ModelSource) -> ImportedModel:
     from tvm.relax.frontend.torch import from_exported_program
 
-    from .pt2e import CONVERT_MAP
+    from qcompile.frontend.pt2e import CONVERT_MAP
 
     try:
         mod = from_exported_program(program, custom_convert_map=CONVERT_MAP)
     except Exception as exc:
         raise ModelImportError(f"{source.kind} model {source.name}: Relax import failed: {first_line(exc)}") from exc
-    return _finish(mod, source, output_names=None)
-
-
-# --------------------------------------------------------------------------- ONNX
-
-
-def import_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> ImportedModel:
-    """Import an ONNX file; symbolic input dims must be fixed by the model or ``input_shapes``."""
-    onnx = _import_onnx()
-    from . import onnx_shapes
-
-    from . import onnx_qoperator
-
-    try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
-    except Exception as exc:
-        raise ModelImportError(f"model file {path}: not a valid ONNX model: {first_line(exc)}") from exc
-    if onnx_qoperator.is_qoperator(proto):  # one QDQ representation for every source
-        proto = onnx_qoperator.to_qdq(proto, str(path))
-    proto, shapes, dtypes = onnx_shapes.fix_input_shapes(proto, input_shapes, str(path))
-    proto = onnx_shapes.fold_shape_computations(proto)
-    onnx_shapes.check_reshapes_static(proto, str(path))
-    from tvm.relax.frontend.onnx import from_onnx
-
-    try:
-        mod = from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()}, dtype_dict=dtypes)
-    except Exception as exc:
-        raise ModelImportError(f"model file {path}: Relax ONNX import failed: {first_line(exc)}") from exc
-    source = ModelSource("onnx", path.stem, str(path.resolve()), None, sha256_file(path))
-    return _finish(mod, source, output_names=[o.name for o in proto.graph.output])
-
-
-# --------------------------------------------------------------------------- shared
-
-
-def _finish(mod, source: ModelSource, output_names: list[str] | None) -> ImportedModel:
-    """Describe inputs/outputs from the Relax signature; reject non-static shapes."""
-    main = mod["main"]
-    inputs = [_tensor_info(p.name, p.ty, source) for p in main.params]
-    rets = _flatten_tensor_types(main.ret_ty)
-    if output_names is None or len(output_names) != len(rets):
-        output_names = [f"output{i}" for i in range(len(rets))]
-    outputs = [_tensor_info(n, t, source) for n, t in zip(output_names, rets)]
-    return ImportedModel(mod=mod, source=source, inputs=inputs, outputs=outputs)
-
-
-def _flatten_tensor_types(ty) -> list:
-    fields = getattr(ty, "fields", None)
-    if fields is None:
-        return [ty]
-    out = []
-    for f in fields:
-        out.extend(_flatten_tensor_types(f))
-    return out
-
-
-def _tensor_info(name: str, ty, source: ModelSource) -> TensorInfo:
-    shape = getattr(ty, "shape", None)
-    dims = []
-    for d in getattr(shape, "values", None) or []:
-        value = getattr(d, "value", None)
-        if value is None:
-            raise ModelImportError(
-                f"{source.kind} model {source.name}: {name!r} has a dynamic dimension ({d}); "
-                f"fix it with --input-shape NAME:DxDxD"
-            )
-        dims.append(int(value))
-    return TensorInfo(name=name, shape=tuple(dims), dtype=str(ty.dtype))
+    return finish(mod, source, output_names=None)
 
 
 def _single_input_shape(shapes: dict[str, tuple[int, ...]], default: tuple[int, ...]) -> tuple[int, ...]:
@@ -252,21 +174,7 @@ def _import_torch():
         import torchvision
     except ImportError as exc:
         raise MissingDependencyError(
-            "importing PyTorch models needs torch and torchvision: pip install torch==2.14.1 torchvision==0.29.1"
+            "importing PyTorch models (torchvision names, .pt2) needs torch and torchvision: "
+            "pip install 'qcompile[torch]'"
         ) from exc
     return torch, torchvision
-
-
-def _import_onnx():
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingDependencyError("importing ONNX models needs the onnx package: pip install onnx") from exc
-    return onnx
-
-
-
-_FILE_IMPORTERS: dict[str, Callable[[Path, dict], ImportedModel]] = {
-    ".onnx": import_onnx,
-    ".pt2": import_pt2,
-}

@@ -11,7 +11,7 @@ from typing import Callable
 
 from tvm import relax
 
-from .errors import ModelImportError
+from qcompile.errors import ModelImportError
 
 _DTYPES = {"torch.uint8": ("uint8", 0, 255), "torch.int8": ("int8", -128, 127)}
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, first_line
+from qcompile.errors import ConfigError, first_line
 
 # Attributes whose values are lists in TVM's target schema (comma-separated in strings).
 _LIST_ATTRS = {"mattr", "keys", "libs", "cl-opt"}
@@ -35,7 +35,7 @@ def presets_dir() -> Path:
     env = os.environ.get("QCOMPILE_TARGETS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "targets"
+    return Path(__file__).resolve().parent / "presets"
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def resolve_target(spec: str) -> TargetSpec:
     if not text:
         raise ConfigError("--target is empty: give a preset (see `qcompile targets`) or e.g. 'llvm -mcpu=cascadelake'")
     if text == "native":
-        from .hostcpu import native_target
+        from qcompile.target.hostcpu import native_target
 
         return TargetSpec(name="native", target=native_target(), description="this machine (from /proc/cpuinfo)")
     preset = presets_dir() / f"{text}.json"

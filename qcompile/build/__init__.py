@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__
-from .errors import BuildError, ConfigError, QcompileError, first_line
-from .manifest import Manifest, manifest_path, sha256_file
-from .model import ImportedModel
-from .targets import TargetSpec
+from qcompile import __version__
+from qcompile.errors import BuildError, ConfigError, QcompileError, first_line
+from qcompile.manifest import Manifest, manifest_path, sha256_file
+from qcompile.model import ImportedModel
+from qcompile.target import TargetSpec
 
 Progress = Callable[[str], None]
 
@@ -67,8 +67,8 @@ def build(
     started = time.perf_counter()
     say(f"compiling {model.source.name} for {target.name} ...")
     try:
-        from .pipeline import compile_module
-        from .tune import apply_database_passes
+        from qcompile.build.pipeline import compile_module
+        from qcompile.tune.records import apply_database_passes
 
         tuning: dict = {}
         kernels: dict = {}
@@ -84,14 +84,14 @@ def build(
     _report_kernels(kernels, target, say)
 
     say(f"exporting {library} ...")
-    from .hostcpu import required_features
+    from qcompile.target.hostcpu import required_features
 
     with _atomic_outputs(out_dir, [library, manifest_path(library)]) as (tmp_lib, tmp_manifest):
         try:
             # -s: no symbol table or debug info (TVM resolves functions through .dynsym).
             extra = {}
             if target.kind == "cuda":  # kernels compiled now: the loader needs no CUDA compiler
-                from .cuda_kernels import precompile_cuda_kernels
+                from qcompile.build.cuda_fatbin import precompile_cuda_kernels
 
                 extra["fpack_imports"] = precompile_cuda_kernels(executable, str(target.target["arch"]))
             executable.export_library(str(tmp_lib), fcompile=fcompile, options=["-s"], **extra)

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, ModelImportError
-from .model import resolve_input_names
+from qcompile.errors import ConfigError, ModelImportError
+from qcompile.model import resolve_input_names
 
 # Ops that are folded when all their inputs are known constants (shape arithmetic).
 _FOLDABLE = {

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError, RpcError, RuntimeInputError, first_line
-from .manifest import Manifest, load_manifest, verify_library
-from .model import TensorInfo
+from qcompile.errors import ArtifactError, RpcError, RuntimeInputError, first_line
+from qcompile.manifest import Manifest, load_manifest, verify_library
+from qcompile.model import TensorInfo
 
 Inputs = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 
@@ -123,7 +123,7 @@ class CompiledModel:
     @classmethod
     def load(cls, library: str | Path, verify: bool = True, rpc=None) -> CompiledModel:
         """Load ``library`` (and its manifest) on this machine, or on the device behind
-        ``rpc`` (a :class:`qcompile.rpc.RpcEndpoint`)."""
+        ``rpc`` (a :class:`qcompile.runtime.rpc.RpcEndpoint`)."""
         library = Path(library)
         if not library.is_file():
             raise ArtifactError(f"{library} does not exist")
@@ -147,7 +147,7 @@ class CompiledModel:
     def _load_remote(cls, library: Path, manifest: Manifest, endpoint) -> CompiledModel:
         from tvm import relax
 
-        from .rpc import connect
+        from qcompile.runtime.rpc import connect
 
         session = connect(endpoint)
         kind = manifest.target["target"]["kind"]
@@ -240,7 +240,7 @@ def _device_for(manifest: Manifest, library: Path):
 
 def _check_runs_here(library: Path, manifest: Manifest) -> None:
     """Refuse (instead of crashing with SIGILL) artifacts this CPU cannot execute."""
-    from .hostcpu import missing_features
+    from qcompile.target.hostcpu import missing_features
 
     target = manifest.target["target"] if manifest.target["target"]["kind"] == "llvm" else (manifest.target.get("host") or {})
     triple = str(target.get("mtriple") or "")

@@ -26,7 +26,7 @@ Phase = tuple[str, Callable[[tvm.target.Target], list]]
 
 
 def _inference_passes(target: tvm.target.Target) -> list:
-    from .passes.fold_channel_affine import FoldChannelAffine
+    from qcompile.passes.fold_channel_affine import FoldChannelAffine
 
     return [
         relax.transform.FoldBatchnormToConv2D(),
@@ -39,7 +39,7 @@ def _inference_passes(target: tvm.target.Target) -> list:
 
 
 def _kernel_passes(target: tvm.target.Target, counts: dict | None = None) -> list:
-    from .passes.pack_conv import PackConv
+    from qcompile.passes.pack_conv import PackConv
 
     return [PackConv(target, counts), relax.transform.DeadCodeElimination(["main"])]
 
@@ -107,7 +107,7 @@ def default_schedule_passes(target: tvm.target.Target) -> list:
         return []  # GPU targets get dlight's schedules inside the backend's legalize passes
     from tvm.s_tir import dlight as dl
 
-    from .schedules import ConvMatmulCPU
+    from qcompile.build.schedules import ConvMatmulCPU
 
     return [dl.ApplyDefaultSchedule(ConvMatmulCPU())]
 
@@ -117,8 +117,8 @@ def _cpu_tir_pipeline():
     :mod:`qcompile.passes.balance_parallel` (both skip non-CPU functions)."""
     from tvm.tirx import compilation_pipeline
 
-    from .passes.balance_parallel import BalanceParallel
-    from .passes.stack_tiles import StackTiles
+    from qcompile.passes.balance_parallel import BalanceParallel
+    from qcompile.passes.stack_tiles import StackTiles
 
     lower, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
     return tvm.transform.Sequential([lower, StackTiles, BalanceParallel]), finalize_host, finalize_device
@@ -136,9 +136,9 @@ def tir_pipeline() -> str:
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None,
                    tuning_passes: list | None = None, kernel_counts: dict | None = None):
     """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``.
-    Kernels without a tuning record get :mod:`qcompile.schedules`' default schedule;
+    Kernels without a tuning record get :mod:`qcompile.build.schedules`' default schedule;
     ``kernel_counts`` (if given) receives how many convs each of qcompile's kernels runs."""
-    from .tvm_compat import ensure
+    from qcompile.tvm_compat import ensure
 
     ensure()
     passes = list(tuning_passes or []) + default_schedule_passes(target)

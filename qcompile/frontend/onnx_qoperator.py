@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ModelImportError
+from qcompile.errors import ModelImportError
 
 _MS = "com.microsoft"
 

@@ -10,8 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ArtifactError, MissingDependencyError
-from .manifest import Manifest
+from qcompile.errors import ArtifactError, MissingDependencyError
+from qcompile.manifest import Manifest
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -28,7 +28,7 @@ def reference_runner(manifest: Manifest, threads: int | None = None) -> tuple[st
         if threads:
             torch.set_num_threads(threads)
         if kind == "torchvision":
-            from .frontend import torchvision_module
+            from qcompile.frontend.from_torch import torchvision_module
 
             module = torchvision_module(model["name"], model.get("weights"))
         else:

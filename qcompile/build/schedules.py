@@ -16,8 +16,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from .kernels import depthwise_conv2d, float_conv2d, packed_conv2d
-from .kernels.int8_dot import int8_dot_for
+from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
+from qcompile.kernels.int8_dot import int8_dot_for
 
 # Output-column vector lengths, best first: powers of two keep LLVM from scalarising
 # (14 int32 lanes measured 1.8x slower than 4 on a 28x28 int8 conv here).

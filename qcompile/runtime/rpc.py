@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, RpcError, first_line
+from qcompile.errors import ConfigError, RpcError, first_line
 
 DEFAULT_PORT = 9090
 DEFAULT_TRACKER_PORT = 9190

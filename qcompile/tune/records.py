@@ -1,0 +1,122 @@
+"""Tuning records: where they live and how a build applies them.
+
+Records are kept in MetaSchedule's JSON database format under
+``<log root>/<target label>-<hash of the target dict>/tvm-<version>/``, so a record is only
+offered to builds for the same target attributes (mcpu, mattr, cores) and TVM version;
+inside a database MetaSchedule keys each record by the structural hash of its workload.
+The build reads records through this module only; it never imports the tuner.
+
+The log root is ``--log-dir``, else ``QCOMPILE_TUNING_LOGS``, else the records shipped in
+the package (``qcompile/tuning_logs``, read-only).  ``qcompile tune`` writes to
+``--log-dir`` / ``QCOMPILE_TUNING_LOGS`` or ``./tuning_logs``: never into the package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import tvm
+
+from qcompile.errors import ConfigError
+from qcompile.target import TargetSpec
+
+# Records shipped with the package (read-only: an installed package may sit in site-packages).
+PACKAGED_ROOT = Path(__file__).resolve().parent.parent / "tuning_logs"
+
+
+def user_root() -> Path:
+    """Where ``qcompile tune`` writes without ``--log-dir``: ``QCOMPILE_TUNING_LOGS``, else
+    ``$XDG_CACHE_HOME/qcompile/tuning_logs`` (``~/.cache/qcompile/tuning_logs``)."""
+    env = os.environ.get("QCOMPILE_TUNING_LOGS")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "qcompile" / "tuning_logs"
+
+
+def log_root() -> Path:
+    """The root a build without ``--log-dir`` reads first (:func:`user_root`)."""
+    return user_root()
+
+
+def has_database(path: Path) -> bool:
+    return (path / "database_workload.json").is_file()
+
+
+def find_database(target: TargetSpec, root: Path | None = None) -> Path | None:
+    """The records a build for ``target`` applies: ``root``'s when given; otherwise the user's
+    (:func:`user_root`, what ``qcompile tune`` wrote) where they exist, else the packaged ones."""
+    candidates = [database_dir(target, root)] if root is not None else [
+        database_dir(target, user_root()), database_dir(target, PACKAGED_ROOT)]
+    return next((path for path in candidates if has_database(path)), None)
+
+
+def writable_database(target: TargetSpec, root: Path | None = None) -> Path:
+    """Where ``qcompile tune`` appends records for ``target``: under ``root`` or
+    :func:`user_root`, never inside the package.  A new folder starts as a copy of the
+    packaged records for the target, so tuning continues from them."""
+    import shutil
+
+    path = database_dir(target, root or user_root())
+    installed = "site-packages" in PACKAGED_ROOT.resolve().parts or "dist-packages" in PACKAGED_ROOT.resolve().parts
+    if installed and path.resolve().is_relative_to(PACKAGED_ROOT.resolve()):
+        raise ConfigError(f"--log-dir {root}: the installed package's records are read-only; "
+                          "give a folder of your own (builds read it with the same --log-dir)")
+    packaged = database_dir(target, PACKAGED_ROOT)
+    if not has_database(path) and has_database(packaged) and packaged.resolve() != path.resolve():
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            if (packaged / name).is_file():
+                shutil.copyfile(packaged / name, path / name)
+    return path
+
+
+def database_dir(target: TargetSpec, root: Path | None = None) -> Path:
+    """Where records for ``target`` and this TVM version are kept."""
+    # Keyed by what the code depends on (the target dict), not by how it was named:
+    # `--target native` on an AVX2 2-core machine and an identical preset share records.
+    key = json.dumps({"target": target.target, "host": target.host}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    label = f"{target.kind}-{target.target.get('mcpu', 'generic')}"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40]
+    return (root or user_root()) / f"{safe}-{digest}" / f"tvm-{tvm.__version__}"
+
+
+def open_database(path: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    # Records of tensorized kernels name qcompile's intrinsics: they must be registered
+    # before the database parses its traces.
+    from qcompile.kernels import int8_dot  # noqa: F401
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+
+
+def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -> list:
+    """Passes for the end of the legalize phase: apply matching records, count hits/misses."""
+    path = find_database(target, root)
+    if path is None:
+        report.update({"database": None, "hits": 0, "misses": None})
+        return []
+    database = open_database(path)
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileApplyTuningRecords")
+    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from tvm import relax, tirx
+
+        target_obj = tvm.target.Target.current()
+        hits = misses = 0
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            # Workloads are keyed with global_symbol "main", as MetaSchedule extracted them.
+            probe = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            found = database.query_schedule(probe, target_obj, workload_name="main")
+            hits, misses = (hits + 1, misses) if found is not None else (hits, misses + 1)
+        report.update({"database": str(path), "hits": hits, "misses": misses})
+        with target_obj, database:
+            return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+    return [apply]
