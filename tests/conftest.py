@@ -21,6 +21,33 @@ from qcompile.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tools a machine class must have: named in QCOMPILE_REQUIRE (comma-separated, .ci/run sets it),
+# their absence fails the tests that need them instead of skipping them.
+REQUIRABLE = {"emulator", "cross", "cmake"}
+
+
+def required() -> set[str]:
+    """The names in ``QCOMPILE_REQUIRE``."""
+    return {w.strip() for w in os.environ.get("QCOMPILE_REQUIRE", "").split(",") if w.strip()}
+
+
+def pytest_configure(config) -> None:
+    unknown = required() - REQUIRABLE
+    if unknown:
+        raise pytest.UsageError(f"QCOMPILE_REQUIRE names {sorted(unknown)}; known: {sorted(REQUIRABLE)}")
+
+
+def skip_unless(condition: bool, what: str, reason: str) -> None:
+    """Skip the calling test unless ``condition``; fail it instead when ``what`` is in
+    ``QCOMPILE_REQUIRE`` (a tool this machine class must have)."""
+    assert what in REQUIRABLE, what
+    if condition:
+        return
+    if what in required():
+        pytest.fail(f"{reason} (QCOMPILE_REQUIRE names {what!r})", pytrace=False)
+    # Reported at the test's location (as a skipif marker is), not at this helper's.
+    raise pytest.skip.Exception(reason, _use_item_location=True)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _user_tuning_logs(tmp_path_factory):

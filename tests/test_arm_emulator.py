@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import skip_unless
 
 from qcompile.build import build
 from qcompile.frontend import import_model
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def _board(tmp_path_factory, cpu: str):
-    if not (emulator_dir() / "python3").is_file():
-        pytest.skip(f"no emulated ARM board in {emulator_dir()}: run deploy/arm-emulator/setup.sh")
+    skip_unless((emulator_dir() / "python3").is_file(), "emulator",
+                f"no emulated ARM board in {emulator_dir()}: run deploy/arm-emulator/setup.sh")
     from qcompile.runtime.emulator import start_emulated_board
 
     return start_emulated_board(port=free_port(), cpu=cpu, log=tmp_path_factory.mktemp(cpu) / "server.log")

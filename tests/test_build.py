@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import skip_unless
 
 from qcompile.build import build
 from qcompile.errors import BuildError
@@ -81,8 +82,8 @@ def test_batchnorm_is_folded(tmp_path, tiny_pt2):
     assert {p.name for p in dump.iterdir()} >= {"02-kernels.py", "03-legalize.py", "04-lower.py"}
 
 
-@pytest.mark.skipif(not HAS_CROSS, reason="aarch64-linux-gnu-g++ not installed (apt-get install g++-aarch64-linux-gnu)")
 def test_cross_compile_aarch64(tmp_path, tiny_pt2):
+    skip_unless(HAS_CROSS, "cross", "aarch64-linux-gnu-g++ not installed (apt-get install g++-aarch64-linux-gnu)")
     artifact = build(import_model(str(tiny_pt2)), resolve_target("llvm -mcpu=cortex-a72"), tmp_path)
     described = subprocess.run(["file", str(artifact.library)], capture_output=True, text=True).stdout
     assert "ARM aarch64" in described

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_unless
 
 from qcompile.build import build
 from qcompile.frontend import import_model
@@ -45,8 +46,8 @@ def expected(artifact, input_npy):
 
 
 def test_cpp_app_prints_the_same_top5(tmp_path, artifact, input_npy, expected):
-    if shutil.which("cmake") is None or shutil.which("c++") is None:
-        pytest.skip("cmake and a C++ compiler are needed (scripts/setup.sh installs them)")
+    skip_unless(shutil.which("cmake") is not None and shutil.which("c++") is not None, "cmake",
+                "cmake and a C++ compiler are needed (scripts/setup.sh installs them)")
     build_dir = tmp_path / "build"
     subprocess.run(["cmake", "-S", str(REPO / "deploy" / "cpp-app"), "-B", str(build_dir),
                     f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)

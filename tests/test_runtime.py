@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import skip_unless
 
 from qcompile.build import build
 from qcompile.errors import ArtifactError, RuntimeInputError
@@ -85,8 +86,9 @@ def test_missing_library():
         CompiledModel.load("/nonexistent/model.so")
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross-compiler")
 def test_foreign_architecture_is_refused(tmp_path, tiny_pt2):
+    skip_unless(shutil.which("aarch64-linux-gnu-g++") is not None, "cross",
+                "no aarch64 cross-compiler (apt-get install g++-aarch64-linux-gnu)")
     arm = build(import_model(str(tiny_pt2)), resolve_target("rpi4"), tmp_path)
     with pytest.raises(ArtifactError, match="built for aarch64-linux-gnu.*run it on the device"):
         CompiledModel.load(arm.library)
