@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+from pathlib import Path
 
 import pytest
 
@@ -54,9 +57,64 @@ def test_list_presets_has_the_shipped_ones():
     assert {"x86-avx512", "x86-avx2", "rpi4", "cuda-sm80"} <= names
 
 
+# LLVM feature -> the /proc/cpuinfo flag of the same instructions (x86).
+_LLVM_TO_CPUINFO = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "bmi2": "bmi2",
+                    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+                    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni"}
+_AVX512_INT8 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+_X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+def _proc_cpuinfo_flags() -> set[str]:
+    """The first CPU's flag list ('flags' on x86, 'Features' on aarch64), read here directly."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _llvm_features(spec) -> set[str]:
+    """The ISA features LLVM enables for the target's -mcpu/-mattr."""
+    from tvm.target import codegen
+
+    return {str(f) for f in codegen.llvm_get_cpu_features(spec.to_tvm())}
+
+
+def _check_x86_features_follow_flags(spec, flags: set[str]) -> None:
+    features = _llvm_features(spec)
+    enabled = {f for f in _LLVM_TO_CPUINFO if f in features}
+    assert all(_LLVM_TO_CPUINFO[f] in flags for f in enabled), (spec.target, sorted(enabled), sorted(flags))
+    assert ("avx512f" in features) == (_AVX512_INT8 <= flags), spec.target
+    assert ("avx512vnni" in features) == (_AVX512_INT8 <= flags), spec.target
+    assert ("avx2" in features) == ({"avx2", "fma", "bmi2"} <= flags), spec.target
+
+
 def test_native_matches_this_cpu():
     spec = resolve_target("native")
     assert spec.target["kind"] == "llvm" and not spec.needs_cross_compile()
+    assert spec.target["num-cores"] == os.cpu_count()
+    flags = _proc_cpuinfo_flags()
+    if _X86:
+        assert spec.target["mtriple"] == "x86_64-linux-gnu"
+        _check_x86_features_follow_flags(spec, flags)
+    elif platform.machine() in ("aarch64", "arm64"):
+        assert spec.target["mtriple"] == "aarch64-linux-gnu" and "+neon" in spec.target["mattr"]
+        assert ("+dotprod" in spec.target["mattr"]) == ("asimddp" in flags)
+
+
+@pytest.mark.skipif(not _X86, reason="the x86 flag sets apply to x86 machines only")
+@pytest.mark.parametrize("flags", [
+    {"sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512_vnni"},
+    {"sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"},  # no VNNI
+    {"sse4_2", "avx", "avx2", "fma", "bmi2"},  # a VM hiding AVX-512
+    {"sse4_2"},
+], ids=["avx512-vnni", "avx512-without-vnni", "avx2", "sse4.2"])
+def test_native_uses_only_the_reported_flags(monkeypatch, flags):
+    from qcompile.target import hostcpu
+
+    monkeypatch.setattr(hostcpu, "cpu_flags", lambda *_: set(flags))
+    _check_x86_features_follow_flags(resolve_target("native"), flags)
 
 
 def test_inline_json_and_json_file(tmp_path):
