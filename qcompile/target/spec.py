@@ -13,10 +13,13 @@ and resolves each to a :class:`TargetSpec`.
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import os
 import platform
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +160,7 @@ def parse_tvmc_string(text: str) -> TargetSpec:
             target["mtriple"] = _AARCH64_TRIPLE
     host = {"kind": "llvm"} if kind == "cuda" else None
     spec = TargetSpec(name=text, target=target, host=host, cross_compiler=_default_cross_compiler(target))
-    spec.to_tvm()  # validate attribute names now, with a message naming the option
+    validate(spec)
     return spec
 
 
@@ -209,8 +212,112 @@ def _from_json_obj(obj: Any, name: str) -> TargetSpec:
         spec = TargetSpec(name=name, target=obj, host=host, cross_compiler=_default_cross_compiler(obj))
     else:
         raise ConfigError(f"target {name!r}: JSON needs a 'kind' (TVM target dict) or a 'target' (preset)")
-    spec.to_tvm()
+    validate(spec)
     return spec
+
+
+def validate(spec: TargetSpec) -> None:
+    """Refuse what TVM would reject (attribute names) and what it would silently ignore:
+    an ``mcpu`` or ``mattr`` feature LLVM does not know for the target triple (TVM 0.27 then
+    warns and builds generic code -- a typo'd ``-mcpu=cortexa72`` becomes a slow library)."""
+    with _quiet_stderr():  # TVM's "-mcpu=... is not valid" warning: the error below says it better
+        spec.to_tvm()  # attribute names first, with TVM's message naming the option
+    for target in (spec.target, spec.host):
+        if isinstance(target, dict) and target.get("kind") == "llvm":
+            check_llvm_cpu(target, spec.name)
+
+
+def check_llvm_cpu(target: dict[str, Any], name: str) -> None:
+    """Raise ConfigError when ``target``'s mtriple, mcpu or mattr is unknown to TVM's LLVM,
+    naming the bad value and the closest valid names."""
+    try:
+        from tvm.target import codegen
+
+        version = codegen.llvm_version_major()
+    except Exception:  # noqa: BLE001 -- a TVM without LLVM: it cannot check (nor build llvm targets)
+        return
+    with _quiet_stderr():  # LLVM and TVM warn on stderr about each value refused below
+        problem = _llvm_cpu_problem(target, f"LLVM {version}")
+    if problem:
+        raise ConfigError(f"target {name!r}: {problem}")
+
+
+def _llvm_cpu_problem(target: dict[str, Any], llvm: str) -> str | None:
+    """What is wrong with ``target``'s mtriple/mcpu/mattr for this LLVM, or None."""
+    from tvm.target import Target, codegen
+
+    triple = str(target.get("mtriple") or codegen.llvm_get_system_triple())
+    # Every CPU target of LLVM has a "generic" CPU; asking an unknown triple for its CPU list crashes.
+    if not codegen.llvm_is_valid_cpu("generic", triple):
+        return (f"-mtriple={triple} is not a triple {llvm} generates code for "
+                "(e.g. x86_64-linux-gnu, aarch64-linux-gnu): fix the -mtriple value")
+    mcpu = target.get("mcpu")
+    if mcpu is not None and not codegen.llvm_is_valid_cpu(str(mcpu), triple):
+        cpus = _cpus(triple)
+        if "mtriple" not in target and not triple.startswith("aarch64"):
+            cpus += _cpus(_AARCH64_TRIPLE)  # an ARM CPU name implies the aarch64 triple (parse_tvmc_string)
+        if mcpu == "native":
+            hint = "for this machine use --target native"
+        else:
+            hint = _did_you_mean(str(mcpu), cpus, f"`llc -mtriple={triple} -mcpu=help` lists them")
+        return f"-mcpu={mcpu} is not a CPU {llvm} knows for {triple} (it would build generic code); {hint}"
+    mattr = target.get("mattr") or []
+    mattr = [str(f) for f in ([mattr] if isinstance(mattr, str) else mattr)]
+    unsigned = [f for f in mattr if not f.startswith(("+", "-"))]
+    if unsigned:
+        return ("-mattr entries start with + (enable) or - (disable): "
+                f"write {','.join('+' + f for f in unsigned)}")
+    if not mattr:
+        return None
+    # A feature LLVM knows shows up in the CPU's feature map once enabled; an unknown one is
+    # dropped with only a warning on stderr.
+    base = {"kind": "llvm", "mtriple": triple, **({"mcpu": mcpu} if mcpu is not None else {})}
+    names = [f[1:] for f in mattr]
+    enabled = codegen.llvm_get_cpu_features(Target({**base, "mattr": [f"+{n}" for n in names]}))
+    unknown = [n for n in names if n not in enabled]
+    if not unknown:
+        return None
+    hint = _did_you_mean(unknown[0], _all_features(triple), f"`llc -mtriple={triple} -mattr=help` lists them")
+    return f"-mattr feature {unknown[0]!r} is not one {llvm} knows for {triple} (it would be ignored); {hint}"
+
+
+def _cpus(triple: str) -> list[str]:
+    from tvm.target import Target, codegen
+
+    return sorted(str(c) for c in codegen.llvm_get_cpu_archlist(Target({"kind": "llvm", "mtriple": triple})))
+
+
+def _all_features(triple: str) -> list[str]:
+    """Feature names LLVM knows for ``triple``: those of all its CPUs (for suggestions)."""
+    from tvm.target import Target, codegen
+
+    names: set[str] = set()
+    for cpu in _cpus(triple):
+        names |= set(codegen.llvm_get_cpu_features(Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu})))
+    return sorted(names)
+
+
+def _did_you_mean(value: str, choices: list[str], fallback: str) -> str:
+    close = difflib.get_close_matches(value, choices, n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(close)}?" if close else fallback
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (LLVM and TVM's C++ logging write there, not to sys.stderr)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no fd 2 to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _load_preset_file(path: Path, name: str) -> TargetSpec:
