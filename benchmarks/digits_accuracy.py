@@ -3,12 +3,15 @@
 Trains a small ResNet-style CNN on scikit-learn's 8x8 handwritten digits (1,797 real
 scans shipped with the package; nothing is downloaded), holds out a test split, and
 quantizes the same model with the same calibration samples three ways.  Prints a table
-and writes benchmarks/results/digits_accuracy.{json,md}.
+and writes out/benchmarks/digits_accuracy.{json,md} (benchmarks/results/ with ``--save``); the
+JSON records the machine (CPU, flags, threads), the git commit and the date.
 
     .venv/bin/python benchmarks/digits_accuracy.py
+    .venv/bin/python benchmarks/digits_accuracy.py --save
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -19,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_SAMPLES = 200
+THREADS = 2
 
 
 class DigitsNet(nn.Module):
@@ -167,7 +170,7 @@ def pt2e_predictor(net: nn.Module, calib: np.ndarray) -> dict:
 
 
 def run() -> dict:
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     xtr, ytr, xte, yte = load_digits()
     started = time.perf_counter()
     net = train(xtr, ytr)
@@ -188,17 +191,33 @@ def run() -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"{report['dataset']}, {report['calibration_samples']} calibration samples (same for all)", "",
-             "| model | top-1 % | drop vs fp32 (points) | file bytes |", "|---|---|---|---|"]
+    lines = [f"{report['dataset']}, {report['calibration_samples']} calibration samples (same for all)", ""]
+    if "machine" in report:
+        from machine import describe
+
+        lines += [describe(report["machine"]), ""]
+    lines += ["| model | top-1 % | drop vs fp32 (points) | file bytes |", "|---|---|---|---|"]
     for name, row in report["results"].items():
         size = row["bytes"] if row["bytes"] is not None else "-"
         lines.append(f"| {name} | {row['top1']:.2f} | {row['drop_vs_fp32']:+.2f} | {size} |")
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import add_save_option, machine_info, results_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_save_option(parser)
+    args = parser.parse_args()
     report = run()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "digits_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "digits_accuracy.md").write_text(to_markdown(report))
+    report["machine"] = machine_info(THREADS)
+    results = results_dir(args.save)
+    (results / "digits_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / "digits_accuracy.md").write_text(to_markdown(report))
     sys.stdout.write(to_markdown(report))
+    print(f"written to {results}/digits_accuracy.{{md,json}}")
+
+
+if __name__ == "__main__":
+    main()

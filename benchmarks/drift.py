@@ -1,7 +1,7 @@
 """How one contender's latency drifts under sustained load: runs it back to back for
 ``--seconds`` and prints the median of each ``--window``-second window.
 
-On the 2-vCPU VM this project is developed on, every contender slows down after ~10 s of
+On a small shared VM (2 vCPUs), every contender can slow down after ~10 s of
 continuous 2-thread load (the host's clock, not steal time: /proc/stat's steal column stays
 flat), which is why ``latency.py`` interleaves contenders in rounds and compares ratios
 within one run rather than numbers across runs.

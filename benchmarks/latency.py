@@ -4,14 +4,16 @@ Every contender runs the same input with the same thread count; rounds are inter
 (A, B, C, then B, C, A, ...: the order rotates) with a short busy-wait gap between contenders, because
 ONNX Runtime's and PyTorch's worker threads keep spinning after a call and would slow
 the next contender on 2 cores; sleeping instead distorts too.  The VM's speed drifts (by
-tens of percent from one minute to the next here), so ratios are taken within one run, and
+tens of percent from one minute to the next on a shared VM), so ratios are taken within one run, and
 each ratio column is the median of the per-round ratios (a contender against the other
 one's median in the same round), which a phase that covers only some rounds moves less
-than a ratio of the two overall medians.  Writes benchmarks/results/latency_<model>.{json,md,png}
-(``latency_<model>_<target>.*`` for a ``--target`` other than native).
+than a ratio of the two overall medians.  Writes out/benchmarks/latency_<model>.{json,md,png}
+(``latency_<model>_<target>.*`` for a ``--target`` other than native), or into benchmarks/results/
+with ``--save``; the JSON records the machine (CPU, flags, threads), the git commit and the date.
 
     .venv/bin/python benchmarks/latency.py resnet18 --rounds 5
     .venv/bin/python benchmarks/latency.py resnet18 --target x86-avx2   # AVX2 kernels on an AVX-512 CPU
+    .venv/bin/python benchmarks/latency.py mobilenet_v2 --rounds 20 --budget 0.3 --save
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from machine import add_save_option, describe, machine_info, results_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ORT_INT8 = "ONNX Runtime int8 (QDQ U8S8 per-channel)"
 TORCH_FP32 = "PyTorch fp32 eager"
 
@@ -222,6 +224,7 @@ def main() -> None:
                         help="qcompile's target (e.g. x86-avx2 on an AVX-512 CPU: the AVX2 kernels on the same cores)")
     parser.add_argument("--no-torch-int8", dest="torch_int8", action="store_false",
                         help="skip PyTorch int8 (PT2E + torch.compile, which compiles for minutes)")
+    add_save_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype("float32")
@@ -229,10 +232,11 @@ def main() -> None:
         runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8, args.target)
         per_round = measure(runners, x, args.rounds, args.budget, gap_s=0.05)
     medians = {name: float(np.median(v)) for name, v in per_round.items()}
+    machine = machine_info(args.threads)
     lines = [f"{args.model}, qcompile target {args.target}, batch 1, {args.threads} threads, "
              f"{args.rounds} interleaved rounds of {args.budget:g} s "
              "per contender (median of round medians; ratios: median of per-round ratios)",
-             "", "| contender | median ms | vs ORT int8 | vs PyTorch fp32 |", "|---|---|---|---|"]
+             "", describe(machine), "", "| contender | median ms | vs ORT int8 | vs PyTorch fp32 |", "|---|---|---|---|"]
     for name, ms in medians.items():
         lines.append(f"| {name} | {ms:.2f} | {paired_ratio(per_round, name, ORT_INT8):.2f}x "
                      f"| {paired_ratio(per_round, name, TORCH_FP32):.2f}x |")
@@ -245,14 +249,15 @@ def main() -> None:
         lines += [f"qcompile fp32 (tuning records) vs ONNX Runtime fp32: "
                   f"{paired_ratio(per_round, fp32, 'ONNX Runtime fp32'):.2f}x its latency"]
     table = "\n".join(lines) + "\n"
-    RESULTS.mkdir(exist_ok=True)
+    results = results_dir(args.save)
     stem = f"latency_{args.model}" + ("" if args.target == "native" else f"_{args.target}")
-    (RESULTS / f"{stem}.md").write_text(table)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"model": args.model, "target": args.target, "threads": args.threads, "rounds": per_round,
-         "medians_ms": medians}, indent=2) + "\n")
-    _bar_chart(args.model, medians, RESULTS / f"{stem}.png")
+    (results / f"{stem}.md").write_text(table)
+    (results / f"{stem}.json").write_text(json.dumps(
+        {"model": args.model, "target": args.target, "threads": args.threads, "rounds_run": args.rounds,
+         "budget_s": args.budget, "machine": machine, "rounds": per_round, "medians_ms": medians}, indent=2) + "\n")
+    _bar_chart(args.model, medians, results / f"{stem}.png")
     print(table)
+    print(f"written to {results}/{stem}.{{md,json,png}}")
 
 
 def _bar_chart(model: str, medians: dict[str, float], path: Path) -> None:
