@@ -83,7 +83,7 @@ def qcompile_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dic
     """fp32 and int8 builds of ``net`` with qcompile; returns {name: (predict, bytes)}."""
     from qcompile.build import build
     from qcompile.frontend import import_model
-    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.quantize import Int8Config, quantize_model
     from qcompile.runtime import CompiledModel
     from qcompile.target import resolve_target
 
@@ -97,10 +97,10 @@ def qcompile_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dic
     out["qcompile fp32"] = art
     for method in ("minmax", "percentile", "entropy", "mse"):
         batches = [{"x": calib[i:i + 1]} for i in range(len(calib))]
-        config = QuantConfig(calibration_method=method, num_samples=len(calib))
-        qmodel, info = quantize_model(model, batches, config, target.to_tvm())
+        config = Int8Config(calibration=method, num_samples=len(calib))
+        qmodel = quantize_model(model, batches, config, target.to_tvm())
         out[f"qcompile int8 ({method})"] = build(qmodel, target, workdir, name=f"digits-int8-{method}",
-                                                 quantization=info, tuning_logs=False)
+                                                 tuning_logs=False)
     result = {}
     for name, artifact in out.items():
         runner = CompiledModel.load(artifact.library)

@@ -69,7 +69,7 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
     from qcompile.build import build
     from qcompile.frontend import import_model
     from qcompile.frontend.from_torch import torchvision_module
-    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.quantize import Int8Config, quantize_model
     from qcompile.runtime import CompiledModel
     from qcompile.target import resolve_target
 
@@ -79,13 +79,13 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
     net = torchvision_module(model)
     target = resolve_target(target_name)
     imported = import_model(model)
-    qmodel, info = quantize_model(imported, [{"x": s} for s in samples], QuantConfig(num_samples=calib),
+    qmodel = quantize_model(imported, [{"x": s} for s in samples], Int8Config(num_samples=calib),
                                   target.to_tvm())
     built = {}
-    for label, source, quant in (("fp32", imported, None), ("int8", qmodel, info)):
+    for label, source in (("fp32", imported), ("int8", qmodel)):
         for logs in (None, False):  # committed tuning records, then none (the default schedule)
             artifact = build(source, target, work / f"{label}-{logs is None}", name=f"{model}-{label}",
-                             quantization=quant, tuning_logs=logs)
+                             tuning_logs=logs)
             tuning = artifact.manifest.build["tuning"]
             how = (f"{tuning['hits']}/{tuning['hits'] + tuning['misses']} kernels tuned" if tuning.get("hits")
                    else "untuned: default schedule")

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcompile.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qcompile.quantize.config import QuantizationInfo
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,23 @@ class ModelSource:
         return dict(self.__dict__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImportedModel:
-    """A Relax IRModule with its inputs/outputs, ready for quantize/build."""
+    """A Relax IRModule with its inputs/outputs, ready for quantize/build.
+
+    ``quantization`` is None for a float model; quantizing (or importing a pre-quantized
+    model and realizing it) returns a new ImportedModel that carries what was done, which
+    the build writes into the manifest."""
 
     mod: Any  # tvm.IRModule
     source: ModelSource
     inputs: list[TensorInfo]
     outputs: list[TensorInfo] = field(default_factory=list)
+    quantization: "QuantizationInfo | None" = None
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantization is not None
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:

@@ -34,13 +34,13 @@ def model_tasks(name: str, target, quantize: bool):
 
     from qcompile.build.pipeline import phases_through, run_phases
     from qcompile.frontend import import_model
-    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.quantize import Int8Config, quantize_model
 
     model = import_model(name)
     if quantize:  # int8 kernels do not depend on the calibration data (see tuning_logs/README.md)
         rng = np.random.default_rng(0)
         batches = [{model.inputs[0].name: rng.standard_normal(model.inputs[0].shape).astype("float32")} for _ in range(2)]
-        model, _ = quantize_model(model, batches, QuantConfig(num_samples=2), target.to_tvm())
+        model = quantize_model(model, batches, Int8Config(num_samples=2), target.to_tvm())
     mod = run_phases(model.mod, target.to_tvm(), phases=phases_through("legalize"))
     return ms.relax_integration.extract_tasks(mod, target.to_tvm())
 

@@ -10,7 +10,7 @@ from conftest import skip_unless
 from qcompile.build import build
 from qcompile.frontend import import_model
 from qcompile.quantize import quantize_model
-from qcompile.quantize.config import QuantConfig
+from qcompile.quantize.config import Int8Config
 from qcompile.runtime import CompiledModel
 from qcompile.runtime.emulator import emulator_dir
 from qcompile.runtime.rpc import RpcEndpoint, free_port
@@ -43,13 +43,13 @@ def board_a76(tmp_path_factory):
 
 def test_resnet18_int8_on_emulated_cortex_a72_matches_x86(board, tmp_path):
     # Parsed exactly as `qcompile build --target "llvm -mcpu=cortex-a72"` parses it.
-    _check_arm_matches_x86(board, resolve_target("llvm -mcpu=cortex-a72"), QuantConfig(num_samples=4), tmp_path)
+    _check_arm_matches_x86(board, resolve_target("llvm -mcpu=cortex-a72"), Int8Config(num_samples=4), tmp_path)
 
 
 def test_resnet18_int8_sdot_on_emulated_cortex_a76_matches_x86(board_a76, tmp_path):
     # int8 activations: what sdot multiplies; the x86 build of the same model is not tensorized
     # (x86's instructions take uint8 activations), so this compares two independent kernels.
-    _check_arm_matches_x86(board_a76, resolve_target("rpi5"), QuantConfig(num_samples=4, activation_symmetric=True),
+    _check_arm_matches_x86(board_a76, resolve_target("rpi5"), Int8Config(num_samples=4, activation_symmetric=True),
                            tmp_path)
 
 
@@ -59,9 +59,9 @@ def _check_arm_matches_x86(board, arm_target, config, tmp_path):
     name = model.inputs[0].name
     calib = [{name: rng.standard_normal((1, 3, 224, 224)).astype("float32")} for _ in range(4)]
     native = resolve_target("native")
-    quantized, quantization = quantize_model(model, calib, config, arm_target.to_tvm())
-    arm = build(quantized, arm_target, tmp_path / "arm", quantization=quantization)
-    x86 = build(quantized, native, tmp_path / "x86", quantization=quantization)
+    quantized = quantize_model(model, calib, config, arm_target.to_tvm())
+    arm = build(quantized, arm_target, tmp_path / "arm")
+    x86 = build(quantized, native, tmp_path / "x86")
     assert "aarch64" in arm.manifest.target["target"]["mtriple"]
 
     x = rng.standard_normal((1, 3, 224, 224)).astype("float32")
@@ -70,7 +70,7 @@ def _check_arm_matches_x86(board, arm_target, config, tmp_path):
     want = CompiledModel.load(x86.library).run(x)
     # The logits are the last matmul's int32 accumulator times sx * sw: one LSB of that
     # accumulator is the smallest difference an integer disagreement can make.
-    last = [layer for layer in quantization["layers"] if layer["op"] == "matmul"][-1]
+    last = [layer for layer in quantized.quantization.layers if layer["op"] == "matmul"][-1]
     lsb = float(last["input_scale"]) * float(last["weight_scale_max"])
     for key in want:
         diff = float(np.abs(got[key] - want[key]).max())

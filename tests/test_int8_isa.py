@@ -18,7 +18,7 @@ import pytest
 from qcompile.build import build
 from qcompile.frontend import import_model
 from qcompile.quantize import quantize_model
-from qcompile.quantize.config import QuantConfig
+from qcompile.quantize.config import Int8Config
 from qcompile.target import resolve_target
 
 # int8 x int8 products widened to 16/32 bits: multiply-accumulate or multiply-long.
@@ -31,7 +31,7 @@ def _quantized(tiny_pt2, symmetric: bool, preset: str):
     model = import_model(str(tiny_pt2))
     rng = np.random.default_rng(0)
     calib = [{model.inputs[0].name: rng.standard_normal((1, 3, 32, 32)).astype("float32")} for _ in range(4)]
-    return quantize_model(model, calib, QuantConfig(num_samples=4, activation_symmetric=symmetric),
+    return quantize_model(model, calib, Int8Config(num_samples=4, activation_symmetric=symmetric),
                           resolve_target(preset).to_tvm())
 
 
@@ -47,15 +47,15 @@ def _mnemonics(objdump: str, library) -> Counter:
     ("rpi5", True, {"sdot"}),
 ])
 def test_aarch64_int8_uses_widening_mac_or_dot_product(tmp_path, tiny_pt2, preset, symmetric, expected):
-    quantized, info = _quantized(tiny_pt2, symmetric, preset)
-    artifact = build(quantized, resolve_target(preset), tmp_path, quantization=info)
+    quantized = _quantized(tiny_pt2, symmetric, preset)
+    artifact = build(quantized, resolve_target(preset), tmp_path)
     ops = _mnemonics("aarch64-linux-gnu-objdump", artifact.library)
     assert expected & set(ops), {k: v for k, v in ops.items() if k.startswith(("s", "u", "m"))}
 
 
 @pytest.mark.parametrize("preset, instruction", [("x86-avx2", "vpmaddubsw"), ("x86-avx512", "vpdpbusd")])
 def test_x86_int8_convs_use_the_dot_product_instruction(tmp_path, tiny_pt2, preset, instruction):
-    quantized, info = _quantized(tiny_pt2, False, preset)
-    artifact = build(quantized, resolve_target(preset), tmp_path, quantization=info)
+    quantized = _quantized(tiny_pt2, False, preset)
+    artifact = build(quantized, resolve_target(preset), tmp_path)
     ops = _mnemonics("objdump", artifact.library)
     assert ops[instruction] > 0, {k: v for k, v in ops.items() if k.startswith("vp")}

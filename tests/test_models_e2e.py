@@ -71,7 +71,7 @@ def test_int8_build_is_integer_and_small(cli, tmp_path, name):
 
     from qcompile.build import build
     from qcompile.frontend import import_model
-    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.quantize import Int8Config, quantize_model
     from qcompile.runtime import CompiledModel
     from qcompile.target import resolve_target
 
@@ -79,10 +79,11 @@ def test_int8_build_is_integer_and_small(cli, tmp_path, name):
     model = import_model(name)
     rng = np.random.default_rng(3)
     calib = [{"x": rng.standard_normal((1, 3, 224, 224)).astype("float32")} for _ in range(4)]
-    qmodel, info = quantize_model(model, calib, QuantConfig(num_samples=4), target.to_tvm())
+    qmodel = quantize_model(model, calib, Int8Config(num_samples=4), target.to_tvm())
+    info = qmodel.quantization
     assert float_anchor_ops(qmodel.mod) == []  # the IR after realize: every conv2d/dense is integer
-    assert info["float_layers"] == [] and info["float_ops"] == {}
-    int8 = build(qmodel, target, tmp_path, name=f"{name}-int8", quantization=info)
+    assert info.float_layers == () and info.float_ops == {}
+    int8 = build(qmodel, target, tmp_path, name=f"{name}-int8")
     fp32 = build(model, target, tmp_path)
     ratio = int8.library.stat().st_size / fp32.library.stat().st_size
     assert ratio <= 0.3, f"int8 .so is {ratio:.2f}x the float build"

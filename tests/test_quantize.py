@@ -10,7 +10,7 @@ from torch import nn
 
 from qcompile.errors import CalibrationError, ConfigError
 from qcompile.frontend import import_model
-from qcompile.quantize import QuantConfig, quantize_model
+from qcompile.quantize import Calibration, Int8Config, PerTensor, quantize_model
 from qcompile.quantize.observers import HistogramObserver, MinMaxObserver
 from qcompile.quantize.ptq import activation_qparams, weight_qparams
 from qcompile.target import resolve_target
@@ -35,15 +35,16 @@ def float_anchor_ops(mod) -> list[str]:
 @pytest.fixture(scope="module")
 def quantized(tiny_pt2):
     model = import_model(str(tiny_pt2))
-    return model, *quantize_model(model, calib(), QuantConfig(), TARGET.to_tvm())
+    qmodel = quantize_model(model, calib(), Int8Config(), TARGET.to_tvm())
+    return model, qmodel, qmodel.quantization
 
 
 def test_no_float_conv_or_dense_left(quantized):
     _, qmodel, info = quantized
     assert float_anchor_ops(qmodel.mod) == []
-    ops = [layer["op"] for layer in info["layers"]]
+    ops = [layer["op"] for layer in info.layers]
     assert ops.count("conv2d") == 3 and ops.count("matmul") == 1 and "add" in ops and "mean" in ops
-    assert info["activation_dtype"] == "uint8" and info["float_layers"] == []
+    assert info.activation_dtype == "uint8" and info.float_layers == ()
 
 
 def test_int8_build_tracks_float(quantized, tmp_path, tiny_net):
@@ -51,7 +52,7 @@ def test_int8_build_tracks_float(quantized, tmp_path, tiny_net):
     from qcompile.runtime import CompiledModel
 
     _, qmodel, info = quantized
-    art = build(qmodel, TARGET, tmp_path, name="tiny-int8", quantization=info)
+    art = build(qmodel, TARGET, tmp_path, name="tiny-int8")
     runner = CompiledModel.load(art.library)
     xs = [d["x"] for d in calib(32, seed=11)]
     got = np.concatenate([runner.run({"x": x})["output0"] for x in xs])
@@ -64,18 +65,20 @@ def test_int8_build_tracks_float(quantized, tmp_path, tiny_net):
 
 def test_keep_float_leaves_named_layer(tiny_pt2):
     model = import_model(str(tiny_pt2))
-    qmodel, info = quantize_model(model, calib(8), QuantConfig(keep_float=("conv2d_0",)), TARGET.to_tvm())
-    assert info["float_layers"] == ["conv2d_0"]
+    qmodel = quantize_model(model, calib(8), Int8Config(keep_float=("conv2d_0",)), TARGET.to_tvm())
+    info = qmodel.quantization
+    assert info.float_layers == ("conv2d_0",)
     assert float_anchor_ops(qmodel.mod) == ["relax.nn.conv2d(float32)"]
     with pytest.raises(ConfigError, match="no layer named conv2d_99"):
-        quantize_model(model, calib(2), QuantConfig(keep_float=("conv2d_99",)), TARGET.to_tvm())
+        quantize_model(model, calib(2), Int8Config(keep_float=("conv2d_99",)), TARGET.to_tvm())
 
 
 def test_symmetric_per_tensor_percentile(tiny_pt2):
-    config = QuantConfig(activation_symmetric=True, per_channel=False, calibration_method="percentile")
-    qmodel, info = quantize_model(import_model(str(tiny_pt2)), calib(8), config, TARGET.to_tvm())
-    assert info["activation_dtype"] == "int8" and float_anchor_ops(qmodel.mod) == []
-    convs = [layer for layer in info["layers"] if layer["op"] == "conv2d"]
+    config = Int8Config(activation_symmetric=True, weights=PerTensor(), calibration=Calibration.PERCENTILE)
+    qmodel = quantize_model(import_model(str(tiny_pt2)), calib(8), config, TARGET.to_tvm())
+    info = qmodel.quantization
+    assert info.activation_dtype == "int8" and float_anchor_ops(qmodel.mod) == []
+    convs = [layer for layer in info.layers if layer["op"] == "conv2d"]
     assert all(layer["input_zero_point"] == 0 for layer in convs)
     assert all(layer["weight_scale_min"] == layer["weight_scale_max"] for layer in convs)
 
@@ -95,19 +98,20 @@ def test_op_without_int8_lowering_stays_float_and_is_reported(tmp_path):
     path = tmp_path / "silu.pt2"
     torch.export.save(torch.export.export(SiluNet().eval(), (torch.zeros(1, 3, 8, 8),)), str(path))
     model = import_model(str(path))
-    qmodel, info = quantize_model(model, calib(4, (1, 3, 8, 8)), QuantConfig(), TARGET.to_tvm())
-    assert info["float_ops"].get("relax.sigmoid") == 1
+    qmodel = quantize_model(model, calib(4, (1, 3, 8, 8)), Int8Config(), TARGET.to_tvm())
+    info = qmodel.quantization
+    assert info.float_ops.get("relax.sigmoid") == 1
     assert float_anchor_ops(qmodel.mod) == []
 
 
 def test_calibration_errors(tiny_pt2):
     model = import_model(str(tiny_pt2))
     with pytest.raises(CalibrationError, match="empty"):
-        quantize_model(model, [], QuantConfig(), TARGET.to_tvm())
+        quantize_model(model, [], Int8Config(), TARGET.to_tvm())
     bad = calib(2)
     bad[1]["x"][0, 0, 0, 0] = np.nan
     with pytest.raises(CalibrationError, match="sample 1 contains NaN or Inf"):
-        quantize_model(model, bad, QuantConfig(), TARGET.to_tvm())
+        quantize_model(model, bad, Int8Config(), TARGET.to_tvm())
 
 
 def test_cli_quantized_build_and_errors(cli, tiny_pt2, tmp_path):
@@ -158,9 +162,9 @@ def test_observers_and_qparams():
         other.update(np.array([12.0]))
         lo, hi = other.range()
         assert 2.0 < hi < 11.0 and -11.0 < lo < -2.0, (method, lo, hi)
-    params = activation_qparams(-1.0, 3.0, QuantConfig())
+    params = activation_qparams(-1.0, 3.0, Int8Config())
     assert params.dtype == "uint8" and params.zero_point == 64 and np.isclose(params.scale, 4 / 255)
-    sym = activation_qparams(-1.0, 3.0, QuantConfig(activation_symmetric=True))
+    sym = activation_qparams(-1.0, 3.0, Int8Config(activation_symmetric=True))
     assert sym.dtype == "int8" and sym.zero_point == 0 and np.isclose(sym.scale, 3 / 127)
     w = np.array([[1.0, -2.0], [0.5, 0.25]], np.float32)
     q, s = weight_qparams(w, 0, per_channel=True)
@@ -170,15 +174,15 @@ def test_observers_and_qparams():
 
 @pytest.mark.parametrize("method", ["entropy", "mse"])
 def test_histogram_calibration_methods(tiny_pt2, method):
-    qmodel, info = quantize_model(import_model(str(tiny_pt2)), calib(8), QuantConfig(calibration_method=method),
-                                  TARGET.to_tvm())
-    assert info["config"]["calibration_method"] == method and float_anchor_ops(qmodel.mod) == []
+    qmodel = quantize_model(import_model(str(tiny_pt2)), calib(8), Int8Config(calibration=method), TARGET.to_tvm())
+    info = qmodel.quantization
+    assert info.config.calibration == method and float_anchor_ops(qmodel.mod) == []
 
 
 def test_first_last_policy(tiny_pt2):
-    _, info = quantize_model(import_model(str(tiny_pt2)), calib(4), QuantConfig(keep_float=("first", "last")),
-                             TARGET.to_tvm())
-    assert sorted(info["float_layers"]) == ["conv2d_0", "matmul_0"]
+    info = quantize_model(import_model(str(tiny_pt2)), calib(4), Int8Config(keep_float=("first", "last")),
+                          TARGET.to_tvm()).quantization
+    assert sorted(info.float_layers) == ["conv2d_0", "matmul_0"]
 
 
 def test_image_folder_calibration(tmp_path):
@@ -207,9 +211,9 @@ def test_quantize_for_another_target_calibrates_here_and_picks_weight_bits(tiny_
     # must run a build for this machine; the target only decides the weight range.
     from qcompile.target import resolve_target
 
-    _, info = quantize_model(import_model(str(tiny_pt2)), calib(4), QuantConfig(), resolve_target(preset).to_tvm())
-    assert info["config"]["reduce_range"] is reduce_range
-    assert info["weight_range"] == ([-63, 63] if reduce_range else [-127, 127])
+    info = quantize_model(import_model(str(tiny_pt2)), calib(4), Int8Config(), resolve_target(preset).to_tvm()).quantization
+    assert info.config.reduce_range is reduce_range
+    assert info.weight_range == ((-63, 63) if reduce_range else (-127, 127))
 
 
 def test_kernels_do_not_depend_on_the_calibration(tiny_pt2):
@@ -225,7 +229,7 @@ def test_kernels_do_not_depend_on_the_calibration(tiny_pt2):
     kernels = []
     for seed, spread in ((3, 1.0), (5, 3.0)):
         data = [{"x": d["x"] * spread + 0.5 * seed} for d in calib(4, seed=seed)]
-        qmodel, _ = quantize_model(model, data, QuantConfig(num_samples=4), TARGET.to_tvm())
+        qmodel = quantize_model(model, data, Int8Config(num_samples=4), TARGET.to_tvm())
         mod = run_phases(qmodel.mod, TARGET.to_tvm(), phases=phases_through("legalize"))
         kernels.append({tvm_ffi.structural_hash(f): gv.name_hint for gv, f in mod.functions.items()
                         if isinstance(f, tirx.PrimFunc)})

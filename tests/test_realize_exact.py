@@ -256,6 +256,6 @@ def test_unsupported_qdq_pattern_is_named():
             out = bb.emit_output(q(bb, conv, 0.05, 10, "uint8"))
         bb.emit_func_output(out)
     model = ImportedModel(bb.get(), ModelSource("onnx", "m", None, None, ""), [TensorInfo("x", (1, 3, 8, 8), "float32")])
-    _, info = realize_prequantized(model, "onnx-qdq")
-    assert info["float_ops"] == {"relax.nn.conv2d": 1}
-    assert len(info["float_nodes"]) == 1 and info["float_nodes"][0].endswith("= relax.nn.conv2d")
+    info = realize_prequantized(model, "onnx-qdq").quantization
+    assert info.float_ops == {"relax.nn.conv2d": 1}
+    assert len(info.float_nodes) == 1 and info.float_nodes[0].endswith("= relax.nn.conv2d")

@@ -6,6 +6,7 @@ only when both are complete, so a failed build leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import shutil
@@ -20,6 +21,7 @@ from qcompile import __version__
 from qcompile.errors import BuildError, ConfigError, QcompileError, first_line
 from qcompile.manifest import Manifest, manifest_path, sha256_file
 from qcompile.model import ImportedModel
+from qcompile.stage import make_callable
 from qcompile.target import TargetSpec
 
 Progress = Callable[[str], None]
@@ -43,26 +45,34 @@ class Artifact:
 
 def build(
     model: ImportedModel,
-    target: TargetSpec,
-    out_dir: Path,
+    target: TargetSpec | str,
+    out_dir: Path | str,
     name: str | None = None,
-    quantization: dict[str, Any] | None = None,
     dump_ir: Path | None = None,
     progress: Progress | None = None,
-    tuning_logs: Path | None | bool = None,
+    tuning_logs: Path | str | None | bool = None,
 ) -> Artifact:
     """Compile ``model`` for ``target``; write ``out_dir/name.so`` and its manifest.
 
-    Tuning records for ``target`` under ``tuning_logs`` (default: :func:`tune.log_root`)
-    are applied when present; ``tuning_logs=False`` builds untuned.
+    The manifest's quantization section comes from ``model.quantization`` (None: float).
+    Tuning records for ``target`` are applied when present: under ``tuning_logs`` if given,
+    else the user's and then the packaged records (:func:`qcompile.tune.records.find_database`);
+    ``tuning_logs=False`` builds untuned.
     """
+    from qcompile.target import as_target
+
     say = progress or (lambda _msg: None)
+    target = as_target(target)
+    out_dir = Path(out_dir)
+    if isinstance(tuning_logs, str):
+        tuning_logs = Path(tuning_logs)
     name = name or model.source.name
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"artifact name {name!r} is not a plain file name")
     tvm_target = target.to_tvm()
     fcompile = _export_compiler(target)
     library = out_dir / f"{name}.so"
+    check_writable(out_dir)  # now, not after minutes of compiling
 
     started = time.perf_counter()
     say(f"compiling {model.source.name} for {target.name} ...")
@@ -95,6 +105,8 @@ def build(
 
                 extra["fpack_imports"] = precompile_cuda_kernels(executable, str(target.target["arch"]))
             executable.export_library(str(tmp_lib), fcompile=fcompile, options=["-s"], **extra)
+        except OSError as exc:
+            raise write_error(out_dir, exc) from exc
         except Exception as exc:
             raise BuildError(f"exporting {library} failed: {first_line(exc)}") from exc
         manifest = Manifest(
@@ -103,7 +115,7 @@ def build(
             outputs=list(model.outputs),
             target=target.to_json(),
             library={"file": library.name, "sha256": sha256_file(tmp_lib), "bytes": tmp_lib.stat().st_size},
-            quantization=quantization or {"scheme": "none"},
+            quantization=model.quantization.to_json() if model.quantization else {"scheme": "none"},
             cpu_features=required_features(tvm_target if not target.is_gpu else tvm_target.host),
             versions=_versions(),
             build={
@@ -162,24 +174,97 @@ def _export_compiler(target: TargetSpec):
     return cc.cross_compiler(compiler)
 
 
-@contextlib.contextmanager
-def _atomic_outputs(out_dir: Path, finals: list[Path]) -> Iterator[list[Path]]:
-    """Yield temporary paths in ``out_dir``; rename them onto ``finals`` only on success."""
-    created_dir = not out_dir.exists()
+# What to do about an output folder that cannot be written, by errno.
+_WRITE_HINTS = {
+    errno.ENOSPC: "free some space or give another folder with -o DIR",
+    errno.EDQUOT: "free some space or give another folder with -o DIR",
+    errno.EACCES: "fix its permissions or give another folder with -o DIR",
+    errno.EPERM: "fix its permissions or give another folder with -o DIR",
+    errno.EROFS: "its file system is mounted read-only: give another folder with -o DIR",
+    errno.ENOTDIR: "a file stands where a folder is needed: give another folder with -o DIR",
+    errno.EEXIST: "a file stands where a folder is needed: give another folder with -o DIR",
+}
+
+
+def write_error(out_dir: Path, exc: OSError) -> BuildError:
+    """A BuildError for an OSError while writing the artifact: the folder (or the file outside
+    it that failed, e.g. in TMPDIR), the errno text, and what to do."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    reason = f"{exc.strerror or exc}" + (f" ({code})" if code else "")
+    hint = _WRITE_HINTS.get(exc.errno or 0, "give another folder with -o DIR")
+    where = Path(str(exc.filename)) if exc.filename else None
+    if where is not None and not where.resolve().is_relative_to(out_dir.resolve()) \
+            and not out_dir.resolve().is_relative_to(where.resolve()):
+        return BuildError(f"writing the artifact into {out_dir} failed at {where}: {reason} "
+                          "(a temporary file: set TMPDIR to a folder with space)")
+    return BuildError(f"cannot write to output folder {out_dir}: {reason}; {hint}")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail early, with a BuildError naming ``out_dir``, when it cannot be created or written:
+    create it, write and remove a probe file, and remove again the folders it created."""
+    created = _missing_folders(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _probe_write(out_dir)
     except OSError as exc:
-        raise BuildError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
-    staging = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=out_dir))
-    temps = [staging / f.name for f in finals]
-    try:
-        yield temps
-        for tmp, final in zip(temps, finals):
-            os.replace(tmp, final)
+        raise write_error(out_dir, exc) from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created_dir and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        _remove_empty(created)
+
+
+def _probe_write(folder: Path) -> None:
+    """Create, write and delete a small file in ``folder`` (raises OSError where it cannot)."""
+    fd, probe = tempfile.mkstemp(prefix=".qcompile-probe-", dir=folder)
+    try:
+        os.write(fd, b"qcompile")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+@contextlib.contextmanager
+def _atomic_outputs(out_dir: Path, finals: list[Path]) -> Iterator[list[Path]]:
+    """Yield temporary paths in ``out_dir``; rename them onto ``finals`` only on success.
+    On any failure nothing is left: no staging folder, no final file, no folder it created.
+    An OSError (disk full, read-only, permissions) becomes a BuildError naming the folder."""
+    created = _missing_folders(out_dir)
+    staging: Path | None = None
+    replaced: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=out_dir))
+        yield [staging / f.name for f in finals]
+        for final in finals:
+            os.replace(staging / final.name, final)
+            replaced.append(final)
+    except BaseException as exc:
+        for final in replaced:  # a library beside a manifest of another build is worse than none
+            with contextlib.suppress(OSError):
+                final.unlink()
+        if isinstance(exc, OSError):
+            raise write_error(out_dir, exc) from exc
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
 
 
 def _versions() -> dict[str, str]:
@@ -193,3 +278,7 @@ def _versions() -> dict[str, str]:
     except ImportError:
         pass
     return versions
+
+
+# ``qcompile.build(...)`` calls this package (qcompile.stage): the same as build() above.
+make_callable(__name__)

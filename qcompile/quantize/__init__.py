@@ -1,31 +1,42 @@
 """int8 quantization: PTQ (annotate -> calibrate -> QDQ) and the realize pass.
 
-``quantize_model`` is the one call: float ImportedModel + calibration batches in,
-ImportedModel whose ``main`` runs integer conv/dense kernels out, with a report for
-the manifest.
+``quantize_model`` is the stage's entry point: float ImportedModel + calibration batches in,
+an ImportedModel whose ``main`` runs integer conv/dense kernels out, carrying its
+:class:`QuantizationInfo`.  Calling the package, ``qcompile.quantize(model, data, config)``,
+runs :func:`qcompile.api.quantize` (paths and arrays as calibration data, targets by name).
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Callable, Iterable
 
 import numpy as np
 import tvm
 
 from qcompile.build.pipeline import phases_through, run_phases
+from qcompile.errors import ConfigError
 from qcompile.model import ImportedModel
 from qcompile.quantize.canonicalize import canonicalize_qdq, has_qdq
-from qcompile.quantize.config import QuantConfig
+from qcompile.quantize.config import (
+    Calibration,
+    Int8Config,
+    PerChannel,
+    PerTensor,
+    QuantizationInfo,
+)
 from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
 from qcompile.quantize.realize import realize
+from qcompile.stage import make_callable
 
-__all__ = ["QuantConfig", "quantize_model", "to_qdq", "realize", "realize_prequantized", "has_qdq"]
+__all__ = ["Calibration", "Int8Config", "PerChannel", "PerTensor", "QuantizationInfo", "quantize_model", "to_qdq",
+           "realize", "realize_prequantized", "has_qdq"]
 
 
 def to_qdq(
     model: ImportedModel,
     batches: Iterable[dict[str, np.ndarray]],
-    config: QuantConfig,
+    config: Int8Config,
     target: tvm.target.Target,
     progress: Callable[[str], None] | None = None,
 ):
@@ -42,54 +53,51 @@ def to_qdq(
 def quantize_model(
     model: ImportedModel,
     batches: Iterable[dict[str, np.ndarray]],
-    config: QuantConfig,
+    config: Int8Config,
     target: tvm.target.Target,
     progress: Callable[[str], None] | None = None,
-) -> tuple[ImportedModel, dict]:
-    """Calibrate, emit QDQ and realize; returns the integer model and manifest info.
+) -> ImportedModel:
+    """Calibrate, emit QDQ and realize: the integer model, carrying its :class:`QuantizationInfo`.
 
     ``target`` is the build's: it decides ``reduce_range`` where the config leaves it open.
     Calibration runs the float model here, compiled for this machine (a cross-compiled or GPU
     target cannot run here, and an x86 target with features this CPU lacks would fault)."""
     from qcompile.target import resolve_target
 
+    if model.is_quantized:
+        raise ConfigError(f"model {model.source.name} is already quantized ({model.quantization.source}); "
+                          "quantize the float model")
     say = progress or (lambda _m: None)
     config = config.for_target(target)
     qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
     say(f"realizing {len(plan.regions)} quantized layers ...")
     int_mod, report = realize(qdq_mod)
-    info = {
-        "scheme": "int8",
-        "source": "qcompile-ptq",
-        "config": config.to_json(),
-        "activation_dtype": config.activation_dtype,
-        "weight_dtype": "int8",
-        "weight_range": [-config.weight_qmax, config.weight_qmax],
-        "layers": report.layers,
-        "float_layers": plan.kept_float,
-        "float_ops": plan.skipped,
-    }
-    quantized = ImportedModel(mod=int_mod, source=model.source, inputs=model.inputs, outputs=model.outputs)
-    return quantized, info
+    info = QuantizationInfo(
+        source="qcompile-ptq",
+        config=config,
+        activation_dtype=config.activation_dtype,
+        weight_range=(-config.weight_qmax, config.weight_qmax),
+        layers=tuple(report.layers),
+        float_layers=tuple(plan.kept_float),
+        float_ops=dict(plan.skipped),
+    )
+    return replace(model, mod=int_mod, quantization=info)
 
 
-def realize_prequantized(model: ImportedModel, source: str) -> tuple[ImportedModel, dict]:
+def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
     """Integer kernels for a model imported in QDQ form (ONNX QDQ/QOperator, PT2E)."""
     mod = canonicalize_qdq(model.mod)
     int_mod, report = realize(mod)
     float_anchors = _float_anchors(int_mod)
     activations = sorted({layer["dtype"].split()[0] for layer in report.layers if layer["op"] in ("conv2d", "matmul")})
-    info = {
-        "scheme": "int8",
-        "source": source,
-        "activation_dtype": "/".join(activations) or None,
-        "weight_dtype": "int8",
-        "layers": report.layers,
-        "float_layers": [],
-        "float_ops": dict(Counter(op for _, op in float_anchors)),
-        "float_nodes": [f"{name} = {op}" for name, op in float_anchors],
-    }
-    return ImportedModel(mod=int_mod, source=model.source, inputs=model.inputs, outputs=model.outputs), info
+    info = QuantizationInfo(
+        source=source,
+        activation_dtype="/".join(activations) or None,
+        layers=tuple(report.layers),
+        float_ops=dict(Counter(op for _, op in float_anchors)),
+        float_nodes=tuple(f"{name} = {op}" for name, op in float_anchors),
+    )
+    return replace(model, mod=int_mod, quantization=info)
 
 
 def _float_anchors(mod) -> list[tuple[str, str]]:
@@ -98,3 +106,6 @@ def _float_anchors(mod) -> list[tuple[str, str]]:
 
     return [(var.name, op_name(value)) for var, value in Graph.from_main(mod["main"]).bindings
             if op_name(value) in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32"]
+
+
+make_callable(__name__)

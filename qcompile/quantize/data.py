@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -40,22 +40,34 @@ def _array_batches(path: Path, inputs: list[TensorInfo]) -> Iterator[dict[str, n
     except Exception as exc:  # np.load raises OSError, ValueError, BadZipFile ...
         raise CalibrationError(f"calibration data {path}: cannot read ({exc}); give an .npz keyed by input name, "
                                "an .npy, or a folder of images") from exc
+    return array_batches(arrays, inputs, f"calibration data {path}")
+
+
+def array_batches(arrays: Mapping[str, np.ndarray], inputs: list[TensorInfo],
+                  where: str = "calibration data") -> Iterator[dict[str, np.ndarray]]:
+    """Batches from in-memory arrays keyed by input name, samples first (a single-input
+    model takes its one array under any key)."""
+    names = [i.name for i in inputs]
+    arrays = dict(arrays)
+    if len(arrays) == 1 and len(names) == 1:
+        arrays = {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise CalibrationError(f"calibration data {path} lacks inputs {missing}; it has {sorted(arrays)}")
+        raise CalibrationError(f"{where} lacks inputs {missing}; it has {sorted(arrays)}")
     count = None
     for info in inputs:
-        arr = arrays[info.name]
+        arr = np.asarray(arrays[info.name])
+        arrays[info.name] = arr
         batch = info.shape[0] if info.shape else 1
         if arr.ndim != len(info.shape) or tuple(arr.shape[1:]) != tuple(info.shape[1:]):
             raise CalibrationError(
-                f"calibration data {path}: input {info.name!r} has shape {list(arr.shape)}; expected "
+                f"{where}: input {info.name!r} has shape {list(arr.shape)}; expected "
                 f"[N, {', '.join(map(str, info.shape[1:]))}] (samples first) for model input {list(info.shape)}"
             )
         n = arr.shape[0] // batch
         count = n if count is None else min(count, n)
     if not count:
-        raise CalibrationError(f"calibration data {path} is empty: it holds no complete sample")
+        raise CalibrationError(f"{where} is empty: it holds no complete sample")
 
     def gen():
         for i in range(count):
@@ -63,6 +75,23 @@ def _array_batches(path: Path, inputs: list[TensorInfo]) -> Iterator[dict[str, n
                    for info in inputs}
 
     return gen()
+
+
+def as_batches(data, inputs: list[TensorInfo], preprocess: ImagePreprocess = ImagePreprocess()
+               ) -> Iterable[dict[str, np.ndarray]]:
+    """Calibration batches from what a user hands :func:`qcompile.quantize`: a path (.npz,
+    .npy, a folder of images), an array (one input, samples first), a mapping of input name
+    to such arrays, or an iterable of ``{input name: batch}`` dicts (used as it is)."""
+    if isinstance(data, (str, Path)):
+        return calibration_batches(data, inputs, preprocess)
+    if isinstance(data, np.ndarray):
+        return array_batches({"": data}, inputs)
+    if isinstance(data, Mapping):
+        return array_batches(data, inputs)
+    if isinstance(data, Iterable):
+        return data
+    raise CalibrationError(f"calibration_data: expected a path, an array, a mapping of input name to arrays or an "
+                           f"iterable of batches, but got {type(data).__name__}")
 
 
 def _image_batches(folder: Path, inputs: list[TensorInfo], pre: ImagePreprocess) -> Iterator[dict[str, np.ndarray]]:

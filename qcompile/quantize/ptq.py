@@ -29,17 +29,9 @@ from qcompile.passes.bindings import (
     shape_of,
     with_main,
 )
-from qcompile.quantize.config import QuantConfig
+from qcompile.quantize.config import Int8Config
 from qcompile.quantize.observers import make_observer
-
-ANCHORS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
-# Ops whose int8 output keeps the input's scale and zero point.
-SAME_SCALE_OPS = {"relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
-                  "relax.squeeze", "relax.expand_dims"}
-# Ops quantized with their own output scale when all inputs are quantized.
-OWN_SCALE_OPS = {"relax.add", "relax.mean", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d",
-                 "relax.concat"}
-ACTIVATIONS = {"relax.nn.relu", "relax.clip"}
+from qcompile.quantize.op_tables import ACTIVATIONS, ANCHORS, LINEAR_OPS, SAME_SCALE_OPS
 
 
 @dataclass
@@ -67,7 +59,7 @@ class Plan:
     skipped: dict = field(default_factory=dict)  # op name -> count of float ops left
 
 
-def annotate(func, config: QuantConfig) -> Plan:
+def annotate(func, config: Int8Config) -> Plan:
     """Find the regions and tensors to quantize in ``main``."""
     graph = Graph.from_main(func)
     keep = _resolve_keep_float(graph, config.keep_float)
@@ -125,7 +117,7 @@ def annotate(func, config: QuantConfig) -> Plan:
         if name in SAME_SCALE_OPS and tensor_args[0] in quantized:
             quantized.add(var)
             alias[var] = alias.get(tensor_args[0], tensor_args[0])
-        elif name in OWN_SCALE_OPS and _all_inputs_quantized(graph, value, quantized):
+        elif name in LINEAR_OPS and _all_inputs_quantized(graph, value, quantized):
             if name == "relax.add" and _single_relu_user(graph, var):
                 pending_add.add(var)  # quantize after the relu: add+relu is one int8 op
             else:
@@ -213,7 +205,7 @@ def calibrate(
     mod: tvm.IRModule,
     plan: Plan,
     batches: Iterable[dict[str, np.ndarray]],
-    config: QuantConfig,
+    config: Int8Config,
     target: tvm.target.Target,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -257,7 +249,7 @@ class QParams:
     dtype: str
 
 
-def activation_qparams(lo: float, hi: float, config: QuantConfig) -> QParams:
+def activation_qparams(lo: float, hi: float, config: Int8Config) -> QParams:
     """Scale/zero-point covering [lo, hi] (always including 0, as ORT and PyTorch do)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if config.activation_symmetric:
@@ -281,7 +273,7 @@ def weight_qparams(weight: np.ndarray, axis: int, per_channel: bool, qmax: int =
     return q, scale
 
 
-def emit_qdq(func, plan: Plan, ranges: dict, config: QuantConfig):
+def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config):
     """``main`` in QDQ form, and the per-tensor parameters chosen."""
     qparams: dict = {}
     for var in plan.observed:

@@ -35,10 +35,9 @@ from qcompile.passes.bindings import (
     shape_of,
     with_main,
 )
+from qcompile.quantize.op_tables import ANCHORS, LINEAR_OPS, SAME_SCALE_OPS
 
 _QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
-_SAME_SCALE = {"relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
-               "relax.squeeze", "relax.expand_dims"}
 
 
 @dataclass
@@ -202,7 +201,7 @@ def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
     if add is not None:
         for i in (0, 1):
             producer = graph.producer.get(add.args[i]) if isinstance(add.args[i], relax.Var) else None
-            if producer is None or op_name(producer) not in ("relax.nn.conv2d", "relax.matmul"):
+            if producer is None or op_name(producer) not in ANCHORS:
                 continue
             other = add.args[1 - i]
             bias, float_bias = weight_of(other), const_value(other)  # int32 behind dq, or float (PT2E)
@@ -262,7 +261,7 @@ class _Acc:
 def _int_anchor(em, anchor, dq_source, weight_of) -> _Acc | None:
     """``conv2d|matmul(dq(xq), dq(Wq))`` as an int32-accumulating op on ``xq`` and ``Wq``."""
     kind = op_name(anchor) if anchor is not None else None
-    if kind not in ("relax.nn.conv2d", "relax.matmul"):
+    if kind not in ANCHORS:
         return None
     x = dq_source(em, anchor.args[0])
     w = weight_of(anchor.args[1])
@@ -315,7 +314,7 @@ def _realize_float_outputs(mod: tvm.IRModule, report: RealizeReport, counters: d
     dq_source, weight_of = _dequantize_readers(graph)
 
     def rewrite(em, var, value):
-        acc = _int_anchor(em, value, dq_source, weight_of) if op_name(value) in ("relax.nn.conv2d", "relax.matmul") else None
+        acc = _int_anchor(em, value, dq_source, weight_of) if op_name(value) in ANCHORS else None
         if acc is None:
             return None
         total = _add_int_constant(em, acc.var, -acc.zx * acc.wsum, acc.bshape)
@@ -335,7 +334,7 @@ def _realize_float_outputs(mod: tvm.IRModule, report: RealizeReport, counters: d
 
 def _match_same_scale(em, graph, expr, out, dq_source, weight_of, report, counters):
     call = graph.producer.get(expr) if isinstance(expr, relax.Var) else None
-    if call is None or op_name(call) not in _SAME_SCALE:
+    if call is None or op_name(call) not in SAME_SCALE_OPS:
         return None
     x = dq_source(em, call.args[0])
     if x is None or x.scale.size != 1 or not np.isclose(float(x.scale.reshape(-1)[0]), out.scale, rtol=1e-6):
@@ -358,16 +357,13 @@ def _dequant_float(em, q: _Q):
     return em.emit(relax.op.subtract(y, _param(zx, y)))  # even when zero, as in _requantize
 
 
-# Linear ops whose int8 form dequantizes the inputs inside the fused kernel:
-# op((x - zx) * sx / sy) is op(x_float) / sy because each op is linear.
-_LINEAR = {"relax.add", "relax.concat", "relax.mean", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d"}
 
 
 def _match_linear(em, graph, expr, out, dq_source, weight_of, report, counters):
     inner, lo, hi = _activation(graph, expr)
     call = graph.producer.get(inner) if isinstance(inner, relax.Var) else None
     name = op_name(call) if call is not None else None
-    if name not in _LINEAR:
+    if name not in LINEAR_OPS:
         return None
     if name == "relax.concat":
         fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None

@@ -1,6 +1,7 @@
 """Tune: MetaSchedule (XGBoost cost model) over a model's kernels; records reused at build.
 
-``tune(model, target, trials)`` is the stage's entry point (:mod:`.search`);
+``tune(model, target, trials)`` is the stage's entry point (:mod:`.search`); calling the
+package, ``qcompile.tune(model, target, trials)``, runs :func:`qcompile.api.tune`;
 :mod:`.records` is what builds read, :mod:`.seeding` and :mod:`.workers` what the search
 runs.  The search is imported on first use, so a build reading records never loads it.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from qcompile.stage import make_callable
 from qcompile.tune.records import database_dir, log_root, open_database
 
 if TYPE_CHECKING:
@@ -22,3 +24,6 @@ def __getattr__(name: str):
 
         return getattr(search, name)
     raise AttributeError(f"module 'qcompile.tune' has no attribute {name!r}")
+
+
+make_callable(__name__)
