@@ -5,16 +5,16 @@
 ``packed_conv2d``: an int8 conv2d on a packed weight layout whose inner loop is one of them.
 ``depthwise_conv2d``: a depthwise conv2d (int8, float32) vectorized along NHWC channels.
 ``float_conv2d``: a float32 conv2d on a weight packed into output-channel blocks.
+``registry``: which fused kernels are built on these (by compute-block name), and their tiles.
 """
 from __future__ import annotations
 
 
-def hand_kernel_tiles(script: str) -> tuple[tuple[int, int], ...] | None:
-    """The register tiles `qcompile tune` measures for a fused kernel (its TVMScript) built
-    on one of these kernels, or None for any other kernel (MetaSchedule searches those)."""
-    from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
+def hand_kernel_tiles(func) -> tuple[tuple[int, int], ...] | None:
+    """The register tiles `qcompile tune` measures for a fused kernel (a PrimFunc or an
+    IRModule) built on one of these kernels, or None for any other kernel (MetaSchedule
+    searches those)."""
+    from qcompile.kernels.registry import hand_kernel_of
 
-    for kernel in (packed_conv2d, depthwise_conv2d, float_conv2d):
-        if kernel.ANCHOR in script:
-            return kernel.TILES
-    return None
+    kernel = hand_kernel_of(func)
+    return kernel.tiles if kernel else None

@@ -18,12 +18,14 @@ from collections.abc import Callable
 from tvm import s_tir, te, tirx
 
 from qcompile.kernels.packed_conv2d import PAD, ConvShape, has_block
+from qcompile.kernels.registry import HandKernel, register
 
 ANCHOR = "qc_depthwise_conv2d"
 
 # (P pixels, L channel lanes) register tiles that `qcompile tune` measures (the default is
 # `tile_for`'s): 32-bit accumulators, L=8 is one AVX2 register.
 TILES = ((4, 8), (7, 8), (2, 8), (4, 16), (8, 8), (14, 8))
+KERNEL = register(HandKernel("depthwise_conv2d", ANCHOR, TILES))
 
 
 def depthwise_func(shape: ConvShape, activation_dtype: str) -> tirx.PrimFunc:

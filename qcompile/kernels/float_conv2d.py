@@ -22,6 +22,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from qcompile.kernels.packed_conv2d import PAD, ConvShape, rows_outer, vectorize_pad
+from qcompile.kernels.registry import HandKernel, register
 
 ANCHOR = "conv2d_float_packed"
 LANES = 8  # output channels per block: one AVX2 register (two NEON registers)
@@ -29,6 +30,7 @@ LANES = 8  # output channels per block: one AVX2 register (two NEON registers)
 # (P, O) register tiles that `qcompile tune` measures (the default is `tile_for`'s); the
 # last four need 32 registers (AVX-512): on AVX2 they spill and lose to the others.
 TILES = ((4, 2), (2, 4), (7, 1), (4, 1), (2, 2), (14, 1), (8, 1), (1, 4), (4, 4), (7, 2), (7, 4), (8, 2))
+KERNEL = register(HandKernel("float_conv2d", ANCHOR, TILES))
 
 
 def vector_registers(target) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from qcompile.kernels.int8_dot import Int8Dot
+from qcompile.kernels.registry import HandKernel, register
 
 ANCHOR = "conv2d_int8_packed"
 PAD = "qc_pad"
@@ -121,6 +122,7 @@ def conv2d_func(shape: ConvShape, dot: Int8Dot) -> tirx.PrimFunc:
 # (P, O) register tiles that `qcompile tune` measures for each packed conv (the default is
 # `tile_for`'s); the fastest is committed as the kernel's record.
 TILES = ((4, 2), (2, 4), (2, 2), (8, 1), (7, 1), (7, 2), (14, 1), (4, 1))
+KERNEL = register(HandKernel("packed_conv2d", ANCHOR, TILES))
 
 
 def _folded_conv2d_func(shape: ConvShape, dot: Int8Dot, dims) -> tirx.PrimFunc:
