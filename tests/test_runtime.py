@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import skip_unless
 
 from qcompile.build import build
@@ -28,16 +29,23 @@ def loaded(artifact):
     return CompiledModel.load(artifact.library)
 
 
-def test_run_accepts_dict_list_and_array(loaded, tiny_input):
-    a = loaded.run({"x": tiny_input})["output0"]
-    b = loaded.run([tiny_input])["output0"]
-    c = loaded.run(tiny_input)["output0"]
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, c)
+def reference(net, x: np.ndarray) -> np.ndarray:
+    """The PyTorch module's output for ``x``."""
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
 
 
-def test_default_inputs_are_deterministic(loaded):
-    np.testing.assert_array_equal(loaded.run()["output0"], loaded.run()["output0"])
+def test_run_accepts_dict_list_and_array(loaded, tiny_net, tiny_input):
+    expected = reference(tiny_net, tiny_input)
+    for inputs in ({"x": tiny_input}, [tiny_input], tiny_input):
+        np.testing.assert_allclose(loaded.run(inputs)["output0"], expected, atol=1e-4, rtol=0)
+
+
+def test_default_inputs_are_seeded_standard_normal(loaded, tiny_net):
+    # Documented default: numpy's default_rng(0) standard normal, in the input's shape and dtype.
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")
+    np.testing.assert_array_equal(loaded.default_inputs()["x"], x)
+    np.testing.assert_allclose(loaded.run()["output0"], reference(tiny_net, x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -54,11 +62,28 @@ def test_bad_inputs(loaded, inputs, message):
         loaded.run(inputs)
 
 
-def test_benchmark_statistics(loaded):
-    stats = loaded.benchmark(repeat=7, warmup=1).to_json()
-    assert stats["repeat"] == 7 and stats["warmup"] == 1
-    assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
-    assert stats["throughput_per_s"] > 0
+def test_benchmark_statistics(loaded, tiny_net, tiny_input):
+    loaded.run(np.zeros_like(tiny_input))  # the timed runs must replace these outputs
+    result = loaded.benchmark(tiny_input, repeat=7, warmup=1, number=2)
+    # What the timed calls computed (the outputs the last of them left in the VM).
+    np.testing.assert_allclose(loaded._collect_outputs()["output0"], reference(tiny_net, tiny_input),
+                               atol=1e-4, rtol=0)
+    times = np.array(result.times_ms)
+    assert times.shape == (7,) and np.all(times > 0)
+    stats = result.to_json()
+    assert stats["repeat"] == 7 and stats["warmup"] == 1 and stats["number"] == 2
+    assert stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    assert stats["min_ms"] <= stats["mean_ms"] <= stats["max_ms"]
+    for key, value in (("min_ms", times.min()), ("max_ms", times.max()), ("median_ms", np.median(times)),
+                       ("mean_ms", times.mean()), ("std_ms", times.std())):
+        assert stats[key] == pytest.approx(value, abs=1e-4), key
+    assert stats["throughput_per_s"] == pytest.approx(1000.0 / np.median(times), rel=1e-4)  # batch 1
+
+
+def test_benchmark_refuses_bad_counts(loaded):
+    for kwargs in ({"repeat": 0}, {"number": 0}, {"warmup": -1}):
+        with pytest.raises(RuntimeInputError, match="repeat >= 1, number >= 1, warmup >= 0"):
+            loaded.benchmark(**kwargs)
 
 
 def test_modified_library_is_refused(artifact, tmp_path):
@@ -94,10 +119,14 @@ def test_foreign_architecture_is_refused(tmp_path, tiny_pt2):
         CompiledModel.load(arm.library)
 
 
-@pytest.mark.skipif("avx512f" in cpu_flags(), reason="this CPU runs AVX-512 code")
-def test_avx512_artifact_refused_on_cpu_without_it(tmp_path, tiny_pt2):
+def test_avx512_artifact_refused_on_cpu_without_it(tmp_path, tiny_pt2, monkeypatch):
+    from qcompile.target import hostcpu
+
     art = build(import_model(str(tiny_pt2)), resolve_target("x86-avx512"), tmp_path)
     assert "avx512f" in art.manifest.cpu_features
+    # This CPU as a VM that hides AVX-512 reports it (the same flags without avx512*).
+    hidden = {flag for flag in cpu_flags() if not flag.startswith("avx512")} or {"sse4_2", "avx2"}
+    monkeypatch.setattr(hostcpu, "cpu_flags", lambda *_: hidden)
     with pytest.raises(ArtifactError, match="uses avx512.*which this CPU lacks: rebuild with --target native"):
         CompiledModel.load(art.library)
 
@@ -112,15 +141,20 @@ sys.meta_path.insert(0, _Block())
 """
 
 
-def test_runtime_works_without_torch_or_onnx(artifact):
+def test_runtime_works_without_torch_or_onnx(artifact, tmp_path, tiny_net, tiny_input):
     # tvm_ffi imports torch opportunistically when it is installed; the runtime must not need it.
+    np.save(tmp_path / "x.npy", tiny_input)
     code = _BLOCK_FRAMEWORKS + (
+        "import numpy as np\n"
         "from qcompile.runtime import CompiledModel\n"
         f"m = CompiledModel.load({str(artifact.library)!r})\n"
-        "out = m.run()['output0']; stats = m.benchmark(repeat=2, warmup=0).to_json()\n"
+        f"out = m.run(np.load({str(tmp_path / 'x.npy')!r}))['output0']\n"
+        "stats = m.benchmark(repeat=2, warmup=0).to_json()\n"
         "assert 'torch' not in sys.modules\n"
-        "print(out.shape, stats['repeat'])\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
+        "print(stats['repeat'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "(1, 10) 2"
+    assert proc.stdout.strip().splitlines()[-1] == "2"
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference(tiny_net, tiny_input), atol=1e-4, rtol=0)
