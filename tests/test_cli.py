@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny model, and one-line errors with non-zero exits."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -43,18 +44,28 @@ def test_run_with_npz_inputs_and_outputs(cli, built, tmp_path, tiny_net, tiny_in
     assert [int(t.split(":")[0]) for t in result.out.split("batch 0: ")[1].split(", ")] == list(top3)
 
 
-def test_run_with_npy_for_single_input(cli, built, tmp_path, tiny_input):
+def _reference(net, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
+
+
+def test_run_with_npy_for_single_input(cli, built, tmp_path, tiny_net, tiny_input):
     np.save(tmp_path / "in.npy", tiny_input)
-    assert cli("run", built, "--inputs", tmp_path / "in.npy").code == 0
+    assert cli("run", built, "--inputs", tmp_path / "in.npy", "--outputs", tmp_path / "out.npz").code == 0
+    with np.load(tmp_path / "out.npz") as data:
+        np.testing.assert_allclose(data["output0"], _reference(tiny_net, tiny_input), atol=1e-4, rtol=0)
 
 
 def test_bench_json(cli, built):
-    result = cli("bench", built, "--repeat", "5", "--warmup", "1", "--json")
+    result = cli("bench", built, "--repeat", "5", "--warmup", "1", "--number", "2", "--json")
     assert result.code == 0, result.err
     stats = json.loads(result.out)
-    for key in ("median_ms", "p90_ms", "p99_ms", "mean_ms", "repeat"):
-        assert key in stats
-    assert stats["repeat"] == 5 and stats["median_ms"] > 0
+    assert (stats["repeat"], stats["warmup"], stats["number"]) == (5, 1, 2)
+    assert stats["library"] == str(built) and stats["target"] == "native" and stats["device"] == "local"
+    assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    assert stats["min_ms"] <= stats["mean_ms"] <= stats["max_ms"]
+    text = cli("bench", built, "--repeat", "3", "--warmup", "0")
+    assert text.code == 0 and "(native) on local: 3 runs after 0 warm-up" in text.out
 
 
 def test_info_prints_manifest(cli, built):
@@ -66,12 +77,67 @@ def test_info_prints_manifest(cli, built):
     assert "input:        x [1, 3, 32, 32] float32" in text.out and "quantization: none" in text.out
 
 
-def test_compare_against_pytorch(cli, built):
-    result = cli("compare", built, "--repeat", "2", "--atol", "1e-4", "--json")
+def test_compare_against_pytorch(cli, built, tmp_path, tiny_net, tiny_input):
+    np.save(tmp_path / "in.npy", tiny_input)
+    result = cli("compare", built, "--inputs", tmp_path / "in.npy", "--repeat", "2", "--atol", "1e-4", "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
-    assert report["reference"].startswith("PyTorch")
-    assert report["outputs"]["output0"]["max_abs_diff"] <= 1e-4
+    assert report["reference"] == f"PyTorch {torch.__version__}"
+    # The reported difference is the artifact's against the PyTorch module, computed here independently.
+    assert cli("run", built, "--inputs", tmp_path / "in.npy", "--outputs", tmp_path / "out.npz").code == 0
+    with np.load(tmp_path / "out.npz") as data:
+        ours = data["output0"]
+    expected = _reference(tiny_net, tiny_input)
+    entry = report["outputs"]["output0"]
+    assert entry["max_abs_diff"] == pytest.approx(float(np.abs(ours.astype(np.float64) - expected).max()), abs=1e-7)
+    assert entry["max_abs_diff"] <= 1e-4 and entry["shape"] == [1, 10]
+    assert entry["top1_agreement"] == float(ours.argmax(1)[0] == expected.argmax(1)[0])
+    assert report["latency_ms"]["qcompile"] > 0 and report["latency_ms"]["reference"] > 0
+
+
+def _state_dict_sha256(state: dict) -> str:
+    """sha256 over the state_dict's names and tensor bytes, in name order."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(state.items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_weights_reach_the_build(cli, tmp_path):
+    """``--weights`` for a torchvision name: the artifact computes the module loaded with them,
+    not the seeded default, and its manifest names and hashes them."""
+    import torchvision
+
+    name = "squeezenet1_1"  # the smallest torchvision classifier (1.2 M parameters)
+    torch.manual_seed(1)  # qcompile's default weights come from seed 0
+    torch.save(torchvision.models.get_model(name, weights=None).state_dict(), tmp_path / "w.pt")
+    weighted = torchvision.models.get_model(name, weights=None)
+    weighted.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    torch.manual_seed(0)
+    default = torchvision.models.get_model(name, weights=None)
+
+    result = cli("build", name, "--weights", tmp_path / "w.pt", "--input-shape", "x:1x3x64x64",
+                 "-o", tmp_path / "out", "--quiet")
+    assert result.code == 0, result.err
+    library = tmp_path / "out" / f"{name}.so"
+    manifest = json.loads(cli("info", library, "--json").out)
+    assert manifest["model"]["kind"] == "torchvision" and manifest["model"]["name"] == name
+    assert manifest["model"]["weights"] == str((tmp_path / "w.pt").resolve())
+    assert manifest["model"]["sha256"] == _state_dict_sha256(weighted.state_dict())
+    assert manifest["model"]["sha256"] != _state_dict_sha256(default.state_dict())
+
+    x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    assert cli("run", library, "--inputs", tmp_path / "x.npy", "--outputs", tmp_path / "y.npz").code == 0
+    with np.load(tmp_path / "y.npz") as data:
+        got = data["output0"]
+    want = _reference(weighted.eval(), x)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(got - _reference(default.eval(), x)).max() > 100 * np.abs(got - want).max() + 1e-3
+    # compare's reference loads the same weights.
+    compare = cli("compare", library, "--inputs", tmp_path / "x.npy", "--repeat", "1", "--atol", "1e-4")
+    assert compare.code == 0, compare.err
 
 
 def _one_line_error(result, code: int, *fragments: str) -> None:
