@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install qcompile with everything its tests and demo need.
+# Create .venv and install qcompile with everything its tests and demo need (the `test` and
+# `torch` extras: a plain `pip install qcompile` has no torch and imports ONNX models only).
 # Idempotent: re-running after a pyproject.toml change reinstalls; otherwise it is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "setup: installing qcompile and its dependencies into .venv (first time: several minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,torch]"
   echo "$want" > "$stamp"
 fi
 
