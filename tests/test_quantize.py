@@ -235,3 +235,27 @@ def test_kernels_do_not_depend_on_the_calibration(tiny_pt2):
                         if isinstance(f, tirx.PrimFunc)})
     assert any("quantize" in name for name in kernels[0].values())
     assert set(kernels[0]) == set(kernels[1]), [k[h] for k in kernels for h in set(k) - set(kernels[0]).intersection(kernels[1])]
+
+
+@pytest.mark.parametrize("last", ["conv_relu", "linear"])
+def test_onnx_model_ending_in_a_quantized_layer_builds_int8(cli, tmp_path, last):
+    """The last op is an observed layer: calibration must still see (and return) it."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    net = (nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()) if last == "conv_relu"
+           else nn.Sequential(nn.Flatten(), nn.Linear(64, 10))).eval()
+    path = tmp_path / f"{last}.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(path), input_names=["input"], output_names=["y"],
+                      dynamo=False)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((8, 1, 8, 8)).astype(np.float32))
+    result = cli("build", path, "--target", "x86-avx2", "--quantize", "int8", "--calib-data",
+                 tmp_path / "calib.npy", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    from qcompile.runtime import CompiledModel
+
+    x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    got = CompiledModel.load(tmp_path / "out" / f"{last}-int8.so").run({"input": x})["y"]
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -151,6 +151,9 @@ def _rebuild(func, rewrite: Rewrite, extra_outputs) -> tvm.IRModule:
                 em.vmap[var] = new
             out = em.subst(graph.producer.get(output_var, output_var))
             if extra_outputs is not None:
+                if isinstance(out, relax.Call):  # the last op may be observed: bind it so extras can name it
+                    out = em.emit(out, output_var.name)
+                    em.vmap[output_var] = out
                 fields = list(out.fields) if isinstance(out, relax.Tuple) else [out]
                 out = relax.Tuple(fields + list(extra_outputs(em)))
             result = bb.emit_output(out)
