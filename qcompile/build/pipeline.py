@@ -13,14 +13,19 @@ Code generation lowers the kernels with TVM's TIR pipeline plus two passes of ou
 :mod:`qcompile.passes.balance_parallel`: parallel loops balanced over the cores at run time).
 
 ``dump_ir`` writes the module after each phase (``01-inference.py`` ...) for debugging.
+After ``legalize`` every operator must have become a kernel call (:func:`check_lowered`):
+one TVM cannot lower for the target (or with these attributes) is reported by name there,
+not as a TVMScript dump from the VM code generator.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import tvm
 from tvm import relax
+
+from qcompile.errors import BuildError
 
 Phase = tuple[str, Callable[[tvm.target.Target], list]]
 
@@ -89,7 +94,104 @@ def run_phases(
             mod = tvm.transform.Sequential(make_passes(target), name=f"qcompile.{name}")(mod)
             if dump_ir is not None:
                 (dump_ir / f"{index:02d}-{name}.py").write_text(mod.script())
+            if name == "legalize":
+                check_lowered(mod, target)
     return mod
+
+
+# Relax operators that stay after legalization by design: calls into kernels and packed
+# functions, closures, and shape/memory/device bookkeeping that the lower phase
+# (LowerRuntimeBuiltin, VMShapeLower) turns into VM instructions.
+_STRUCTURAL_OPS = frozenset({
+    "relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad", "relax.call_dps_packed",
+    "relax.call_pure_packed", "relax.call_inplace_packed", "relax.call_builtin_with_ctx", "relax.null_value",
+    "relax.shape_of", "relax.tensor_to_shape", "relax.shape_to_tensor", "relax.reshape", "relax.make_closure",
+    "relax.invoke_closure", "relax.invoke_pure_closure", "relax.hint_on_device", "relax.to_vdevice",
+    "relax.wrap_param", "relax.print", "relax.assert_op",
+})
+_STRUCTURAL_PREFIXES = ("relax.builtin.", "relax.vm.", "relax.memory.")
+# Operator attributes by which the VM runs an operator itself (a packed function, a builtin).
+_RUNTIME_ATTRS = ("FCallPacked", "FLowerBuiltin")
+
+
+def _is_lowered_op(op: tvm.ir.Op) -> bool:
+    name = str(op.name)
+    if name in _STRUCTURAL_OPS or name.startswith(_STRUCTURAL_PREFIXES):
+        return True
+    return any(op.get_attr(attr) is not None for attr in _RUNTIME_ATTRS)
+
+
+def unlowered_calls(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
+    """``(variable name, call)`` of every operator call in ``mod``'s Relax functions that
+    legalization left as a high-level operator (the VM code generator cannot emit it)."""
+    found: list[tuple[str, relax.Call]] = []
+
+    @relax.expr_functor.visitor
+    class Finder(relax.PyExprVisitor):
+        def visit_var_binding_(self, binding) -> None:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and not _is_lowered_op(value.op):
+                found.append((str(binding.var.name), value))
+            self.visit_expr(value)
+
+    for _gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        attrs = func.attrs or {}
+        if "Codegen" in attrs or "Composite" in attrs:  # offloaded to an external codegen as a whole
+            continue
+        Finder().visit_expr(func)
+    return found
+
+
+def _describe_attrs(attrs: Any) -> str:
+    """``strides=[2, 2], data_layout=NHWC, ...`` for an operator's attributes (None ones left out)."""
+    info = getattr(type(attrs), "__tvm_ffi_type_info__", None) if attrs is not None else None
+    parts = []
+    for field in (info.fields if info is not None else []):
+        value = getattr(attrs, field.name, None)
+        if value is None:
+            continue
+        if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):  # tuples, tvm_ffi Arrays
+            value = "[" + ", ".join(str(v) for v in value) + "]"
+        parts.append(f"{field.name}={value}")
+    text = ", ".join(parts)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _describe_args(call: relax.Call) -> str:
+    """The tensor arguments as ``float32[1, 8, 8, 4]``."""
+    shapes = []
+    for arg in call.args:
+        info = getattr(arg, "ty", None)
+        shape = getattr(info, "shape", None)
+        if isinstance(info, relax.TensorType) and isinstance(shape, relax.ShapeExpr):
+            dims = [str(d.value) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in shape.values]
+            shapes.append(f"{info.dtype}[{', '.join(dims)}]")
+    return ", ".join(shapes)
+
+
+def check_lowered(mod: tvm.IRModule, target: tvm.target.Target) -> None:
+    """Raise BuildError naming the first operator legalization could not lower for ``target``
+    (with its attributes and the variable it is bound to), before code generation fails on it."""
+    calls = unlowered_calls(mod)
+    if not calls:
+        return
+    var, call = calls[0]
+    op = str(call.op.name)
+    attrs = _describe_attrs(call.attrs)
+    args = _describe_args(call)
+    details = "; ".join(part for part in (f"bound to {var}", args and f"inputs {args}", attrs) if part)
+    others = sorted({str(c.op.name) for _, c in calls[1:]} - {op})
+    layout = "layout=" in attrs
+    hint = ("TVM lowers it only in some layouts, and this one came from the model or from qcompile's layout "
+            "conversion (see --dump-ir); " if layout else "")
+    raise BuildError(
+        f"operator {op} ({details}) has no lowering for target {target.kind.name} with these attributes "
+        f"(TVM's legalization left it as is): {hint}change the model to avoid this form of the operator "
+        "(another layout or operator), or build for another target"
+        + (f"; also unlowered: {', '.join(others)}" if others else "")
+    )
 
 
 def with_tuning(passes: list) -> list[Phase]:
