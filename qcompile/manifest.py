@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 from qcompile.errors import ArtifactError
 from qcompile.model import TensorInfo
 
-FORMAT = "qcompile-manifest/1"
+FORMAT_NAME = "qcompile-manifest"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 
 
 def manifest_path(library: Path) -> Path:
@@ -60,8 +63,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Manifest":
-        if obj.get("format") != FORMAT:
-            raise ArtifactError(f"manifest format {obj.get('format')!r} is not {FORMAT!r}: rebuild the artifact")
+        check_format(obj.get("format"))
         return cls(
             model=obj["model"],
             inputs=[TensorInfo.from_json(t) for t in obj["inputs"]],
@@ -78,18 +80,53 @@ class Manifest:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
-def load_manifest(library: Path) -> Manifest:
-    """Read the manifest beside ``library``; a clear error when missing or corrupt."""
+def check_format(value: Any) -> None:
+    """Refuse a manifest this qcompile cannot read: not a qcompile manifest, or a newer format."""
+    match = re.fullmatch(rf"{re.escape(FORMAT_NAME)}/(\d+)", str(value))
+    if match is None:
+        raise ArtifactError(f"manifest format {value!r} is not {FORMAT!r}: rebuild the artifact")
+    version = int(match.group(1))
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"manifest written by a newer qcompile (format {version}, this one reads "
+                            f"{FORMAT_VERSION}): upgrade qcompile or rebuild the artifact with this one")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"manifest format {version} is older than this qcompile reads ({FORMAT_VERSION}): "
+                            "rebuild the artifact")
+
+
+def check_tvm_version(manifest: Manifest, library: Path) -> None:
+    """Refuse an artifact built with another TVM: its library calls the runtime that built
+    it, and TVM's runtime interfaces change between versions (a mismatch can crash)."""
+    built = manifest.versions.get("tvm")
+    if not built:
+        return
+    try:
+        import tvm
+    except ImportError:  # no TVM here: loading fails later, with its own message
+        return
+    if str(built) != tvm.__version__:
+        raise ArtifactError(f"{library} was built with TVM {built}, this machine's TVM runtime is {tvm.__version__}: "
+                            f"rebuild it with this TVM (`qcompile build`), or install TVM {built} to run it")
+
+
+def load_manifest(library: Path, check_versions: bool = True) -> Manifest:
+    """Read the manifest beside ``library``; a clear error when missing, corrupt, of a newer
+    format or (``check_versions``) built with another TVM version than the installed one."""
     path = manifest_path(library)
     if not path.is_file():
         raise ArtifactError(f"{library}: no manifest {path.name} beside it; rebuild with `qcompile build`")
     try:
         obj = json.loads(path.read_text())
-        return Manifest.from_json(obj)
-    except ArtifactError:
+        manifest = Manifest.from_json(obj)
+    except ArtifactError as exc:
+        if str(exc).startswith("manifest "):  # name the file the message is about
+            raise ArtifactError(f"{path}: {exc}") from exc
         raise
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"manifest {path} is corrupt ({exc}); rebuild with `qcompile build`") from exc
+    if check_versions:
+        check_tvm_version(manifest, library)
+    return manifest
 
 
 def verify_library(library: Path, manifest: Manifest) -> None:
