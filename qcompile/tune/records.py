@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import tvm
 
-from qcompile.errors import ConfigError
+from qcompile.errors import ConfigError, first_line
 from qcompile.target import TargetSpec
 
 # Records shipped with the package (read-only: an installed package may sit in site-packages).
@@ -84,14 +85,65 @@ def database_dir(target: TargetSpec, root: Path | None = None) -> Path:
     return (root or user_root()) / f"{safe}-{digest}" / f"tvm-{tvm.__version__}"
 
 
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+class UnreadableDatabase(Exception):
+    """A tuning database whose files TVM cannot parse (truncated, edited, another format).
+    ``file`` is the file at fault (the folder when it cannot be told)."""
+
+    def __init__(self, file: Path, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+def locate_damage(path: Path) -> tuple[Path, str] | None:
+    """The first file and line of the database in ``path`` that is not a JSON array (what a
+    truncated write or an edit leaves), as ``(file, reason)``; None when every line parses."""
+    for name in DATABASE_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            with open(file, encoding="utf-8") as fh:
+                for number, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        if not isinstance(json.loads(line), list):
+                            return file, f"line {number} is not a record"
+                    except json.JSONDecodeError as exc:
+                        if not line.endswith("\n"):  # the last line, and incomplete
+                            return file, f"line {number} is cut short ({exc.msg}): an interrupted write?"
+                        return file, f"line {number}, column {exc.colno}: {exc.msg}"
+        except (OSError, UnicodeDecodeError) as exc:
+            return file, str(exc)
+    return None
+
+
 def open_database(path: Path):
+    """MetaSchedule's JSONDatabase in ``path`` (created if missing); raises
+    :class:`UnreadableDatabase` naming the damaged file when its records cannot be parsed."""
     from tvm.s_tir import meta_schedule as ms
 
     # Records of tensorized kernels name qcompile's intrinsics: they must be registered
     # before the database parses its traces.
     from qcompile.kernels import int8_dot  # noqa: F401
     path.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    try:
+        return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    except Exception as exc:  # TVM parses every line at once and reports no file: find it
+        damage = locate_damage(path)
+        if damage is None:
+            raise UnreadableDatabase(path, first_line(exc)) from exc
+        file, reason = damage
+        raise UnreadableDatabase(file, reason) from exc
+
+
+def _warn_unreadable(what: str, reason: str) -> None:
+    print(f"warning: tuning records in {what} are unreadable ({reason}); building without them "
+          "(re-tune, or move the file aside)", file=sys.stderr)
 
 
 def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -> list:
@@ -100,7 +152,12 @@ def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -
     if path is None:
         report.update({"database": None, "hits": 0, "misses": None})
         return []
-    database = open_database(path)
+    try:
+        database = open_database(path)
+    except UnreadableDatabase as exc:  # records only make kernels faster: build without them
+        _warn_unreadable(str(exc.file), exc.reason)
+        report.update({"database": None, "hits": 0, "misses": None, "unreadable": str(exc.file)})
+        return []
 
     @tvm.transform.module_pass(opt_level=0, name="QcompileApplyTuningRecords")
     def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -108,15 +165,21 @@ def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -
 
         target_obj = tvm.target.Target.current()
         hits = misses = 0
-        for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            # Workloads are keyed with global_symbol "main", as MetaSchedule extracted them.
-            probe = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-            found = database.query_schedule(probe, target_obj, workload_name="main")
-            hits, misses = (hits + 1, misses) if found is not None else (hits, misses + 1)
+        try:
+            for gv, func in mod.functions.items():
+                if not isinstance(func, tirx.PrimFunc):
+                    continue
+                # Workloads are keyed with global_symbol "main", as MetaSchedule extracted them.
+                probe = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+                found = database.query_schedule(probe, target_obj, workload_name="main")
+                hits, misses = (hits + 1, misses) if found is not None else (hits, misses + 1)
+            with target_obj, database:
+                applied = relax.transform.MetaScheduleApplyDatabase()(mod)
+        except Exception as exc:  # noqa: BLE001 -- a record whose trace no longer replays
+            _warn_unreadable(str(path), f"replaying them failed: {first_line(exc)}")
+            report.update({"database": None, "hits": 0, "misses": None, "unreadable": str(path)})
+            return mod
         report.update({"database": str(path), "hits": hits, "misses": misses})
-        with target_obj, database:
-            return relax.transform.MetaScheduleApplyDatabase()(mod)
+        return applied
 
     return [apply]
