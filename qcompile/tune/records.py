@@ -183,3 +183,71 @@ def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -
         return applied
 
     return [apply]
+
+
+def extract_tasks(model, target: TargetSpec) -> list:
+    """The kernels a build of ``model`` (an ImportedModel) for ``target`` looks up in the
+    records: MetaSchedule's tasks from the fused TIR of the build's legalize phase, where
+    ``qcompile tune`` extracts them and the build applies the records."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.build.pipeline import phases_through, run_phases
+
+    tvm_target = target.to_tvm()
+    mod = run_phases(model.mod, tvm_target, phases=phases_through("legalize"))
+    return ms.relax_integration.extract_tasks(mod, tvm_target)
+
+
+def compact_workloads(file: Path) -> None:
+    """Rewrite a ``database_workload.json`` with each workload's IR JSON unindented.
+
+    Each line is ``[structural hash, base64(8-byte little-endian length + IR JSON)]``; TVM
+    writes that JSON indented (most of the file is spaces).  Whitespace changes neither the
+    IR it loads nor the hash records are matched by."""
+    import base64
+    import struct
+
+    lines = []
+    for line in file.read_text().splitlines():
+        key, blob = json.loads(line)
+        raw = base64.b64decode(blob)
+        (size,) = struct.unpack("<Q", raw[:8])
+        ir = json.dumps(json.loads(raw[8:8 + size]), separators=(",", ":")).encode()
+        lines.append(json.dumps([key, base64.b64encode(struct.pack("<Q", len(ir)) + ir).decode()]))
+    file.write_text("\n".join(lines) + "\n")
+
+
+def rewrite_database(path: Path, records) -> int:
+    """Replace the database in ``path`` by ``records`` (TuningRecords, read before the files
+    are replaced), its workload file compacted; returns how many were written."""
+    import shutil
+    import tempfile
+
+    from tvm.s_tir import meta_schedule as ms
+
+    records = list(records)
+    with tempfile.TemporaryDirectory() as tmp:
+        new = open_database(Path(tmp))
+        for record in records:
+            new.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, new.commit_workload(record.workload.mod), record.run_secs, record.target,
+                record.args_info))
+        compact_workloads(Path(tmp) / DATABASE_FILES[0])
+        for name in DATABASE_FILES:
+            shutil.copyfile(Path(tmp) / name, path / name)
+    return len(records)
+
+
+def prune(path: Path, workloads, top: int = 3, extra_records=()) -> tuple[int, int]:
+    """Rewrite the database in ``path`` to hold ``extra_records`` and the ``top`` fastest
+    successful records of each of ``workloads`` (IRModules, e.g. the ``dispatched[0]`` of
+    :func:`extract_tasks`' tasks); records of any other workload are dropped.  Returns
+    ``(records kept from the database, records it held before)``."""
+    database = open_database(path)
+    before = len(database)
+    kept = []
+    for mod in workloads:
+        if database.has_workload(mod):
+            kept.extend(database.get_top_k(database.commit_workload(mod), top))
+    rewrite_database(path, list(extra_records) + kept)
+    return len(kept), before
