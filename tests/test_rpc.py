@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from qcompile.build import build
 from qcompile.errors import RpcError
@@ -41,16 +42,20 @@ def _group_gone(pgid: int) -> bool:
     return False
 
 
-def test_remote_run_matches_local(artifact, server, tiny_input):
+def test_remote_run_matches_local_and_pytorch(artifact, server, tiny_net, tiny_input):
     local = CompiledModel.load(artifact.library).run(tiny_input)
     remote_model = CompiledModel.load(artifact.library, rpc=RpcEndpoint(server.address))
     assert remote_model.remote == f"RPC server 127.0.0.1:{server.address[1]}"
     remote = remote_model.run(tiny_input)
-    assert remote.keys() == local.keys()
-    for name in local:
-        np.testing.assert_array_equal(remote[name], local[name])
-    stats = remote_model.benchmark(tiny_input, repeat=3, warmup=1).to_json()
-    assert stats["repeat"] == 3 and stats["median_ms"] > 0
+    assert remote.keys() == local.keys() == {"output0"}
+    np.testing.assert_array_equal(remote["output0"], local["output0"])  # same library, same CPU
+    with torch.no_grad():
+        expected = tiny_net(torch.from_numpy(tiny_input)).numpy()
+    np.testing.assert_allclose(remote["output0"], expected, atol=1e-4, rtol=0)
+    result = remote_model.benchmark(tiny_input, repeat=3, warmup=1)
+    stats = result.to_json()
+    assert len(result.times_ms) == 3 and stats["repeat"] == 3 and stats["warmup"] == 1
+    assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
 
 
 def test_cli_bench_and_run_over_rpc(cli, artifact, server, tmp_path, tiny_input):
