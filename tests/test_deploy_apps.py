@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import skip_unless
 
 from qcompile.build import build
@@ -36,12 +37,17 @@ def _top_lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def expected(artifact, input_npy):
+def expected(artifact, input_npy, tiny_net, tiny_input):
+    """`qcompile run --print-top 5`'s line, whose classes are PyTorch's top 5 for the input."""
     exe = Path(sys.executable).with_name("qcompile")
     out = subprocess.run([str(exe), "run", str(artifact.library), "--inputs", str(input_npy), "--print-top", "5"],
                          capture_output=True, text=True, check=True).stdout
     lines = _top_lines(out)
     assert len(lines) == 1 and lines[0].count(":") == 6  # "batch 0: i:s, ... (5 pairs)"
+    with torch.no_grad():
+        logits = tiny_net(torch.from_numpy(tiny_input)).numpy()[0]
+    classes = [int(pair.split(":")[0]) for pair in lines[0].split("batch 0: ")[1].split(", ")]
+    assert classes == np.argsort(-logits)[:5].tolist()
     return lines
 
 
