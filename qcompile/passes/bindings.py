@@ -149,7 +149,11 @@ def _rebuild(func, rewrite: Rewrite, extra_outputs) -> tvm.IRModule:
                 elif not isinstance(new, relax.Var) and const_value(new) is None:
                     new = em.emit(new, var.name)  # constants are substituted, not bound
                 em.vmap[var] = new
-            out = em.subst(graph.producer.get(output_var, output_var))
+            # The output's binding goes through ``rewrite`` too (a rewrite may target the last
+            # op), but is returned rather than bound here: emit_output binds it.
+            value = graph.producer.get(output_var)
+            new = rewrite(em, output_var, value) if isinstance(value, relax.Call) else None
+            out = new if new is not None else em.subst(value if value is not None else output_var)
             if extra_outputs is not None:
                 if isinstance(out, relax.Call):  # the last op may be observed: bind it so extras can name it
                     out = em.emit(out, output_var.name)
