@@ -23,7 +23,9 @@ def reference_runner(manifest: Manifest, threads: int | None = None) -> tuple[st
     out_names = [o.name for o in manifest.outputs]
     in_names = [i.name for i in manifest.inputs]
     if kind in ("torchvision", "pt2"):
-        import torch
+        from qcompile.frontend.from_torch import _import_torch
+
+        torch, _ = _import_torch()  # without torch: a one-line error naming the extra (exit 7)
 
         if threads:
             torch.set_num_threads(threads)
