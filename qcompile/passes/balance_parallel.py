@@ -2,9 +2,9 @@
 
 TVM lowers ``for i in parallel(N)`` to one contiguous chunk of ``i`` per thread, fixed at
 launch, so a kernel lasts as long as its slowest thread.  Cores do not run at one speed:
-on the 2-vCPU VM this project is built on, each vCPU's single-thread speed moved by 10-15%
-from one 0.4-s window to the next, independently of the other, and ONNX Runtime (whose
-thread pool hands out work dynamically) slowed down less than qcompile in those phases.
+on shared 2-vCPU VMs each vCPU's single-thread speed can move by 10-15% from one 0.4-s
+window to the next, independently of the other; a thread pool that hands out work
+dynamically (ONNX Runtime's) loses less in those phases than a static split.
 
 This TIR pass (run after TVM's lowering, on CPU targets) keeps TVM's split -- each thread
 still runs its chunk in order, so each core reads the rows or weights the schedule meant it
