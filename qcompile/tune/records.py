@@ -166,7 +166,7 @@ def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -
         target_obj = tvm.target.Target.current()
         hits = misses = 0
         try:
-            for gv, func in mod.functions.items():
+            for func in mod.functions.values():
                 if not isinstance(func, tirx.PrimFunc):
                     continue
                 # Workloads are keyed with global_symbol "main", as MetaSchedule extracted them.

@@ -16,13 +16,17 @@ from pathlib import Path
 from qcompile.errors import ConfigError, TuningError
 from qcompile.model import ImportedModel
 from qcompile.target import TargetSpec
-from qcompile.tune.records import open_database, writable_database
+from qcompile.tune.records import UnreadableDatabase, open_database, writable_database
 from qcompile.tune.seeding import seed_default_schedules
 from qcompile.tune.workers import (
     build_candidate,
+    check_interrupted,
+    close_runner,
     export_candidate,
+    interruptible,
     pooled_builder,
     rpc_runner,
+    scratch_tempdir,
 )
 
 
@@ -39,6 +43,7 @@ def _progress_callback(say: Callable[[str], None], total: int):
             self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            check_interrupted()  # after each batch: a Ctrl-C that landed where Python drops it
             self.done += len(runner_results)
             times = [sum(r.run_secs) / len(r.run_secs) for r in runner_results
                      if r.error_msg is None and r.run_secs]
@@ -121,36 +126,76 @@ def tune_tasks(
     schedule with MetaSchedule and its XGBoost cost model.  ``database_path`` overrides
     the target's folder under ``root`` (a copy of the logs tuned on another machine);
     ``task_scheduler="round-robin"`` commits each task's records as its batch is measured
-    (the gradient scheduler joins none before every task had its first batch)."""
-    import functools
+    (the gradient scheduler joins none before every task had its first batch).
 
-    from tvm.s_tir import meta_schedule as ms
-
-    from qcompile.kernels import hand_kernel_tiles
-
+    Ctrl-C raises KeyboardInterrupt("N records kept in DB, re-run to resume") after the
+    worker processes are stopped and the candidates' temporary folders removed."""
     if trials < 1:
         raise ConfigError(f"--trials: expected at least 1, but got {trials}")
     say = progress or (lambda _m: None)
     tvm_target = target.to_tvm()
     path = database_path or writable_database(target, root)
     say(f"{len(tasks)} tuning tasks; {trials} trials; records in {path}")
-    database = open_database(path)
-    runner = rpc_runner(rpc) if rpc is not None else "local"  # an unreachable board fails here, clearly
-    _detach_unnamed_metaschedule_handlers()
+    try:
+        try:
+            database = open_database(path)
+        except UnreadableDatabase as exc:  # appending to it would bury the damage
+            raise TuningError(f"tuning records in {exc.file} are unreadable ({exc.reason}): move {path} aside "
+                              "(or delete the damaged line) and re-run") from exc
+        runner = rpc_runner(rpc) if rpc is not None else "local"  # an unreachable board fails here, clearly
+        _detach_unnamed_metaschedule_handlers()
+        # Candidates are built into temporary folders: all of them go with this one.
+        with interruptible(), scratch_tempdir():
+            searched = _seed_and_search(tasks, target, tvm_target, trials, max_trials_per_task, database, path,
+                                        runner, rpc, say, task_scheduler)
+    except KeyboardInterrupt as exc:
+        # Every measurement is committed to the database as it is made: they stay, and a
+        # re-run skips the kernels already seeded and continues the search from them.
+        raise KeyboardInterrupt(f"{count_records(path)} records kept in {path}, re-run to resume") from exc
+    return TuneResult(path, len(tasks), searched, len(database))
+
+
+def count_records(path: Path) -> int:
+    """Records in the database folder ``path`` (its file's lines: no parsing)."""
+    try:
+        with open(path / "database_tuning_record.json", "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """A KeyboardInterrupt raised in a Python callback that MetaSchedule's C++ code wrapped."""
+    return "KeyboardInterrupt" in f"{type(exc).__name__}: {exc}".splitlines()[0] or \
+        isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt)
+
+
+def _seed_and_search(tasks: list, target: TargetSpec, tvm_target, trials: int, max_trials_per_task: int | None,
+                     database, path: Path, runner, rpc, say: Callable[[str], None], task_scheduler: str) -> int:
+    """Seed, then search the searchable kernels; returns the trials searched (0: none to search)."""
+    import functools
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.kernels import hand_kernel_tiles
+
     if rpc is None:  # the default schedule is the baseline every tuned kernel must beat
         seeded = seed_default_schedules(tasks, tvm_target, database, say=say)
         say(f"{seeded} kernels seeded with the default schedule's measurement")
     # qcompile's own conv kernels (qcompile.kernels) keep their hand schedule, measured
     # by the seeding above: MetaSchedule's generic rules cannot tensorize the packed convs
     # and would spend the trials on slower, untensorized variants.
-    searchable = [t for t in tasks if hand_kernel_tiles(t.dispatched[0].script()) is None]
+    searchable = [t for t in tasks if hand_kernel_tiles(t.dispatched[0]) is None]
     if len(searchable) < len(tasks):
         say(f"{len(tasks) - len(searchable)} conv kernels keep their hand schedule (best register tile)")
     if not searchable:
-        return TuneResult(path, len(tasks), 0, len(database))
+        return 0
     builder = pooled_builder(build_candidate, f_export=(
         functools.partial(export_candidate, target.cross_compiler) if rpc is not None else None))
+    own_runner = isinstance(runner, str)  # "local"
     try:
+        if own_runner:  # made here (not by MetaSchedule from "local") to be shut down below
+            runner = ms.runner.LocalRunner()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             extracted_tasks=searchable, work_dir=str(path / "work"))
         ms.tune.tune_tasks(
@@ -161,7 +206,11 @@ def tune_tasks(
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(say, trials)],
         )
     except Exception as exc:
+        if _is_interrupt(exc):
+            raise KeyboardInterrupt(str(exc)) from exc
         raise TuningError(str(exc)) from exc
     finally:
         builder.close()
-    return TuneResult(path, len(tasks), trials, len(database))
+        if own_runner and not isinstance(runner, str):
+            close_runner(runner)
+    return trials

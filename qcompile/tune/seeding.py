@@ -7,7 +7,13 @@ from collections.abc import Callable
 import numpy as np
 import tvm
 
-from qcompile.tune.workers import build_candidate, pooled_builder
+from qcompile.tune.workers import (
+    build_candidate,
+    check_interrupted,
+    close_runner,
+    pooled_builder,
+    remove_artifact,
+)
 
 
 def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=None,
@@ -26,10 +32,14 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
     from tvm.s_tir import meta_schedule as ms
 
     builder = pooled_builder(build_candidate)
+    own_runner = runner is None
     try:
-        return _seed(tasks, target, database, builder, runner or ms.runner.LocalRunner(), say, rounds)
+        runner = runner or ms.runner.LocalRunner()
+        return _seed(tasks, target, database, builder, runner, say, rounds)
     finally:
         builder.close()
+        if own_runner and runner is not None:
+            close_runner(runner)
 
 
 def _seed(tasks, target: tvm.target.Target, database, builder, runner, say, rounds: int) -> int:
@@ -47,7 +57,11 @@ def _seed(tasks, target: tvm.target.Target, database, builder, runner, say, roun
         args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
         candidates = [(s, ms.runner.RunnerInput(b.artifact_path, device, args_info))
                       for s, b in zip(schedules, built) if not b.error_msg]
-        secs = _measure_interleaved(runner, [c[1] for c in candidates], rounds if len(candidates) > 1 else 1)
+        try:
+            secs = _measure_interleaved(runner, [c[1] for c in candidates], rounds if len(candidates) > 1 else 1)
+        finally:  # measured (or interrupted): the built libraries are not needed again
+            for result in built:
+                remove_artifact(result.artifact_path)
         timed = [(s, t) for (s, _), t in zip(candidates, secs) if t]
         if not timed:
             continue
@@ -71,7 +85,7 @@ def seed_candidates(mod: tvm.IRModule, target: tvm.target.Target) -> list:
     from qcompile.build.schedules import ConvMatmulCPU
     from qcompile.kernels import hand_kernel_tiles
 
-    tiles = hand_kernel_tiles(mod.script())
+    tiles = hand_kernel_tiles(mod)
     schedules = [s for s in (ConvMatmulCPU(tile).apply(mod["main"], target, False) for tile in (None,) + (tiles or ()))
                  if s is not None]
     return schedules or [default_lowering(mod["main"])]
@@ -126,6 +140,7 @@ def _measure_interleaved(runner, inputs: list, rounds: int) -> list[list[float]]
     A failed measurement leaves that input's list short (empty if it never ran)."""
     secs: list[list[float]] = [[] for _ in inputs]
     for index in range(rounds):
+        check_interrupted()
         order = [(index + k) % len(inputs) for k in range(len(inputs))] if inputs else []
         results = [r.result() for r in runner.run([inputs[i] for i in order])] if order else []
         for i, result in zip(order, results):

@@ -2,7 +2,14 @@
 long-lived worker pool, exported for and measured on a board over RPC."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import tvm
 
@@ -51,6 +58,7 @@ def pooled_builder(f_build=None, f_export=None, timeout_sec: float = 120.0,
             self.batches = 0
 
         def build(self, build_inputs: list) -> list:
+            check_interrupted()
             if self.pool is None or self.batches >= restart_every:
                 if self.pool is not None:
                     self.pool.shutdown()
@@ -71,12 +79,95 @@ def pooled_builder(f_build=None, f_export=None, timeout_sec: float = 120.0,
             return results
 
         def close(self) -> None:
-            """Stop the worker processes (they would otherwise wait for garbage collection)."""
+            """Stop the worker processes (they would otherwise wait for garbage collection).
+            Builds still queued are dropped first: after Ctrl-C, shutting down would
+            otherwise start a worker for each and build it."""
             if self.pool is not None:
+                queue = getattr(self.pool, "_threadpool", None)
+                if queue is not None:
+                    queue.shutdown(wait=False, cancel_futures=True)
                 self.pool.shutdown()
                 self.pool = None
 
     return PooledBuilder()
+
+
+@contextlib.contextmanager
+def scratch_tempdir(prefix: str = "qcompile-tune-") -> Iterator[Path]:
+    """Point ``tempfile`` and ``TMPDIR`` at a fresh folder while tuning, and remove it after.
+
+    Candidates are built into temporary folders (MetaSchedule's export, :func:`export_candidate`)
+    by worker processes, which inherit ``TMPDIR``; those a run measures are removed after it,
+    but an interrupted batch or a failed run leaves its own behind.  Removing the folder
+    removes all of them.  Worker pools must be started inside and shut down before the end."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = folder
+    tempfile.tempdir = folder
+    try:
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def close_runner(runner) -> None:
+    """Stop a LocalRunner's worker process now: left to garbage collection, its pool may be
+    collected on one of its own threads and fail to join it."""
+    pool = getattr(runner, "pool", None)
+    if pool is not None:
+        pool.shutdown()
+
+
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Make Ctrl-C stop tuning reliably.
+
+    Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives; in a
+    ``__del__`` or weakref callback (torch's, during garbage collection) it is printed and
+    dropped, and tuning went on.  Here SIGINT also sets a flag that
+    :func:`check_interrupted` (called between batches and measurements) raises again.  And a
+    KeyboardInterrupt inside a MetaSchedule callback reaches the caller as one (tvm_ffi
+    returns an error of an unregistered kind as a bare RuntimeError)."""
+    import tvm_ffi
+
+    tvm_ffi.error.register_error("KeyboardInterrupt", KeyboardInterrupt)
+    # Only where Ctrl-C raises KeyboardInterrupt anyway: not if SIGINT is ignored or handled.
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def on_sigint(signum, frame) -> None:
+        _INTERRUPTED.set()
+        signal.default_int_handler(signum, frame)
+
+    _INTERRUPTED.clear()
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _INTERRUPTED.clear()
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed inside :func:`interruptible`."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
+def remove_artifact(artifact_path: str | None) -> None:
+    """Remove a built candidate and the temporary folder it was built in."""
+    if artifact_path:
+        shutil.rmtree(os.path.dirname(artifact_path), ignore_errors=True)
 
 
 def export_candidate(cross_compiler: str | None, mod) -> str:
