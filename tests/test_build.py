@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import skip_unless
+from torch import nn
 
 from qcompile.build import build
 from qcompile.errors import BuildError
@@ -159,3 +160,27 @@ def test_untuned_conv_and_matmul_get_a_default_schedule(tmp_path, tiny_pt2, tiny
     with torch.no_grad():
         ref = tiny_net(torch.from_numpy(tiny_input)).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+class SplitHead(nn.Module):
+    """Channel split + ReLU6 + concat, as ShuffleNet's blocks and YOLO-style heads have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.chunk(self.conv(x), 2, dim=1)
+        return torch.cat([a, nn.functional.relu6(self.branch(b))], dim=1)
+
+
+def test_split_and_relu6_build_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    net = SplitHead().eval()
+    x = torch.randn(1, 3, 16, 16)
+    path = tmp_path / "split.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(path))
+    artifact = build(import_model(str(path)), resolve_target("x86-avx2"), tmp_path / "out", tuning_logs=False)
+    got = CompiledModel.load(artifact.library).run(x.numpy())["output0"]
+    np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-4, atol=1e-4)

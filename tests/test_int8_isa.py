@@ -14,6 +14,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import skip_unless
 
 from qcompile.build import build
 from qcompile.frontend import import_model
@@ -36,8 +37,8 @@ def _quantized(tiny_pt2, symmetric: bool, preset: str):
 
 
 def _mnemonics(objdump: str, library) -> Counter:
-    if shutil.which(objdump) is None:
-        pytest.skip(f"{objdump} is not installed (scripts/setup.sh installs binutils for aarch64)")
+    skip_unless(shutil.which(objdump) is not None, "cross",
+                f"{objdump} is not installed (scripts/setup.sh installs binutils for aarch64)")
     text = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
     return Counter(m.group(1) for m in re.finditer(r"^\s+[0-9a-f]+:\s+(?:[0-9a-f]{2,8} )+\s*([a-z0-9.]+)", text, re.MULTILINE))
 

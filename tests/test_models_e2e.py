@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import skip_unless
 
 from qcompile.frontend.from_torch import torchvision_module
 from qcompile.target.hostcpu import cpu_flags
@@ -54,8 +55,8 @@ def test_resnet18_x86_avx512_preset_matches_pytorch(cli, tmp_path):
     assert np.max(np.abs(outputs["output0"] - expected)) <= 1e-4
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross-compiler")
 def test_resnet18_cross_compiled_for_cortex_a72(cli, tmp_path):
+    skip_unless(shutil.which("aarch64-linux-gnu-g++") is not None, "cross", "no aarch64 cross-compiler")
     result = cli("build", "resnet18", "--target", "llvm", "-mcpu=cortex-a72", "-o", tmp_path, "--quiet")
     assert result.code == 0, result.err
     described = subprocess.run(["file", str(tmp_path / "resnet18.so")], capture_output=True, text=True).stdout

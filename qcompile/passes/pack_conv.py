@@ -120,8 +120,10 @@ def _clip_as_min_max(mod: tvm.IRModule) -> tvm.IRModule:
     transposes in a 17 ms run); elementwise binary ops follow the layout and still fuse."""
 
     def rewrite(em, var, value):
+        if op_name(value) != "relax.clip":  # also a Tuple / TupleGetItem binding, which has no args
+            return None
         bounds = [getattr(a, "value", None) for a in value.args[1:]]  # FloatImm / IntImm in TVM 0.27
-        if op_name(value) != "relax.clip" or not all(isinstance(b, (int, float)) for b in bounds):
+        if not all(isinstance(b, (int, float)) for b in bounds):
             return None
         dtype = dtype_of(value.args[0])
         lo, hi = (relax.const(np.array(b, dtype)) for b in bounds)
