@@ -39,6 +39,7 @@ def _inference_passes(target: tvm.target.Target) -> list:
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         FoldChannelAffine,
+        relax.transform.CanonicalizeBindings(),  # the alias a rewritten last op leaves (gv1 = gv)
         relax.transform.FoldConstant(),
     ]
 
@@ -134,7 +135,7 @@ def unlowered_calls(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
                 found.append((str(binding.var.name), value))
             self.visit_expr(value)
 
-    for _gv, func in mod.functions.items():
+    for func in mod.functions.values():
         if not isinstance(func, relax.Function):
             continue
         attrs = func.attrs or {}
