@@ -30,7 +30,8 @@ import numpy as np
 
 def model_tasks(name: str, target, quantize: bool) -> list:
     """The tuning tasks of torchvision model ``name`` (int8 when ``quantize``) for ``target``."""
-    from qcompile.api import import_model, quantize as quantize_model
+    from qcompile.api import import_model
+    from qcompile.api import quantize as quantize_model
     from qcompile.quantize import Int8Config
     from qcompile.tune.records import extract_tasks
 

@@ -14,8 +14,10 @@ from qcompile.errors import ConfigError
 
 
 def test_import_qcompile_loads_neither_tvm_nor_torch():
-    """The API's names load on first use (an installed runtime without torch is tested in test_wheel)."""
-    code = "import sys, qcompile; print('tvm' in sys.modules, 'torch' in sys.modules)"
+    """The API's names, the CLI's parser and the configs load without TVM or torch (an installed
+    runtime without torch is tested in test_wheel)."""
+    code = ("import sys, qcompile, qcompile.cli.main; qcompile.Int8Config(calibration='mse'); "
+            "print('tvm' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

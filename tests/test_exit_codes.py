@@ -10,7 +10,12 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from qcompile.errors import CalibrationError, MismatchError, MissingDependencyError, TuningError
+from qcompile.errors import (
+    CalibrationError,
+    MismatchError,
+    MissingDependencyError,
+    TuningError,
+)
 
 
 def _exits_with(result, code: int, *fragments: str) -> None:

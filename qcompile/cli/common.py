@@ -13,6 +13,7 @@ import numpy as np
 
 from qcompile.errors import ConfigError, RuntimeInputError
 from qcompile.model import TensorInfo, read_arrays
+from qcompile.quantize.config import CALIBRATION_METHODS
 
 
 class Progress:
@@ -68,7 +69,6 @@ def rpc_endpoint(args):
 _FLAGS = {"calibration": "--calib-method", "percentile": "--percentile", "weights": "--per-tensor",
           "activation_symmetric": "--symmetric", "num_samples": "--calib-samples", "keep_float": "--keep-float",
           "reduce_range": "--reduce-range"}
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")  # qcompile.Calibration's values
 
 
 def add_model_options(p) -> None:

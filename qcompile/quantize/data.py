@@ -1,9 +1,9 @@
 """Calibration data: .npz/.npy arrays or a folder of images, streamed sample by sample."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 

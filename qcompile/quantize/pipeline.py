@@ -1,0 +1,94 @@
+"""The quantization stage's steps over a whole model: QDQ form after calibration, then
+realize (integer kernels), for a float model or a pre-quantized import."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from typing import Callable, Iterable
+
+import numpy as np
+import tvm
+
+from qcompile.build.pipeline import phases_through, run_phases
+from qcompile.errors import ConfigError
+from qcompile.model import ImportedModel
+from qcompile.quantize.canonicalize import canonicalize_qdq
+from qcompile.quantize.config import Int8Config, QuantizationInfo
+from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
+from qcompile.quantize.realize import realize
+
+
+def to_qdq(
+    model: ImportedModel,
+    batches: Iterable[dict[str, np.ndarray]],
+    config: Int8Config,
+    target: tvm.target.Target,
+    progress: Callable[[str], None] | None = None,
+):
+    """The float model in QDQ form after calibration: (module, plan, qparams)."""
+    mod = run_phases(model.mod, target, phases=phases_through("inference"))  # fold batch-norm before calibrating
+    plan = annotate(mod["main"], config)
+    ranges = calibrate(mod, plan, batches, config, target, progress)
+    main, qparams, _ = emit_qdq(mod["main"], plan, ranges, config)
+    from qcompile.passes.bindings import with_main
+
+    return with_main(mod, main), plan, qparams
+
+
+def quantize_model(
+    model: ImportedModel,
+    batches: Iterable[dict[str, np.ndarray]],
+    config: Int8Config,
+    target: tvm.target.Target,
+    progress: Callable[[str], None] | None = None,
+) -> ImportedModel:
+    """Calibrate, emit QDQ and realize: the integer model, carrying its :class:`QuantizationInfo`.
+
+    ``target`` is the build's: it decides ``reduce_range`` where the config leaves it open.
+    Calibration runs the float model here, compiled for this machine (a cross-compiled or GPU
+    target cannot run here, and an x86 target with features this CPU lacks would fault)."""
+    from qcompile.target import resolve_target
+
+    if model.is_quantized:
+        raise ConfigError(f"model {model.source.name} is already quantized ({model.quantization.source}); "
+                          "quantize the float model")
+    say = progress or (lambda _m: None)
+    config = config.for_target(target)
+    qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
+    say(f"realizing {len(plan.regions)} quantized layers ...")
+    int_mod, report = realize(qdq_mod)
+    info = QuantizationInfo(
+        source="qcompile-ptq",
+        config=config,
+        activation_dtype=config.activation_dtype,
+        weight_range=(-config.weight_qmax, config.weight_qmax),
+        layers=tuple(report.layers),
+        float_layers=tuple(plan.kept_float),
+        float_ops=dict(plan.skipped),
+    )
+    return replace(model, mod=int_mod, quantization=info)
+
+
+def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
+    """Integer kernels for a model imported in QDQ form (ONNX QDQ/QOperator, PT2E)."""
+    mod = canonicalize_qdq(model.mod)
+    int_mod, report = realize(mod)
+    float_anchors = _float_anchors(int_mod)
+    activations = sorted({layer["dtype"].split()[0] for layer in report.layers if layer["op"] in ("conv2d", "matmul")})
+    info = QuantizationInfo(
+        source=source,
+        activation_dtype="/".join(activations) or None,
+        layers=tuple(report.layers),
+        float_ops=dict(Counter(op for _, op in float_anchors)),
+        float_nodes=tuple(f"{name} = {op}" for name, op in float_anchors),
+    )
+    return replace(model, mod=int_mod, quantization=info)
+
+
+def _float_anchors(mod) -> list[tuple[str, str]]:
+    """(var name, op) of conv2d/matmul still on float inputs: layers realize could not match."""
+    from qcompile.passes.bindings import Graph, dtype_of, op_name
+
+    return [(var.name, op_name(value)) for var, value in Graph.from_main(mod["main"]).bindings
+            if op_name(value) in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32"]
+
