@@ -298,8 +298,23 @@ def _all_features(triple: str) -> list[str]:
 
 
 def _did_you_mean(value: str, choices: list[str], fallback: str) -> str:
-    close = difflib.get_close_matches(value, choices, n=3, cutoff=0.6)
+    close = closest(value, choices)
     return f"did you mean {' or '.join(close)}?" if close else fallback
+
+
+def closest(value: str, choices: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` names in ``choices`` most like ``value`` (difflib's ratio).  Names with the
+    same letters rank first among equals: swapped characters (cortex-a27) are a common typo,
+    and difflib alone ties cortex-a72 with cortex-a78, a77 and a76."""
+    matcher = difflib.SequenceMatcher(b=value)
+    scored = []
+    for choice in set(choices):
+        matcher.set_seq1(choice)
+        if matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff:
+            ratio = matcher.ratio()
+            if ratio >= cutoff:
+                scored.append((ratio + (0.05 if sorted(choice) == sorted(value) else 0.0), choice))
+    return [choice for _, choice in sorted(scored, key=lambda item: (-item[0], item[1]))[:n]]
 
 
 @contextlib.contextmanager

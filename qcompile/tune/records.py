@@ -115,7 +115,7 @@ def locate_damage(path: Path) -> tuple[Path, str] | None:
                             return file, f"line {number} is not a record"
                     except json.JSONDecodeError as exc:
                         if not line.endswith("\n"):  # the last line, and incomplete
-                            return file, f"line {number} is cut short ({exc.msg}): an interrupted write?"
+                            return file, f"line {number} is cut short: an interrupted write?"
                         return file, f"line {number}, column {exc.colno}: {exc.msg}"
         except (OSError, UnicodeDecodeError) as exc:
             return file, str(exc)
