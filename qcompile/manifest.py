@@ -62,7 +62,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "Manifest":
+    def from_json(cls, obj: dict[str, Any]) -> Manifest:
         check_format(obj.get("format"))
         return cls(
             model=obj["model"],

@@ -93,7 +93,7 @@ def test_debug_prints_traceback_and_cause_only_when_asked(tmp_path):
 
 
 def test_unexpected_exception_is_one_internal_error_line(tmp_path, monkeypatch):
-    import qcompile.cli.info as info
+    from qcompile.cli import info
 
     def crash(_args):
         raise KeyError("boom")
@@ -200,7 +200,7 @@ def test_output_folder_under_a_file_fails_before_compiling(tmp_path, tiny_pt2):
 
 
 def test_read_only_output_folder_fails_before_compiling(tmp_path, tiny_pt2, monkeypatch):
-    import qcompile.build as build
+    from qcompile import build
 
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -284,8 +284,9 @@ def test_unreadable_tuning_records_warn_and_build_untuned(tmp_path, tiny_pt2, da
     result = qcompile("build", tiny_pt2, "-o", out, "--log-dir", logs)
     assert result.code == 0, result.err[-3000:]
     warnings = [ln for ln in result.err.splitlines() if ln.startswith("warning: tuning records")]
-    assert warnings == [f"warning: tuning records in {broken} are unreadable ({reason}); building without them "
-                        "(re-tune, or move the file aside)"], result.err
+    expected = (f"warning: tuning records in {broken} are unreadable ({reason}); building without them "
+                "(re-tune, or move the file aside)")
+    assert warnings == [expected], result.err
     manifest = json.loads(manifest_path(out / "tiny.so").read_text())
     assert manifest["build"]["tuning"]["unreadable"] == str(broken)
 

@@ -19,8 +19,9 @@ not as a TVMScript dump from the VM code generator.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import tvm
 from tvm import relax
