@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from qcompile import __version__
 from qcompile.errors import BuildError, ConfigError, QcompileError, first_line
