@@ -3,7 +3,8 @@
 Exporters emit ``Shape -> Gather/Slice -> Concat -> Reshape`` chains for models with
 symbolic batch/height/width.  Once input shapes are fixed these chains are constants;
 folding them (ONNX shape inference + ``onnx.reference`` on the small shape tensors)
-gives the Relax frontend static Reshape targets.
+gives the Relax frontend static Reshape targets.  An ``If`` whose condition folds the same
+way is replaced by its taken branch.
 """
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ def fix_input_shapes(proto, overrides: dict[str, tuple[int, ...]], where: str):
     return proto, shapes, dtypes
 
 
-def fold_shape_computations(proto, max_rounds: int = 8):
-    """Replace shape-arithmetic nodes whose inputs are known by initializers."""
+def fold_shape_computations(proto, max_rounds: int = 16):
+    """Replace shape-arithmetic nodes whose inputs are known by initializers, and an ``If``
+    whose condition is known by its taken branch."""
     import onnx
 
     for _ in range(max_rounds):
@@ -90,11 +92,15 @@ def _fold_once(proto) -> bool:
 
     graph = proto.graph
     known: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    static_shapes = _static_shapes(graph)
+    shapes = static_shapes(graph)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
     kept, folded = [], False
     for node in graph.node:
-        value = _try_fold(node, known, static_shapes, opset)
+        if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] in known:
+            kept.extend(_inline_if(node, known[node.input[0]], graph))
+            folded = True
+            continue
+        value = _try_fold(node, known, shapes, opset)
         if value is None:
             kept.append(node)
             continue
@@ -104,22 +110,22 @@ def _fold_once(proto) -> bool:
     if folded:
         del graph.node[:]
         graph.node.extend(kept)
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
     return folded
 
 
-def _try_fold(node, known, static_shapes, opset) -> np.ndarray | None:
+def _try_fold(node, known, shapes, opset) -> np.ndarray | None:
     if node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE or len(node.output) != 1:
         return None
     if node.op_type == "Shape":
-        shape = static_shapes.get(node.input[0])
+        shape = shapes.get(node.input[0])
         if shape is None:
             return None
         start = _attr(node, "start", 0)
         end = _attr(node, "end", None)
         return np.array(shape[start:end], dtype=np.int64)
     if node.op_type == "Size":
-        shape = static_shapes.get(node.input[0])
+        shape = shapes.get(node.input[0])
         return None if shape is None else np.array(int(np.prod(shape)), dtype=np.int64)
     inputs = [i for i in node.input if i]
     if node.op_type != "Constant" and not all(i in known for i in inputs):
@@ -151,7 +157,8 @@ def _evaluate(node, values: list[np.ndarray], opset: int) -> np.ndarray | None:
     return np.asarray(result)
 
 
-def _static_shapes(graph) -> dict[str, tuple[int, ...]]:
+def static_shapes(graph) -> dict[str, tuple[int, ...]]:
+    """Value name -> static shape, from the graph's inputs, value_info, outputs and initializers."""
     shapes = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         ttype = vi.type.tensor_type
@@ -165,8 +172,60 @@ def _static_shapes(graph) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _drop_unused_initializers(graph) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+def _inline_if(node, cond: np.ndarray, graph) -> list:
+    """The taken branch's nodes, its values renamed apart, with Identity nodes to the If's outputs.
+
+    A model's control flow on a value that is constant once the inputs are fixed (a sample
+    rate, a shape) becomes straight-line code, which the frontend imports as one dataflow
+    block and the passes can optimise across."""
+    from onnx import NodeProto, helper
+
+    branch = _attr(node, "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch", None)
+    prefix = f"{node.output[0]}__if"  # If outputs are unique names, so is the prefix
+    local = [i.name for i in branch.initializer] + [o for n in branch.node for o in n.output if o]
+    renamed = {name: f"{prefix}/{name}" for name in local}
+    for init in branch.initializer:
+        clone = graph.initializer.add()
+        clone.CopyFrom(init)
+        clone.name = renamed[init.name]
+    nodes = []
+    for inner in branch.node:
+        clone = NodeProto()
+        clone.CopyFrom(inner)
+        _rename_inputs(clone, renamed)
+        clone.output[:] = [renamed.get(o, o) for o in clone.output]
+        nodes.append(clone)
+    for out, res in zip(node.output, branch.output):
+        if out:
+            nodes.append(helper.make_node("Identity", [renamed.get(res.name, res.name)], [out]))
+    return nodes
+
+
+def _rename_inputs(node, renamed: dict[str, str]) -> None:
+    """Rename ``node``'s inputs, and those of the subgraphs it holds (which see outer names)."""
+    node.input[:] = [renamed.get(i, i) for i in node.input]
+    for a in node.attribute:
+        for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for inner in sub.node:
+                _rename_inputs(inner, renamed)
+            for out in sub.output:  # a subgraph may return an outer value directly
+                out.name = renamed.get(out.name, out.name)
+
+
+def _used_names(graph) -> set[str]:
+    """Names that ``graph``'s nodes, outputs and nested subgraphs read."""
+    used = {o.name for o in graph.output}
+    for n in graph.node:
+        used.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                used |= _used_names(sub)
+    return used
+
+
+def drop_unused_initializers(graph) -> None:
+    """Remove initializers (and their graph-input entries) that nothing reads."""
+    used = _used_names(graph)
     dropped = {i.name for i in graph.initializer if i.name not in used}
     keep = [i for i in graph.initializer if i.name not in dropped]
     del graph.initializer[:]
