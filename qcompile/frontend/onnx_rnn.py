@@ -1,0 +1,415 @@
+"""Unroll ONNX recurrent operators into primitives before import.
+
+TVM's Relax ONNX frontend has no ``LSTM``, ``GRU`` or ``RNN`` converter (nor ONNX Runtime's
+``com.microsoft::DynamicQuantizeLSTM``), and its converter table cannot be extended from
+outside.  Once input shapes are fixed the sequence length is static, so each recurrent node
+is rewritten into its definition over time steps: one MatMul of all steps' inputs with the
+input weights, then per step a MatMul with the recurrent weights, Split into gates,
+Sigmoid/Tanh/Mul/Add, and Concat of the step outputs.  DynamicQuantizeLSTM becomes the
+float LSTM with its int8 weights dequantized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompile.errors import ModelImportError
+
+_MS = "com.microsoft"
+# (domain, op_type) -> (kind, gates per step)
+_RECURRENT = {
+    ("", "LSTM"): ("LSTM", 4),
+    ("", "GRU"): ("GRU", 3),
+    ("", "RNN"): ("RNN", 1),
+    (_MS, "DynamicQuantizeLSTM"): ("LSTM", 4),
+}
+# Activations with a parameterless ONNX operator of the same meaning.
+_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+
+
+def _key(node) -> tuple[str, str]:
+    return ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
+
+
+def has_recurrent(proto) -> bool:
+    """Whether the top-level graph holds an operator this module unrolls."""
+    return any(_key(n) in _RECURRENT for n in proto.graph.node)
+
+
+def unroll_recurrent(proto, where: str):
+    """The model with every top-level LSTM/GRU/RNN/DynamicQuantizeLSTM node unrolled."""
+    if not has_recurrent(proto):
+        return proto
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # best effort: the sequence length may still be known from the inputs
+        inferred = proto
+    from qcompile.frontend.onnx_shapes import drop_unused_initializers, static_shapes
+
+    graph = proto.graph
+    builder = _Builder(graph, _opset(proto), static_shapes(inferred.graph), _dtypes(inferred.graph))
+    for node in graph.node:
+        if _key(node) in _RECURRENT:
+            _Unroller(builder, node, where).emit()
+        else:
+            builder.nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(builder.nodes)
+    drop_unused_initializers(graph)
+    if not any(n.domain == _MS for n in graph.node):
+        kept = [o for o in proto.opset_import if o.domain != _MS]
+        del proto.opset_import[:]
+        proto.opset_import.extend(kept)
+    return proto
+
+
+def _opset(proto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def _dtypes(graph) -> dict[str, int]:
+    out = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.type.tensor_type.elem_type:
+            out[vi.name] = vi.type.tensor_type.elem_type
+    for init in graph.initializer:
+        out[init.name] = init.data_type
+    return out
+
+
+class _Builder:
+    """Emits ONNX nodes and constants with fresh names, in the model's opset."""
+
+    def __init__(self, graph, opset: int, shapes: dict, dtypes: dict) -> None:
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.opset = opset
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        for n in graph.node:  # large Constant nodes stay nodes after shape folding
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                value = _constant_value(n)
+                if value is not None:
+                    self.consts[n.output[0]] = value
+        self.taken = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+        self.taken |= {o for n in graph.node for o in n.output}
+        self.counter = 0
+        self.nodes: list = []
+
+    def fresh(self, base: str) -> str:
+        while True:
+            self.counter += 1
+            name = f"{base}__rnn{self.counter}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def const(self, value: np.ndarray, base: str) -> str:
+        from onnx import numpy_helper
+
+        name = self.fresh(base)
+        self.graph.initializer.append(numpy_helper.from_array(np.array(value, order="C"), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], base: str, out: str | None = None, **attrs) -> str:
+        from onnx import helper
+
+        out = out or self.fresh(base)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def split(self, x: str, sizes: list[int], axis: int, base: str) -> list[str]:
+        from onnx import helper
+
+        outs = [self.fresh(base) for _ in sizes]
+        if self.opset >= 13:
+            node = helper.make_node("Split", [x, self.const(np.array(sizes, np.int64), base)], outs, axis=axis)
+        else:
+            node = helper.make_node("Split", [x], outs, axis=axis, split=sizes)
+        self.nodes.append(node)
+        return outs
+
+    def unsqueeze(self, x: str, axes: list[int], base: str) -> str:
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.const(np.array(axes, np.int64), base)], base)
+        return self.op("Unsqueeze", [x], base, axes=axes)
+
+
+def _constant_value(node) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+    return None
+
+
+@dataclass
+class _Dir:
+    """One direction's weights, in the orientation the unrolled MatMuls take."""
+
+    w_t: np.ndarray  # [input, gates*hidden]
+    r_t: np.ndarray  # [hidden, gates*hidden]
+    wb: np.ndarray  # [gates*hidden]
+    rb: np.ndarray  # [gates*hidden]
+    p: np.ndarray | None  # LSTM peepholes [3*hidden] (i, o, f)
+    acts: list[str]
+
+
+class _Unroller:
+    """Rewrites one recurrent node (ONNX operator definitions, gate orders iofc / zrh)."""
+
+    def __init__(self, b: _Builder, node, where: str) -> None:
+        from onnx import helper
+
+        self.b = b
+        self.node = node
+        self.where = where
+        self.kind, self.gates = _RECURRENT[_key(node)]
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.label = f"{where}: {node.op_type} node {node.name!r}"
+        self.base = node.name or node.op_type
+
+    def fail(self, what: str) -> ModelImportError:
+        return ModelImportError(f"{self.label}: {what}")
+
+    def input(self, i: int) -> str:
+        return self.node.input[i] if len(self.node.input) > i else ""
+
+    def constant(self, i: int, what: str) -> np.ndarray | None:
+        name = self.input(i)
+        if not name:
+            return None
+        if name not in self.b.consts:
+            raise self.fail(f"{what} ({name!r}) is computed at run time; only constant weights are unrolled")
+        return self.b.consts[name]
+
+    def emit(self) -> None:
+        a = self.attrs
+        direction = a.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "reverse", "bidirectional"):
+            raise self.fail(f"unknown direction {direction!r}")
+        reverse = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+        if self.kind == "LSTM" and a.get("input_forget", 0):
+            raise self.fail("input_forget=1 (coupled input and forget gates) is not supported")
+        layout = int(a.get("layout", 0))
+        self.clip = float(a["clip"]) if "clip" in a else None
+        x = self.input(0)
+        shape = self.b.shapes.get(x)
+        if shape is None or len(shape) != 3:
+            raise self.fail(
+                f"the shape of its input {x!r} is not static, so the sequence cannot be unrolled; "
+                "fix the model's input shapes with --input-shape"
+            )
+        seq = shape[1] if layout else shape[0]
+        self.dtype = self._float_dtype(x)
+        dirs = self._weights(len(reverse))
+        if layout:
+            x = self.b.op("Transpose", [x], self.base + "_x", perm=[1, 0, 2])
+        masks = self._masks(seq)
+        h0 = self._state(5, len(reverse), layout)
+        c0 = self._state(6, len(reverse), layout) if self.kind == "LSTM" else [None] * len(reverse)
+        ys, hs, cs = [], [], []
+        for d, rev in enumerate(reverse):
+            y, h, c = self._direction(x, seq, dirs[d], rev, h0[d], c0[d], masks)
+            ys.append(y)
+            hs.append(h)
+            cs.append(c)
+        outs = list(self.node.output) + [""] * 3
+        if outs[0]:
+            y = ys[0] if len(ys) == 1 else self.b.op("Concat", ys, self.base + "_y", axis=1)
+            self._output(y, outs[0], [2, 0, 1, 3] if layout else None)
+        for states, name in ((hs, outs[1]), (cs, outs[2])):
+            if not name:
+                continue
+            stacked = [self.b.unsqueeze(s, [0], self.base + "_state") for s in states]
+            s = stacked[0] if len(stacked) == 1 else self.b.op("Concat", stacked, self.base + "_state", axis=0)
+            self._output(s, name, [1, 0, 2] if layout else None)
+
+    def _output(self, value: str, name: str, perm: list[int] | None) -> None:
+        if perm:
+            self.b.op("Transpose", [value], name, out=name, perm=perm)
+        else:
+            self.b.op("Identity", [value], name, out=name)
+
+    def _float_dtype(self, x: str) -> np.dtype:
+        from onnx import helper
+
+        elem = self.b.dtypes.get(x)
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem)) if elem else np.dtype(np.float32)
+
+    def _activations(self, n_dirs: int) -> list[list[str]]:
+        per_dir = len(_DEFAULT_ACTIVATIONS[self.kind])
+        names = self.attrs.get("activations")
+        if not names:
+            return [list(_DEFAULT_ACTIVATIONS[self.kind]) for _ in range(n_dirs)]
+        names = [n.decode() if isinstance(n, bytes) else n for n in names]
+        if len(names) != per_dir * n_dirs:
+            raise self.fail(f"expects {per_dir * n_dirs} activations, the node lists {names}")
+        ops = []
+        for n in names:
+            if n.lower() not in _ACTIVATIONS:
+                raise self.fail(
+                    f"activation {n!r} is not supported (only {', '.join(sorted(set(_ACTIVATIONS.values())))}); "
+                    "re-export the model with the default activations"
+                )
+            ops.append(_ACTIVATIONS[n.lower()])
+        return [ops[i * per_dir:(i + 1) * per_dir] for i in range(n_dirs)]
+
+    def _weights(self, n_dirs: int) -> list[_Dir]:
+        g = self.gates
+        w = self.constant(1, "W")
+        r = self.constant(2, "R")
+        if _key(self.node)[0] == _MS:  # [dirs, input, 4H] int8 with per-direction or per-channel scales
+            w = _dequantize(w, self.constant(8, "W_scale"), self.constant(9, "W_zero_point")).transpose(0, 2, 1)
+            r = _dequantize(r, self.constant(10, "R_scale"), self.constant(11, "R_zero_point")).transpose(0, 2, 1)
+        hidden = r.shape[-1]
+        if int(self.attrs.get("hidden_size", hidden)) != hidden or w.shape[0] != n_dirs:
+            raise self.fail(f"W {list(w.shape)} / R {list(r.shape)} do not match hidden_size and direction")
+        bias = self.constant(3, "B")
+        if bias is None:
+            bias = np.zeros((n_dirs, 2 * g * hidden), self.dtype)
+        peep = self.constant(7, "P") if self.kind == "LSTM" else None
+        acts = self._activations(n_dirs)
+        dirs = []
+        for d in range(n_dirs):
+            dirs.append(_Dir(
+                w_t=w[d].T.astype(self.dtype), r_t=r[d].T.astype(self.dtype),
+                wb=bias[d, :g * hidden].astype(self.dtype), rb=bias[d, g * hidden:].astype(self.dtype),
+                p=None if peep is None else peep[d].astype(self.dtype), acts=acts[d],
+            ))
+        self.hidden = hidden
+        return dirs
+
+    def _masks(self, seq: int) -> list[str] | None:
+        """Per step a [batch, 1] bool 'step < sequence_lens', or None where every sequence is full."""
+        lens = self.input(4)
+        if not lens:
+            return None
+        value = self.b.consts.get(lens)
+        if value is not None and np.all(value == seq):
+            return None
+        # Shorter sequences keep their state past their end and output zeros there; the reverse
+        # direction, starting from the last step, then first moves at each sequence's own end.
+        lens64 = self.b.op("Cast", [lens], self.base + "_lens", to=7)
+        lens_col = self.b.unsqueeze(lens64, [1], self.base + "_lens")
+        return [self.b.op("Less", [self.b.const(np.array(t, np.int64), "t"), lens_col], self.base + "_mask")
+                for t in range(seq)]
+
+    def _state(self, i: int, n_dirs: int, layout: int) -> list[str | None]:
+        name = self.input(i)
+        if not name:
+            return [None] * n_dirs
+        if layout:  # [batch, dirs, hidden] -> [dirs, batch, hidden]
+            name = self.b.op("Transpose", [name], self.base + "_h0", perm=[1, 0, 2])
+        return [self.b.op("Gather", [name, self.b.const(np.array(d, np.int64), "dir")], self.base + "_h0", axis=0)
+                for d in range(n_dirs)]
+
+    def _act(self, op: str, x: str, clip: bool = True) -> str:
+        if clip and self.clip is not None:  # clipping bounds the activations' inputs
+            c = self.clip
+            x = self.b.op("Min", [x, self.b.const(np.array(c, self.dtype), "clip")], self.base + "_clip")
+            x = self.b.op("Max", [x, self.b.const(np.array(-c, self.dtype), "clip")], self.base + "_clip")
+        return self.b.op(op, [x], self.base + "_" + op.lower())
+
+    def _direction(self, x: str, seq: int, w: _Dir, reverse: bool, h: str | None, c: str | None,
+                   masks: list[str] | None) -> tuple[str, str, str | None]:
+        b, base, hid = self.b, self.base, self.hidden
+        gru_lbr = self.kind == "GRU" and int(self.attrs.get("linear_before_reset", 0))
+        # Bias folded into the input projection: all of it, except GRU's hidden-gate
+        # recurrent bias which sits inside r * (...) with linear_before_reset.
+        x_bias = w.wb + w.rb
+        if self.kind == "GRU" and gru_lbr:
+            x_bias = w.wb + np.concatenate([w.rb[:2 * hid], np.zeros(hid, self.dtype)])
+        xw = b.op("MatMul", [x, b.const(w.w_t, base + "_W")], base + "_xw")
+        xw = b.op("Add", [xw, b.const(x_bias, base + "_B")], base + "_xw")
+        if self.kind == "GRU" and not gru_lbr:
+            r_zr = b.const(w.r_t[:, :2 * hid], base + "_Rzr")
+            r_h = b.const(w.r_t[:, 2 * hid:], base + "_Rh")
+        else:
+            r_all = b.const(w.r_t, base + "_R")
+        rb_h = b.const(w.rb[2 * hid:], base + "_Rbh") if gru_lbr else None
+        peep = None
+        if w.p is not None:
+            peep = [b.const(w.p[k * hid:(k + 1) * hid], base + "_P") for k in range(3)]  # i, o, f
+        f, g = w.acts[0], w.acts[-2 if self.kind == "LSTM" else -1]
+        steps = range(seq - 1, -1, -1) if reverse else range(seq)
+        ys: dict[int, str] = {}
+        for t in steps:
+            xt = b.op("Gather", [xw, b.const(np.array(t, np.int64), "t")], base + "_xt", axis=0)
+            if self.kind == "LSTM":
+                gates = xt if h is None else b.op("Add", [xt, b.op("MatMul", [h, r_all], base + "_hr")], base + "_g")
+                gi, go, gf, gc = b.split(gates, [hid] * 4, 1, base + "_gate")
+                if peep is not None and c is not None:
+                    gi = b.op("Add", [gi, b.op("Mul", [peep[0], c], base + "_pi")], base + "_gi")
+                    gf = b.op("Add", [gf, b.op("Mul", [peep[2], c], base + "_pf")], base + "_gf")
+                i_t = self._act(f, gi)
+                c_new = b.op("Mul", [i_t, self._act(g, gc)], base + "_ic")
+                if c is not None:
+                    f_t = self._act(f, gf)
+                    c_new = b.op("Add", [b.op("Mul", [f_t, c], base + "_fc"), c_new], base + "_c")
+                if peep is not None:
+                    go = b.op("Add", [go, b.op("Mul", [peep[1], c_new], base + "_po")], base + "_go")
+                o_t = self._act(f, go)
+                # The cell state is not clipped before h (ONNX Runtime's reading of the spec).
+                h_new = b.op("Mul", [o_t, self._act(w.acts[2], c_new, clip=False)], base + "_h")
+            elif self.kind == "GRU":
+                xz, xr, xh = b.split(xt, [hid] * 3, 1, base + "_gate")
+                if h is None:  # zero state: the recurrent terms vanish, except lbr's bias
+                    z = self._act(f, xz)
+                    r = self._act(f, xr)
+                    pre = xh if not gru_lbr else b.op("Add", [xh, b.op("Mul", [r, rb_h], base + "_rh")], base + "_n")
+                    n = self._act(g, pre)
+                    h_new = b.op("Sub", [n, b.op("Mul", [z, n], base + "_zn")], base + "_h")
+                else:
+                    if gru_lbr:
+                        hz, hr, hh = b.split(b.op("MatMul", [h, r_all], base + "_hr"), [hid] * 3, 1, base + "_hg")
+                        hh = b.op("Add", [hh, rb_h], base + "_hh")
+                    else:
+                        hz, hr = b.split(b.op("MatMul", [h, r_zr], base + "_hr"), [hid] * 2, 1, base + "_hg")
+                    z = self._act(f, b.op("Add", [xz, hz], base + "_z"))
+                    r = self._act(f, b.op("Add", [xr, hr], base + "_r"))
+                    if gru_lbr:
+                        rec = b.op("Mul", [r, hh], base + "_rh")
+                    else:
+                        rec = b.op("MatMul", [b.op("Mul", [r, h], base + "_rh"), r_h], base + "_rhR")
+                    n = self._act(g, b.op("Add", [xh, rec], base + "_n"))
+                    # (1 - z) * n + z * h == n + z * (h - n)
+                    diff = b.op("Sub", [h, n], base + "_d")
+                    h_new = b.op("Add", [n, b.op("Mul", [z, diff], base + "_zd")], base + "_h")
+                c_new = None
+            else:
+                pre = xt if h is None else b.op("Add", [xt, b.op("MatMul", [h, r_all], base + "_hr")], base + "_g")
+                h_new = self._act(f, pre)
+                c_new = None
+            if masks is not None:
+                zero = b.const(np.array(0, self.dtype), "zero")
+                ys[t] = b.op("Where", [masks[t], h_new, zero], base + "_y")
+                h_new = b.op("Where", [masks[t], h_new, h or zero], base + "_h")
+                if c_new is not None:
+                    c_new = b.op("Where", [masks[t], c_new, c or zero], base + "_c")
+            else:
+                ys[t] = h_new
+            h, c = h_new, c_new
+        # Y of one direction: [seq, 1, batch, hidden] in time order.
+        steps_y = [b.unsqueeze(ys[t], [0, 1], base + "_yt") for t in range(seq)]
+        y = steps_y[0] if seq == 1 else b.op("Concat", steps_y, base + "_y", axis=0)
+        return y, h, c
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> np.ndarray:
+    """int8/uint8 [dirs, rows, cols] with scale/zero point per direction ([dirs]) or per column ([dirs, cols])."""
+    scale = np.asarray(scale, np.float32)
+    zp = np.zeros_like(scale) if zp is None else np.asarray(zp).astype(np.float32)
+    if scale.ndim == 1:
+        scale, zp = scale[:, None, None], zp[:, None, None]
+    else:
+        scale, zp = scale[:, None, :], zp[:, None, :]
+    return (q.astype(np.float32) - zp) * scale
