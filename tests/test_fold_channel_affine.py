@@ -281,3 +281,50 @@ def test_chain_ending_at_the_output_is_folded():
     # CanonicalizeBindings, which the pipeline runs next, removes that alias.
     after = relax.transform.CanonicalizeBindings()(FoldChannelAffine(bind(Before, w=W, b=B, s=S)))
     tvm.ir.assert_structural_equal(after, bind(Expected, w=W * per_channel(S), shift=B * S))
+
+
+def test_chains_are_folded_inside_a_block_never_across_blocks():
+    # main of three blocks: the first conv's chain goes on outside its dataflow block (the
+    # multiply reads the block's output), so it is left as it is; the second conv's chain
+    # lies inside the last block and is folded.
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32"),
+                 w2: R.Tensor((4, 4, 1, 1), "float32"), b: R.Tensor((1, 4, 1, 1), "float32"),
+                 s: R.Tensor((1, 4, 1, 1), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+            with R.dataflow():
+                lv = R.nn.conv2d(x, w)
+                out = R.add(lv, b)
+                R.output(out)
+            scaled = R.multiply(out, s)
+            with R.dataflow():
+                lv2 = R.nn.conv2d(scaled, w2)
+                lv3 = R.add(lv2, b)
+                lv4 = R.multiply(lv3, s)
+                gv = R.nn.relu(lv4)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32"),
+                 w2: R.Tensor((4, 4, 1, 1), "float32"), b: R.Tensor((1, 4, 1, 1), "float32"),
+                 s: R.Tensor((1, 4, 1, 1), "float32"),
+                 shift: R.Tensor((1, 4, 1, 1), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+            with R.dataflow():
+                lv = R.nn.conv2d(x, w)
+                out = R.add(lv, b)
+                R.output(out)
+            scaled = R.multiply(out, s)
+            with R.dataflow():
+                lv2 = R.nn.conv2d(scaled, w2)
+                lv4 = R.add(lv2, shift)
+                gv = R.nn.relu(lv4)
+                R.output(gv)
+            return gv
+
+    w2 = RNG.integers(-4, 5, (4, 4, 1, 1)).astype("float32")
+    after = FoldChannelAffine(bind(Before, w=W, w2=w2, b=B, s=S))
+    tvm.ir.assert_structural_equal(after, bind(Expected, w=W, w2=w2 * per_channel(S), b=B, s=S, shift=B * S))

@@ -15,6 +15,7 @@ from tvm import relax
 from qcompile.passes.bindings import (
     Emitter,
     Graph,
+    UnsupportedForm,
     const_value,
     op_name,
     rebuild,
@@ -72,7 +73,7 @@ def FoldChannelAffine(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (T
     func = mod["main"]
     try:
         graph = Graph.from_main(func)
-    except ValueError:
+    except UnsupportedForm:  # not a function of binding blocks: nothing to fold
         return mod
     plans = {}
     for var, value in graph.bindings:
@@ -106,4 +107,7 @@ def FoldChannelAffine(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (T
             return em.emit(relax.op.add(em.vmap[conv], bias), var.name)
         return None
 
-    return with_main(mod, rebuild(func, rewrite))
+    try:
+        return with_main(mod, rebuild(func, rewrite))
+    except UnsupportedForm:  # a chain through a block boundary (see bindings): left unfolded
+        return mod

@@ -2,9 +2,10 @@
 realize (integer kernels), for a float model or a pre-quantized import."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Callable, Iterable
 
 import numpy as np
 import tvm
@@ -54,9 +55,10 @@ def quantize_model(
                           "quantize the float model")
     say = progress or (lambda _m: None)
     config = config.for_target(target)
-    qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
-    say(f"realizing {len(plan.regions)} quantized layers ...")
-    int_mod, report = realize(qdq_mod)
+    with _readable(model):
+        qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
+        say(f"realizing {len(plan.regions)} quantized layers ...")
+        int_mod, report = realize(qdq_mod)
     info = QuantizationInfo(
         source="qcompile-ptq",
         config=config,
@@ -71,8 +73,9 @@ def quantize_model(
 
 def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
     """Integer kernels for a model imported in QDQ form (ONNX QDQ/QOperator, PT2E)."""
-    mod = canonicalize_qdq(model.mod)
-    int_mod, report = realize(mod)
+    with _readable(model):
+        mod = canonicalize_qdq(model.mod)
+        int_mod, report = realize(mod)
     float_anchors = _float_anchors(int_mod)
     activations = sorted({layer["dtype"].split()[0] for layer in report.layers if layer["op"] in ("conv2d", "matmul")})
     info = QuantizationInfo(
@@ -83,6 +86,18 @@ def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
         float_nodes=tuple(f"{name} = {op}" for name, op in float_anchors),
     )
     return replace(model, mod=int_mod, quantization=info)
+
+
+@contextlib.contextmanager
+def _readable(model: ImportedModel) -> Iterator[None]:
+    """A model whose ``main`` the quantization passes cannot read or rebuild
+    (:class:`qcompile.passes.bindings.UnsupportedForm`) is a ConfigError naming it."""
+    from qcompile.passes.bindings import UnsupportedForm
+
+    try:
+        yield
+    except UnsupportedForm as exc:
+        raise ConfigError(f"model {model.source.name} cannot be quantized: {exc}; build it in float32") from exc
 
 
 def _float_anchors(mod) -> list[tuple[str, str]]:

@@ -214,7 +214,7 @@ def calibrate(
 
     if not plan.observed:
         return {}
-    main = rebuild(mod["main"], lambda em, v, val: None, extra_outputs=lambda em: [em.subst(v) for v in plan.observed])
+    main = rebuild(mod["main"], lambda em, v, val: None, extra_outputs=plan.observed)
     executable = compile_module(with_main(mod, main), target)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     observers = [make_observer(config.calibration_method, config.percentile) for _ in plan.observed]
@@ -284,10 +284,11 @@ def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config):
     regions = {r.anchor: r for r in plan.regions}
     bias_of = {r.bias_var: r for r in plan.regions if r.bias_var is not None}
 
-    def qdq(em: Emitter, new_var, params: QParams):
+    def qdq(em: Emitter, new_var, params: QParams, shared: bool = False):
         scale, zp = relax.const(params.scale, "float32"), relax.const(params.zero_point, "int32")
         q = em.emit(relax.op.quantize(new_var, scale, zp, axis=-1, out_dtype=params.dtype))
-        return em.emit(relax.op.dequantize(q, scale, zp, axis=-1, out_dtype="float32"))
+        dq = relax.op.dequantize(q, scale, zp, axis=-1, out_dtype="float32")
+        return em.emit_shared(dq) if shared else em.emit(dq)
 
     def rewrite(em: Emitter, var, value):
         new = None
@@ -319,8 +320,8 @@ def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config):
 
     def rewrite_with_prologue(em: Emitter, var, value):
         for p in params_in_q:
-            if p not in em.vmap:
-                em.vmap[p] = qdq(em, p, qparams[p])
+            if p not in em.vmap:  # (read by any later block)
+                em.vmap[p] = qdq(em, p, qparams[p], shared=True)
         return rewrite(em, var, value)
 
     return rebuild(func, rewrite_with_prologue), qparams, region_scales
