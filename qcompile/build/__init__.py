@@ -82,9 +82,10 @@ def build(
 
         tuning: dict = {}
         kernels: dict = {}
+        notes: list[str] = []
         passes = [] if tuning_logs is False else apply_database_passes(target, tuning_logs or None, tuning)
         executable = compile_module(model.mod, tvm_target, dump_ir=dump_ir, tuning_passes=passes,
-                                    kernel_counts=kernels)
+                                    kernel_counts=kernels, kernel_notes=notes)
     except QcompileError:
         raise
     except Exception as exc:
@@ -92,6 +93,8 @@ def build(
     compile_s = time.perf_counter() - started
     _report_tuning(tuning, target, say)
     _report_kernels(kernels, target, say)
+    for note in notes:
+        say(note)
 
     say(f"exporting {library} ...")
     from qcompile.target.hostcpu import required_features

@@ -1,7 +1,8 @@
 """The Relax compile pipeline, assembled in one place as named phases.
 
-1. ``inference``: fold batch-norm (and per-channel affine chains) into conv, decompose
-                  training-style ops, fold constants (the graph quantization calibrates).
+1. ``inference``: bindings into dataflow blocks, fold batch-norm (and per-channel affine
+                  chains) into conv, decompose training-style ops, fold constants (the
+                  graph quantization calibrates).
 2. ``kernels``:   on CPUs, convs onto qcompile's NHWC kernels (``PackConv``: int8
                   dot-product, depthwise, float).
 3. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
@@ -35,6 +36,9 @@ def _inference_passes(target: tvm.target.Target) -> list:
     from qcompile.passes.fold_channel_affine import FoldChannelAffine
 
     return [
+        # bindings an importer leaves outside dataflow blocks (around an If) into dataflow
+        # blocks: the layout, fusion and quantization passes work on dataflow blocks
+        relax.transform.ConvertToDataflow(min_size=1),
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
@@ -45,10 +49,10 @@ def _inference_passes(target: tvm.target.Target) -> list:
     ]
 
 
-def _kernel_passes(target: tvm.target.Target, counts: dict | None = None) -> list:
+def _kernel_passes(target: tvm.target.Target, counts: dict | None = None, notes: list[str] | None = None) -> list:
     from qcompile.passes.pack_conv import PackConv
 
-    return [PackConv(target, counts), relax.transform.DeadCodeElimination(["main"])]
+    return [PackConv(target, counts, notes), relax.transform.DeadCodeElimination(["main"])]
 
 
 def _legalize_passes(target: tvm.target.Target) -> list:
@@ -238,15 +242,17 @@ def tir_pipeline() -> str:
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None,
-                   tuning_passes: list | None = None, kernel_counts: dict | None = None):
+                   tuning_passes: list | None = None, kernel_counts: dict | None = None,
+                   kernel_notes: list[str] | None = None):
     """Run the pipeline and generate code: returns a ``tvm.runtime.Executable``.
     Kernels without a tuning record get :mod:`qcompile.build.schedules`' default schedule;
-    ``kernel_counts`` (if given) receives how many convs each of qcompile's kernels runs."""
+    ``kernel_counts`` (if given) receives how many convs each of qcompile's kernels runs,
+    ``kernel_notes`` (if given) why the kernels phase left convs to TVM."""
     from qcompile.tvm_compat import ensure
 
     ensure()
     passes = list(tuning_passes or []) + default_schedule_passes(target)
-    phases = [(name, (lambda t: _kernel_passes(t, kernel_counts)) if name == "kernels" else make)
+    phases = [(name, (lambda t: _kernel_passes(t, kernel_counts, kernel_notes)) if name == "kernels" else make)
               for name, make in with_tuning(passes)]
     lowered = run_phases(mod, target, phases=phases, dump_ir=dump_ir)
     return tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=tir_pipeline())

@@ -3,7 +3,12 @@
 On LLVM (CPU) targets the module is first converted to NHWC (TVM's ConvertLayout:
 elementwise ops, pooling and the requantize chains follow, a transpose is left only at the
 ends), as ONNX Runtime, oneDNN and TFLite run convs on CPUs: a kernel then reads adjacent
-input channels and writes whole channel vectors.  Then, with the weight constant:
+input channels and writes whole channel vectors.  Only conv2d is asked for NHWC; the ops
+that would follow it are kept in the model's layout where the result would have no
+lowering or no kernel (:func:`to_nhwc`): the other convolutions (conv2d_transpose in a
+U-Net decoder, conv1d on a sequence), and any op whose TVM legalization does not take the
+converted layout.  A model the conversion cannot handle keeps its layout (and TVM's
+convs), with a note saying why.  Then, with the weight constant:
 
 * an integer conv -- ``conv2d(x, W, out_dtype="int32")``, ``x`` uint8/int8 as the target's
   int8 dot-product instruction takes it (:func:`qcompile.kernels.int8_dot.int8_dot_for`),
@@ -30,10 +35,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from qcompile.errors import first_line
 from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
 from qcompile.kernels.int8_dot import Int8Dot, int8_dot_for
 from qcompile.passes.bindings import (
     Graph,
+    UnsupportedForm,
     const_value,
     dtype_of,
     op_name,
@@ -43,13 +50,35 @@ from qcompile.passes.bindings import (
 
 COUNTS = ("int8", "int8_depthwise", "int8_dense", "int8_inexact", "float", "float_depthwise")
 
+# Convolutions without a qcompile kernel keep the model's layout: ConvertLayout would make
+# them follow an NHWC input, and TVM 0.27 lowers conv2d_transpose only in NCHW (its NWC and
+# NDHWC convs are plain loops, no faster than the transposes they save).
+KEEP_LAYOUT = ("relax.nn.conv1d", "relax.nn.conv3d", "relax.nn.conv1d_transpose",
+               "relax.nn.conv2d_transpose", "relax.nn.conv3d_transpose")
+# Ops that ConvertLayout gives the layout asked for (the others follow their input): those
+# it can keep in the model's layout when the converted one has no lowering.
+_PINNABLE = KEEP_LAYOUT + ("relax.image.resize2d", "relax.image.resize3d")
+_NHWC = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 
-def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, dict[str, int]]:
+
+def pack_conv(mod: tvm.IRModule, target: tvm.target.Target,
+              notes: list[str] | None = None) -> tuple[tvm.IRModule, dict[str, int]]:
     """The rewritten module and counts of conv layers per kernel (:data:`COUNTS`;
-    ``int8_inexact``: one-group int8 convs left to TVM, see the module docstring)."""
+    ``int8_inexact``: one-group int8 convs left to TVM, see the module docstring).
+    ``notes`` (if given) receives a line when the layout conversion is left out."""
     counts = dict.fromkeys(COUNTS, 0)
     if target.kind.name != "llvm" or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, counts
+    try:
+        return _pack_conv(mod, target, counts, notes)
+    except UnsupportedForm as exc:  # a main these rewrites cannot read (see bindings): TVM's convs
+        if notes is not None:
+            notes.append(f"convs stay on TVM's generic conv2d: {exc}")
+        return mod, dict.fromkeys(COUNTS, 0)
+
+
+def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, int],
+               notes: list[str] | None) -> tuple[tvm.IRModule, dict[str, int]]:
     dot = int8_dot_for(target)
     float_registers = float_conv2d.vector_registers(target)
     bindings = [v for _, v in Graph.from_main(mod["main"]).bindings]
@@ -59,8 +88,13 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
             _int8_dense(v, dot) is not None for v in bindings):  # nothing to gain: leave the layout alone
         counts["int8_inexact"] = sum(w is not None for w in weights)
         return mod, counts
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(_clip_as_min_max(mod))
-    mod = relax.transform.FoldConstant()(mod)  # the per-channel constants, transposed once
+    mod = _clip_as_min_max(mod)
+    converted, reason = to_nhwc(mod)
+    if converted is None:  # the layout stays; the layout-free rewrites (int8 dense) still apply
+        if notes is not None:
+            notes.append(f"convs stay in the model's layout on TVM's generic conv2d: {reason}")
+    else:
+        mod = relax.transform.FoldConstant()(converted)  # the per-channel constants, transposed once
     graph = Graph.from_main(mod["main"])
     kernels: dict = {}  # (kernel, ConvShape) -> GlobalVar: layers of one shape share one kernel
 
@@ -112,6 +146,81 @@ def pack_conv(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModul
 
     # DCE: pads whose input a conv kernel now takes directly
     return relax.transform.DeadCodeElimination(["main"])(rebuild_module(mod, rewrite)), counts
+
+
+def to_nhwc(mod: tvm.IRModule) -> tuple[tvm.IRModule | None, str | None]:
+    """``(mod with its conv2d layers in NHWC/OHWI, None)``, or ``(None, why)`` where TVM's
+    ConvertLayout fails on the module or would leave an op that legalization cannot lower.
+
+    The convolutions of :data:`KEEP_LAYOUT` are asked for the layout they have; an op that
+    then has no lowering in the layout it followed (and had one before) is kept in its own
+    layout too where ConvertLayout takes a layout for it (:data:`_PINNABLE`), else the
+    module is not converted.  Run under the build's target (legalization may depend on it)."""
+    calls = _layout_calls(mod)
+    pins = {name: _layouts(calls[name][0]) for name in KEEP_LAYOUT if name in calls}
+    before: set[str] | None = None
+    while True:
+        try:
+            converted = relax.transform.ConvertLayout({**_NHWC, **pins})(mod)
+        except Exception as exc:  # noqa: BLE001 -- TVM's layout inference rejects some graphs (an internal error)
+            return None, f"TVM's layout conversion failed ({first_line(exc, 200)})"
+        broken = _unlowerable(_layout_calls(converted))
+        if broken:
+            before = _unlowerable(calls) if before is None else before
+            broken -= before  # ops the model already has in a form TVM cannot lower: reported later
+        if not broken:
+            return converted, None
+        pinnable = {name for name in broken if name in _PINNABLE and name not in pins}
+        if not pinnable:
+            return None, f"{', '.join(sorted(broken))} would have no lowering in the converted layout"
+        pins.update({name: _layouts(calls[name][0]) for name in pinnable})
+
+
+def _layouts(call) -> list[str]:
+    """An op's layouts as ConvertLayout's desired layouts take them: [data, kernel, output]
+    for a convolution, [layout] for a resize."""
+    attrs = call.attrs
+    if hasattr(attrs, "data_layout"):
+        return [str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)]
+    return [str(attrs.layout)]
+
+
+def _layout_calls(mod: tvm.IRModule) -> dict[str, list]:
+    """Calls to operators with a layout attribute in ``mod``'s ``main`` (if-branches
+    included), by operator name, in program order."""
+    found: dict[str, list] = {}
+
+    @relax.expr_functor.visitor
+    class Finder(relax.PyExprVisitor):
+        def visit_call_(self, call) -> None:
+            name = op_name(call)
+            if name is not None and (hasattr(call.attrs, "data_layout") or hasattr(call.attrs, "layout")):
+                found.setdefault(name, []).append(call)
+            super().visit_call_(call)
+
+    Finder().visit_expr(mod["main"])
+    return found
+
+
+def _unlowerable(calls: dict[str, list]) -> set[str]:
+    """The operators among ``calls`` (but conv2d, which the kernels take) that TVM's
+    legalization leaves as they are in the attributes and types of some call."""
+    broken = set()
+    for name, group in calls.items():
+        legalize = tvm.ir.Op.get(name).get_attr("FLegalize")
+        if name == "relax.nn.conv2d" or legalize is None:
+            continue
+        seen = set()
+        for call in group:
+            key = (str(call.attrs), tuple(str(a.ty) for a in call.args))
+            if key in seen:
+                continue
+            seen.add(key)
+            lowered = legalize(relax.BlockBuilder(), call)
+            if isinstance(lowered, relax.Call) and lowered.op.same_as(call.op):
+                broken.add(name)
+                break
+    return broken
 
 
 def _clip_as_min_max(mod: tvm.IRModule) -> tvm.IRModule:
@@ -278,13 +387,13 @@ def _zero_point_pad(graph: Graph, data):
     return pad, nhwc, (2, 3)
 
 
-def PackConv(target: tvm.target.Target, counts: dict | None = None):
+def PackConv(target: tvm.target.Target, counts: dict | None = None, notes: list[str] | None = None):
     """The module pass form of :func:`pack_conv` for ``target``; ``counts`` (if given)
-    is updated with the layer counts."""
+    is updated with the layer counts, ``notes`` (if given) receives pack_conv's notes."""
 
     @tvm.transform.module_pass(opt_level=0, name="qcompile.PackConv")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mod, found = pack_conv(mod, target)
+        mod, found = pack_conv(mod, target, notes)
         if counts is not None:
             counts.update(found)
         return mod
