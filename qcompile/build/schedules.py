@@ -52,7 +52,10 @@ class ConvMatmulCPU(dl.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        try:
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        except s_tir.ScheduleError:  # no root block: e.g. a call_packed of an external sort (topk)
+            return None
         anchors = [b for b in blocks if _is_reduction(sch, b)]
         if len(anchors) != 1:
             return None
