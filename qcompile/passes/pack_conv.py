@@ -88,7 +88,6 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
             _int8_dense(v, dot) is not None for v in bindings):  # nothing to gain: leave the layout alone
         counts["int8_inexact"] = sum(w is not None for w in weights)
         return mod, counts
-    mod = _clip_as_min_max(mod)
     converted, reason = to_nhwc(mod)
     if converted is None:  # the layout stays; the layout-free rewrites (int8 dense) still apply
         if notes is not None:
@@ -150,12 +149,14 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
 
 def to_nhwc(mod: tvm.IRModule) -> tuple[tvm.IRModule | None, str | None]:
     """``(mod with its conv2d layers in NHWC/OHWI, None)``, or ``(None, why)`` where TVM's
-    ConvertLayout fails on the module or would leave an op that legalization cannot lower.
+    ConvertLayout fails on the module or would leave an op that legalization cannot lower
+    (after :func:`_before_conversion`).
 
     The convolutions of :data:`KEEP_LAYOUT` are asked for the layout they have; an op that
     then has no lowering in the layout it followed (and had one before) is kept in its own
     layout too where ConvertLayout takes a layout for it (:data:`_PINNABLE`), else the
     module is not converted.  Run under the build's target (legalization may depend on it)."""
+    mod = _before_conversion(mod)
     calls = _layout_calls(mod)
     pins = {name: _layouts(calls[name][0]) for name in KEEP_LAYOUT if name in calls}
     before: set[str] | None = None
@@ -223,20 +224,34 @@ def _unlowerable(calls: dict[str, list]) -> set[str]:
     return broken
 
 
-def _clip_as_min_max(mod: tvm.IRModule) -> tvm.IRModule:
-    """``clip(x, lo, hi)`` (ReLU6) as ``minimum(maximum(x, lo), hi)``: ConvertLayout has no
-    layout rule for clip and wrapped each one in two transposes (mobilenet_v2 fp32: 11 ms of
-    transposes in a 17 ms run); elementwise binary ops follow the layout and still fuse."""
+def _before_conversion(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with the ops ConvertLayout handles badly rewritten into equal ones it handles.
+
+    * ``clip(x, lo, hi)`` (ReLU6) as ``minimum(maximum(x, lo), hi)``: ConvertLayout has no
+      layout rule for clip and wrapped each one in two transposes (mobilenet_v2 fp32: 11 ms
+      of transposes in a 17 ms run); elementwise binary ops follow the layout and still fuse.
+    * ``squeeze`` with its axes counted from the front: TVM 0.27's layout rule for squeeze
+      indexes with the axis as given, so a negative one (a CRNN's ``squeeze(-2)`` after its
+      convs, as torch.export writes it) fails: std::bad_alloc, or a corrupt layout that a
+      later op rejects ("Invalid SLayout: can't find S in source layout ABC").
+    """
 
     def rewrite(em, var, value):
-        if op_name(value) != "relax.clip":  # also a Tuple / TupleGetItem binding, which has no args
-            return None
-        bounds = [getattr(a, "value", None) for a in value.args[1:]]  # FloatImm / IntImm in TVM 0.27
-        if not all(isinstance(b, (int, float)) for b in bounds):
-            return None
-        dtype = dtype_of(value.args[0])
-        lo, hi = (relax.const(np.array(b, dtype)) for b in bounds)
-        return relax.op.minimum(em.emit(relax.op.maximum(em.subst(value.args[0]), lo)), hi)
+        name = op_name(value)  # (a Tuple / TupleGetItem binding has no op and no args)
+        if name == "relax.clip":
+            bounds = [getattr(a, "value", None) for a in value.args[1:]]  # FloatImm / IntImm in TVM 0.27
+            if not all(isinstance(b, (int, float)) for b in bounds):
+                return None
+            dtype = dtype_of(value.args[0])
+            lo, hi = (relax.const(np.array(b, dtype)) for b in bounds)
+            return relax.op.minimum(em.emit(relax.op.maximum(em.subst(value.args[0]), lo)), hi)
+        if name == "relax.squeeze" and value.attrs.axis is not None:
+            axes = [int(a) for a in value.attrs.axis]
+            ndim = getattr(value.args[0].ty, "ndim", -1)
+            if ndim < 0 or all(a >= 0 for a in axes):
+                return None
+            return relax.op.squeeze(em.subst(value.args[0]), axis=[a % ndim for a in axes])
+        return None
 
     return rebuild_module(mod, rewrite)
 
