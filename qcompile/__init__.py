@@ -35,6 +35,7 @@ _EXPORTS = {
     "TargetSpec": "qcompile.target", "resolve_target": "qcompile.target", "list_presets": "qcompile.target",
     "Int8Config": "qcompile.quantize.config", "Calibration": "qcompile.quantize.config",
     "PerChannel": "qcompile.quantize.config", "PerTensor": "qcompile.quantize.config",
+    "DynamicInt8Config": "qcompile.quantize.config", "PerRow": "qcompile.quantize.config",
     "QuantizationInfo": "qcompile.quantize.config", "ImagePreprocess": "qcompile.quantize.data",
     "TuneResult": "qcompile.tune.search",
     **{name: "qcompile.errors" for name in (
@@ -66,8 +67,10 @@ if TYPE_CHECKING:
     from qcompile.model import ImportedModel, TensorInfo
     from qcompile.quantize.config import (
         Calibration,
+        DynamicInt8Config,
         Int8Config,
         PerChannel,
+        PerRow,
         PerTensor,
         QuantizationInfo,
     )

@@ -1,7 +1,8 @@
 """Quantization configuration: frozen, validated, serialisable.
 
-``Int8Config`` is what a user writes; :class:`Calibration` and the weight granularities
-(:class:`PerChannel`, :class:`PerTensor`) are small typed values, not strings.  Invalid
+``Int8Config`` (calibrated static int8) and ``DynamicInt8Config`` (activations quantized at
+run time) are what a user writes; :class:`Calibration` and the granularities
+(:class:`PerChannel`, :class:`PerTensor`, :class:`PerRow`) are small typed values, not strings.  Invalid
 values raise :class:`~qcompile.errors.ConfigError` naming the parameter (the CLI adds its
 flag name).  ``to_json``/``from_json`` round-trip the config through the manifest.
 """
@@ -44,13 +45,23 @@ class PerTensor:
         return "per_tensor"
 
 
+@dataclass(frozen=True)
+class PerRow:
+    """One run-time activation scale per row (the last axis reduced: per token)."""
+
+    def to_json(self) -> str:
+        return "per_row"
+
+
 Granularity = Union[PerChannel, PerTensor]
+ActivationGranularity = Union[PerTensor, PerRow]
 _GRANULARITIES = {"per_channel": PerChannel(), "per_tensor": PerTensor()}
+_ACTIVATION_GRANULARITIES = {"per_tensor": PerTensor(), "per_row": PerRow()}
 
 
-def config_error(parameter: str, expected: str, got: Any) -> ConfigError:
-    """``ConfigError("Int8Config.<parameter>: expected ..., but got ...")`` carrying the parameter."""
-    exc = ConfigError(f"Int8Config.{parameter}: expected {expected}, but got {got!r}")
+def config_error(parameter: str, expected: str, got: Any, owner: str = "Int8Config") -> ConfigError:
+    """``ConfigError("<owner>.<parameter>: expected ..., but got ...")`` carrying the parameter."""
+    exc = ConfigError(f"{owner}.{parameter}: expected {expected}, but got {got!r}")
     exc.parameter = parameter  # the CLI names its flag for it
     return exc
 
@@ -154,10 +165,102 @@ class Int8Config:
 
 
 @dataclass(frozen=True)
+class DynamicInt8Config:
+    """Dynamic int8 quantization (ONNX Runtime's ``quantize_dynamic``): no calibration data.
+
+    Weights of matmul/dense and conv2d layers become int8 constants, symmetric, per output
+    channel (or per layer); activations are quantized while the model runs, from each
+    tensor's own min/max, and the int32 accumulator is scaled back to float32.
+    weights: :class:`PerChannel` (default) or :class:`PerTensor`.
+    activations: :class:`PerTensor` (default, as ONNX Runtime) or :class:`PerRow` (one scale
+      per row of a matmul's input, e.g. per token; convs stay per tensor).
+    activation_symmetric: False gives uint8 activations with a zero point (ONNX Runtime's
+      DynamicQuantizeLinear); True gives int8 activations from the absolute maximum.
+    keep_float: layers left in float, as in :class:`Int8Config`.
+    reduce_range: 7-bit weights; None: decided by the target (``for_target``).
+    """
+
+    weights: Granularity = field(default_factory=PerChannel)
+    activations: ActivationGranularity = field(default_factory=PerTensor)
+    activation_symmetric: bool = False
+    keep_float: tuple[str, ...] = field(default_factory=tuple)
+    reduce_range: bool | None = None
+
+    scheme = "int8-dynamic"
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if isinstance(self.weights, str) and self.weights in _GRANULARITIES:
+            object.__setattr__(self, "weights", _GRANULARITIES[self.weights])
+        if not isinstance(self.weights, (PerChannel, PerTensor)):
+            raise config_error("weights", "PerChannel() or PerTensor()", self.weights, owner)
+        if isinstance(self.activations, str) and self.activations in _ACTIVATION_GRANULARITIES:
+            object.__setattr__(self, "activations", _ACTIVATION_GRANULARITIES[self.activations])
+        if not isinstance(self.activations, (PerTensor, PerRow)):
+            raise config_error("activations", "PerTensor() or PerRow()", self.activations, owner)
+        if isinstance(self.keep_float, str):
+            object.__setattr__(self, "keep_float", (self.keep_float,))
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        if not all(isinstance(k, str) and k for k in self.keep_float):
+            raise config_error("keep_float", "layer names such as conv2d_0, first, last or matmul", self.keep_float,
+                               owner)
+        if not isinstance(self.activation_symmetric, bool):
+            raise config_error("activation_symmetric", "True or False", self.activation_symmetric, owner)
+        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
+            raise config_error("reduce_range", "True, False or None", self.reduce_range, owner)
+
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.weights, PerChannel)
+
+    @property
+    def per_row(self) -> bool:
+        return isinstance(self.activations, PerRow)
+
+    @property
+    def weight_qmax(self) -> int:
+        return 63 if self.reduce_range else 127
+
+    @property
+    def activation_dtype(self) -> str:
+        return "int8" if self.activation_symmetric else "uint8"
+
+    def for_target(self, target) -> "DynamicInt8Config":
+        """This config with ``reduce_range`` decided as :meth:`Int8Config.for_target` does."""
+        if self.reduce_range is not None:
+            return self
+        decided = Int8Config(activation_symmetric=self.activation_symmetric).for_target(target)
+        return replace(self, reduce_range=decided.reduce_range)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "weights": self.weights.to_json(),
+            "activations": self.activations.to_json(),
+            "activation_symmetric": self.activation_symmetric,
+            "keep_float": list(self.keep_float),
+            "reduce_range": self.reduce_range,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DynamicInt8Config":
+        data = dict(data)
+        version = data.pop("version", VERSION)
+        if version != VERSION:
+            raise ConfigError(f"quantization config version {version} is not {VERSION}: rebuild the artifact")
+        return cls(**data)
+
+
+QuantConfig = Union[Int8Config, DynamicInt8Config]
+
+
+@dataclass(frozen=True)
 class QuantizationInfo:
     """What quantization made of a model; carried by the ImportedModel and written to the manifest.
 
-    source: ``qcompile-ptq`` (calibrated here) or ``<kind>-qdq`` (a pre-quantized import).
+    source: ``qcompile-ptq`` (calibrated here), ``qcompile-dynamic`` (dynamic quantization
+      here) or ``<kind>-qdq`` (a pre-quantized import).
+    scheme: ``int8`` (static scales) or ``int8-dynamic`` (activations quantized at run time).
     layers: one entry per integer layer (op, dtypes, scales) as realize reports them.
     float_layers: layers kept in float on request; float_ops: op -> count left in float;
     float_nodes: conv2d/matmul a pre-quantized model left float (an unsupported QDQ pattern).
@@ -166,13 +269,12 @@ class QuantizationInfo:
     source: str
     activation_dtype: str | None
     layers: tuple[dict, ...]
-    config: Int8Config | None = None
+    config: QuantConfig | None = None
     weight_range: tuple[int, int] | None = None
     float_layers: tuple[str, ...] = ()
     float_ops: dict[str, int] = field(default_factory=dict)
     float_nodes: tuple[str, ...] = ()
-
-    scheme = "int8"
+    scheme: str = "int8"
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"scheme": self.scheme, "source": self.source}
