@@ -68,7 +68,7 @@ def rpc_endpoint(args):
 # Int8Config parameter -> the flag that sets it (for error messages).
 _FLAGS = {"calibration": "--calib-method", "percentile": "--percentile", "weights": "--per-tensor",
           "activation_symmetric": "--symmetric", "num_samples": "--calib-samples", "keep_float": "--keep-float",
-          "reduce_range": "--reduce-range"}
+          "reduce_range": "--reduce-range", "activations": "--per-row"}
 
 
 def add_model_options(p) -> None:
@@ -82,8 +82,10 @@ def add_model_options(p) -> None:
     p.add_argument("--trust-pt2", action="store_true",
                    help="load a .pt2 even if it holds pickled objects beyond tensors: torch unpickles them, which "
                         "can run code -- only for files from a source you trust")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: calibrate and build integer kernels (default: none)")
+    p.add_argument("--quantize", choices=["none", "int8", "int8-dynamic"], default="none",
+                   help="int8: calibrate and build integer kernels; int8-dynamic: int8 weights, activations "
+                        "quantized at run time, no calibration data (ONNX Runtime's quantize_dynamic) "
+                        "(default: none)")
     q = p.add_argument_group("int8 quantization")
     q.add_argument("--calib-data", metavar="PATH",
                    help=".npz keyed by input name (samples first), .npy, or a folder of images")
@@ -108,6 +110,11 @@ def add_model_options(p) -> None:
                    help="image calibration: per-channel mean after scaling to [0,1] (default: ImageNet)")
     q.add_argument("--calib-std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="image calibration: per-channel std (default: ImageNet)")
+    d = p.add_argument_group("int8-dynamic quantization (also: --per-tensor, --symmetric, --reduce-range, "
+                             "--keep-float)")
+    d.add_argument("--per-row", action="store_true",
+                   help="one run-time activation scale per row of each matmul's input, e.g. per token "
+                        "(default: per tensor)")
 
 
 def model_options(args) -> dict[str, Any]:
@@ -116,6 +123,11 @@ def model_options(args) -> dict[str, Any]:
 
     if args.quantize == "none" and (args.calib_data or args.keep_float):
         raise ConfigError("--calib-data/--keep-float apply with --quantize int8")
+    if args.quantize == "int8-dynamic" and (args.calib_data or args.calib_mean or args.calib_std):
+        raise ConfigError("--calib-data: --quantize int8-dynamic quantizes activations at run time and takes "
+                          "no calibration data (calibrate with --quantize int8)")
+    if args.per_row and args.quantize != "int8-dynamic":
+        raise ConfigError("--per-row applies with --quantize int8-dynamic")
     if args.quantize == "int8" and not args.calib_data:
         raise ConfigError("--quantize int8 needs --calib-data PATH (.npz, .npy or a folder of images)")
     options: dict[str, Any] = {"input_shapes": parse_input_shapes(args.input_shape), "weights": args.weights,
@@ -132,6 +144,13 @@ def model_options(args) -> dict[str, Any]:
             default = qcompile.ImagePreprocess()
             options["preprocess"] = qcompile.ImagePreprocess(mean=tuple(args.calib_mean or default.mean),
                                                              std=tuple(args.calib_std or default.std))
+    elif args.quantize == "int8-dynamic":
+        import qcompile
+
+        options["quantization"] = qcompile.DynamicInt8Config(
+            weights=qcompile.PerChannel() if args.per_channel else qcompile.PerTensor(),
+            activations=qcompile.PerRow() if args.per_row else qcompile.PerTensor(),
+            activation_symmetric=args.symmetric, keep_float=tuple(args.keep_float), reduce_range=args.reduce_range)
     return options
 
 
