@@ -5,6 +5,13 @@ QLinearMatMul, ConvInteger, MatMulInteger, and com.microsoft's QGemm, QLinearAdd
 QLinearConcat, QLinearAveragePool, QLinearGlobalAveragePool) that TVM's ONNX frontend
 does not convert.  Each is replaced by DequantizeLinear -> float op -> QuantizeLinear,
 exactly its definition, so the one realize pass turns it back into integer kernels.
+
+ONNX Runtime's ``quantize_dynamic`` writes DynamicQuantizeLinear -> MatMulInteger /
+ConvInteger -> Cast -> Mul by ``x_scale * w_scale``: the activation's scale and zero point
+are computed at run time.  DynamicQuantizeLinear is written out as its definition (with
+ONNX Runtime's scale for an all-zero tensor), the integer op's DequantizeLinear reads the
+zero point as a tensor, and :mod:`qcompile.quantize.dynamic` realizes that pattern as an
+integer kernel.
 """
 from __future__ import annotations
 
@@ -26,6 +33,12 @@ class _Rewriter:
         self.inits = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
         self.counter = 0
         self.nodes: list = []
+        self.readers: dict[str, list] = {}  # tensor -> the nodes that read it
+        for node in self.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in self.graph.output}
+        self.absorbed: set[str] = set()  # first outputs of the nodes a converter took over
 
     def fresh(self, base: str) -> str:
         self.counter += 1
@@ -142,7 +155,13 @@ def _qlinear_concat(rw: _Rewriter, node) -> None:
 
 
 def _integer(op_type: str, weight_axis: int) -> Callable:
-    """ConvInteger / MatMulInteger: (a - za) op (b - zb) in int32 == DQ at scale 1, then Cast."""
+    """ConvInteger / MatMulInteger: (a - za) op (b - zb) in int32 == DQ at scale 1, then Cast.
+
+    A zero point may be a run-time tensor (DynamicQuantizeLinear's): a scalar, read as
+    such by the DequantizeLinear.  When the only reader of the output is a Cast to float
+    (quantize_dynamic's), the float op's result replaces the Cast's: the int32 round trip
+    changes no integer value, and TVM imports a float -> int32 Cast as a chain of
+    wrap-around ops."""
 
     def convert(rw: _Rewriter, node) -> None:
         from onnx import TensorProto, helper
@@ -150,16 +169,55 @@ def _integer(op_type: str, weight_axis: int) -> Callable:
         a, b = node.input[:2]
         za = node.input[2] if len(node.input) > 2 and node.input[2] else None
         zb = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        if za is not None and za in rw.inits and rw.inits[za].size > 1:
+            raise ModelImportError(f"{rw.where}: {node.op_type} node {node.name!r} has a per-row input zero point; "
+                                   "only a per-tensor one is supported")
         one = rw.const(np.array(1.0, np.float32), "one")
-        zb_axis = weight_axis if zb is not None and rw.value(node, zb).size > 1 else None
-        if zb_axis is not None:
-            one_b = rw.const(np.ones(rw.value(node, zb).size, np.float32), "ones")
-        else:
-            one_b = one
+        zb_size = rw.inits[zb].size if zb is not None and zb in rw.inits else 1
+        zb_axis = weight_axis if zb_size > 1 else None
+        one_b = rw.const(np.ones(zb_size, np.float32), "ones") if zb_axis is not None else one
         out = rw.op(op_type, [rw.dq(a, one, za), rw.dq(b, one_b, zb, zb_axis)], node)
-        rw.nodes.append(helper.make_node("Cast", [out], [node.output[0]], to=TensorProto.INT32))
+        readers = rw.readers.get(node.output[0], [])
+        if len(readers) == 1 and _is_cast_to_float(readers[0]) and node.output[0] not in rw.outputs:
+            rw.absorbed.add(readers[0].output[0])
+            rw.nodes.append(helper.make_node("Identity", [out], [readers[0].output[0]]))
+        else:
+            rw.nodes.append(helper.make_node("Cast", [out], [node.output[0]], to=TensorProto.INT32))
 
     return convert
+
+
+def _dynamic_quantize_linear(rw: _Rewriter, node) -> None:
+    """DynamicQuantizeLinear as its definition, in ops TVM's frontend imports:
+    ``s = (max(0, max x) - min(0, min x)) / 255``, ``zp = round(clip(-min(0, min x) / s, 0, 255))``,
+    ``y = QuantizeLinear(x, s, zp)``, with the two maxima as Relu and the zero point's
+    round-and-saturate as QuantizeLinear at scale 1 (a handful of small ops); an all-zero
+    tensor gets scale 1 (the definition divides by 0 there; ONNX Runtime returns zeros)."""
+    from onnx import helper
+
+    def emit(op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or rw.fresh(node.output[0])
+        rw.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    x = node.input[0]
+    y, scale_out, zp_out = (list(node.output) + ["", ""])[:3]
+    zero, one = rw.const(np.array(0.0, np.float32), "zero"), rw.const(np.array(1.0, np.float32), "one")
+    qmax, zero_u8 = rw.const(np.array(255.0, np.float32), "qmax"), rw.const(np.array(0, np.uint8), "zero_u8")
+    hi = emit("Relu", [emit("ReduceMax", [x], keepdims=0)])
+    neg_lo = emit("Relu", [emit("Neg", [emit("ReduceMin", [x], keepdims=0)])])  # -min(0, min x)
+    raw = emit("Div", [emit("Add", [hi, neg_lo]), qmax])
+    scale = emit("Where", [emit("Equal", [raw, zero]), one, raw], scale_out or None)
+    zp = emit("QuantizeLinear", [emit("Div", [neg_lo, scale]), one, zero_u8], zp_out or None)
+    if y:
+        emit("QuantizeLinear", [x, scale, zp], y)
+
+
+def _is_cast_to_float(node) -> bool:
+    from onnx import TensorProto, helper
+
+    return node.op_type == "Cast" and node.domain in ("", "ai.onnx") and any(
+        a.name == "to" and helper.get_attribute_value(a) == TensorProto.FLOAT for a in node.attribute)
 
 
 CONVERTERS: dict[tuple[str, str], Callable] = {
@@ -167,6 +225,7 @@ CONVERTERS: dict[tuple[str, str], Callable] = {
     ("", "QLinearMatMul"): _qlinear_matmul,
     ("", "ConvInteger"): _integer("Conv", 0),
     ("", "MatMulInteger"): _integer("MatMul", 1),
+    ("", "DynamicQuantizeLinear"): _dynamic_quantize_linear,
     (_MS, "QGemm"): _qgemm,
     (_MS, "QLinearAdd"): _qlinear_binary("Add"),
     (_MS, "QLinearMul"): _qlinear_binary("Mul"),
@@ -184,6 +243,8 @@ def to_qdq(proto, where: str):
     """The model with every QOperator node replaced by its QDQ definition."""
     rw = _Rewriter(proto, where)
     for node in proto.graph.node:
+        if node.output and node.output[0] in rw.absorbed:
+            continue
         convert = CONVERTERS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
         if convert is None:
             if node.domain == _MS:
