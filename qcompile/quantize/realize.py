@@ -3,12 +3,22 @@
 Input is any Relax module in QDQ form (``quantize``/``dequantize`` around float ops,
 weights as int8 constants behind ``dequantize``).  Matched regions become:
 
-* ``quantize([relu](conv2d|matmul(dq(xq), dq(Wq)) [+ dq(Bq)]))`` ->
-  ``conv2d|matmul(xq, Wq, out_dtype=int32) + (Bq - zx * sum(Wq))`` then requantize;
-  with a non-zero input zero point the input is padded with ``zx`` explicitly.
-* ``quantize(max_pool2d|reshape|...(dq(xq)))`` with the same scale -> the op on ``xq``.
-* ``quantize([relu](add|concat|mean|avg_pool2d(dq(x)...)))`` -> integer inputs, rescaled
-  to the output scale in float32 inside the fused kernel, integer output.
+* ``quantize([relu](conv(dq(xq), dq(Wq)) [+ dq(Bq)]))`` for conv2d, conv1d,
+  conv2d_transpose and matmul -> the op on ``xq`` and ``Wq`` with ``out_dtype=int32`` +
+  ``(Bq - zx * sum(Wq))``, then requantize.  With a non-zero input zero point a padded conv
+  pads with ``zx`` explicitly; a transposed conv subtracts ``zx * conv2d_transpose(1, Wq)``
+  (a constant: which taps reach an output depends on its position).  A matmul on 3-D or
+  wider activations runs as one 2-D ``[B*S, K] x [K, N]`` product, the shape the dense
+  kernels take.
+* ``quantize(matmul(dq(aq), dq(bq)))`` of two activations (attention) ->
+  ``matmul(aq, bq, out_dtype=int32) - zb * rowsum(aq) - za * colsum(bq) + K * za * zb``,
+  then requantize with ``sa * sb / sy``.
+* ``quantize(max_pool2d|reshape|...(dq(xq)))`` with the same scale -> the op on ``xq``;
+  ``quantize(multiply(dq(xq), c))`` at scale ``sx * c`` -> ``xq`` itself.
+* ``quantize([relu](add|concat|mean|avg_pool2d|multiply|divide(dq(x)...)))`` -> integer
+  inputs, rescaled to the output scale in float32 inside the fused kernel, integer output.
+* A conv/matmul on dequantized inputs whose output is not re-quantized still runs as an
+  integer kernel, its int32 accumulator scaled back to float32 in the same fused kernel.
 
 Requantize: ``y = clip(round(float32(acc) * float32(sx * sw / sy)) + zy, lo, hi)`` with
 round-half-to-even (``relax.op.round``, like ``numpy.round``); a fused relu raises ``lo``
@@ -35,7 +45,13 @@ from qcompile.passes.bindings import (
     shape_of,
     with_main,
 )
-from qcompile.quantize.op_tables import ANCHORS, LINEAR_OPS, SAME_SCALE_OPS
+from qcompile.quantize.op_tables import (
+    ANCHORS,
+    CONV_LAYOUTS,
+    LINEAR_OPS,
+    SAME_SCALE_OPS,
+    SCALE_OPS,
+)
 
 _QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
@@ -47,6 +63,27 @@ class RealizeReport:
     layers: list[dict] = field(default_factory=list)
 
 
+class _Layers:
+    """Report entries keyed by the program position of the op they came from; named
+    ``<op>_<n>`` in program order at the end, as PTQ names its layers (``--keep-float``),
+    although the float-output layers are found in a second pass."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[float, int, dict]] = []
+
+    def add(self, position: float, entry: dict) -> None:
+        self.entries.append((position, len(self.entries), entry))
+
+    def named(self) -> list[dict]:
+        counters: dict[str, int] = {}
+        out = []
+        for _, _, entry in sorted(self.entries, key=lambda e: (e[0], e[1])):
+            index = counters.get(entry["op"], 0)
+            counters[entry["op"]] = index + 1
+            out.append({"name": f"{entry['op']}_{index}", **entry})
+        return out
+
+
 @dataclass(frozen=True)
 class _Q:
     """A quantized tensor: its integer var (new module) and scale/zero point."""
@@ -56,31 +93,65 @@ class _Q:
     zero_point: np.ndarray
     axis: int
 
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1 and self.zero_point.size == 1
+
+    @property
+    def s(self) -> float:
+        return float(self.scale.reshape(-1)[0])
+
+    @property
+    def z(self) -> int:
+        return int(self.zero_point.reshape(-1)[0])
+
 
 def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
     """Rewrite QDQ regions of ``main`` into integer ops; returns the module and a report."""
     func = mod["main"]
     graph = Graph.from_main(func)
-    report = RealizeReport()
-    counters: dict[str, int] = {}
+    layers = _Layers()
+    position = {var: float(i) for i, (var, _) in enumerate(graph.bindings)}
     dq_source, weight_of = _dequantize_readers(graph)
+    emitter: dict = {}
 
     def rewrite(em: Emitter, var, value):
+        emitter["em"] = em
         if op_name(value) != "relax.quantize":
             return None
         sy, zy = const_value(value.args[1]), const_value(value.args[2])
         if sy is None or zy is None or sy.size != 1:
             return None
         out = _OutQ(float(sy.reshape(-1)[0]), int(zy.reshape(-1)[0]), str(value.attrs.out_dtype))
-        for matcher in (_match_layer, _match_same_scale, _match_linear):
-            new = matcher(em, graph, value.args[0], out, dq_source, weight_of, report, counters)
+        ctx = _Context(em, graph, dq_source, weight_of, layers, position)
+        for matcher in (_match_layer, _match_same_scale, _match_scaled, _match_linear):
+            new = matcher(ctx, value.args[0], out)
             if new is not None:
                 return new
         return None
 
     main = rebuild(func, rewrite)
     new_mod = relax.transform.DeadCodeElimination(["main"])(with_main(mod, main))
-    return _qparams_as_tensors(_realize_float_outputs(new_mod, report, counters)), report
+    # the second pass sees the new module's vars: their positions are those of the old ones
+    vmap = emitter["em"].vmap if "em" in emitter else {}
+    new_position = {new: position[old] for old, new in vmap.items() if isinstance(new, relax.Var) and old in position}
+    new_mod = _realize_float_outputs(new_mod, layers, new_position)
+    return _qparams_as_tensors(new_mod), RealizeReport(layers.named())
+
+
+@dataclass
+class _Context:
+    """What the matchers read and write: the emitter, the QDQ graph and its readers, the report."""
+
+    em: Emitter
+    graph: Graph
+    dq_source: object
+    weight_of: object
+    layers: _Layers
+    position: dict
+
+    def where(self, var) -> float:
+        return self.position.get(var, float(len(self.position)))
 
 
 @relax.expr_functor.mutator
@@ -193,7 +264,8 @@ def _requantize(em: Emitter, acc, multiplier: np.ndarray, out: _OutQ, lo: float 
     return em.emit(relax.op.astype(y, out.dtype))
 
 
-def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
+def _match_layer(ctx: _Context, expr, out: _OutQ):
+    graph, em = ctx.graph, ctx.em
     inner, lo, hi = _activation(graph, expr)
     bias = float_bias = None
     add = graph.call_of(inner, "relax.add")
@@ -204,17 +276,17 @@ def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
             if producer is None or op_name(producer) not in ANCHORS:
                 continue
             other = add.args[1 - i]
-            bias, float_bias = weight_of(other), const_value(other)  # int32 behind dq, or float (PT2E)
+            bias, float_bias = ctx.weight_of(other), const_value(other)  # int32 behind dq, or float (PT2E)
             if bias is not None or (float_bias is not None and float_bias.dtype == np.float32):
                 anchor_expr = add.args[i]
                 break
         else:
             return None
     anchor = graph.producer.get(anchor_expr) if isinstance(anchor_expr, relax.Var) else None
-    acc = _int_anchor(em, anchor, dq_source, weight_of)
+    acc = _int_anchor(em, anchor, ctx.dq_source, ctx.weight_of)
     if acc is None:
         return None
-    sx, zx, wscale, channels, bshape, conv = acc.sx, acc.zx, acc.wscale, acc.channels, acc.bshape, acc.conv
+    sx, zx, wscale, channels, bshape = acc.sx, acc.zx, acc.wscale, acc.channels, acc.bshape
     bias_int = np.zeros(channels, np.int64)
     if float_bias is not None and bias is None:  # quantize a float bias at sx * sw, as fbgemm does
         if float_bias.size != channels:
@@ -231,13 +303,9 @@ def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
     total = _add_int_constant(em, acc.var, bias_int - zx * acc.wsum, bshape)
     multiplier = (np.float32(sx) * wscale / np.float32(out.scale)).astype(np.float32).reshape(bshape)
     result = _requantize(em, total, multiplier, out, lo, hi)
-    name = "conv2d" if conv else "matmul"
-    index = counters.get(name, 0)
-    counters[name] = index + 1
-    report.layers.append({
-        "name": f"{name}_{index}", "op": name, "dtype": f"{acc.x_dtype} x int8 -> int32 -> {out.dtype}",
-        "input_scale": sx, "input_zero_point": zx, "output_scale": out.scale, "output_zero_point": out.zero_point,
-        "weight_scale_min": float(wscale.min()), "weight_scale_max": float(wscale.max()),
+    ctx.layers.add(ctx.where(anchor_expr), {
+        "op": acc.kind, "dtype": f"{acc.dtypes} -> int32 -> {out.dtype}",
+        **acc.scales(), "output_scale": out.scale, "output_zero_point": out.zero_point,
         "fused_relu": lo is not None,
     })
     return result
@@ -245,59 +313,167 @@ def _match_layer(em, graph, expr, out, dq_source, weight_of, report, counters):
 
 @dataclass(frozen=True)
 class _Acc:
-    """An integer conv2d/matmul: its int32 accumulator and what requantizing it needs."""
+    """An integer conv/matmul: its int32 accumulator and what requantizing it needs."""
 
     var: object
+    kind: str  # the layer's op in the report: conv2d, conv1d, conv2d_transpose, matmul
     sx: float
     zx: int
-    wscale: np.ndarray  # (channels,)
+    wscale: np.ndarray  # (channels,); a matmul of two activations: the second one's scale
     wsum: np.ndarray  # per output channel sum of the int8 weight (zero-point correction)
     channels: int
     bshape: tuple
-    conv: bool
-    x_dtype: str
+    dtypes: str  # "uint8 x int8"
+    rhs: _Q | None = None  # the second activation of a matmul of two activations
+
+    def scales(self) -> dict:
+        """The report's input and weight (or second input) parameters."""
+        out = {"input_scale": self.sx, "input_zero_point": self.zx}
+        if self.rhs is not None:
+            out.update({"rhs_scale": self.rhs.s, "rhs_zero_point": self.rhs.z})
+        else:
+            out.update({"weight_scale_min": float(self.wscale.min()), "weight_scale_max": float(self.wscale.max())})
+        return out
 
 
 def _int_anchor(em, anchor, dq_source, weight_of) -> _Acc | None:
-    """``conv2d|matmul(dq(xq), dq(Wq))`` as an int32-accumulating op on ``xq`` and ``Wq``."""
-    kind = op_name(anchor) if anchor is not None else None
-    if kind not in ANCHORS:
+    """``conv|matmul(dq(xq), dq(Wq))`` as an int32-accumulating op on ``xq`` and ``Wq``
+    (or on ``xq`` and a second activation ``bq``)."""
+    kind = ANCHORS.get(op_name(anchor)) if anchor is not None else None
+    if kind is None:
         return None
     x = dq_source(em, anchor.args[0])
-    w = weight_of(anchor.args[1])
-    if x is None or w is None or x.scale.size != 1 or x.zero_point.size != 1:
+    if x is None or not x.per_tensor:
         return None
+    w = weight_of(anchor.args[1])
+    if w is None:
+        return _int_matmul_activations(em, anchor, x, dq_source) if kind == "matmul" else None
     wq, wscale, wzp, waxis = w
     if wq.dtype != np.int8 or np.any(wzp != 0):
         return None
-    conv = kind == "relax.nn.conv2d"
-    channel_axis = 0 if conv else 1
-    if wq.ndim != (4 if conv else 2):
+    channel_axis, rank = (CONV_LAYOUTS[kind][2], CONV_LAYOUTS[kind][3]) if kind in CONV_LAYOUTS else (1, 2)
+    if wq.ndim != rank:
         return None
     if wscale.size not in (1, wq.shape[channel_axis]) or (wscale.size > 1 and waxis % wq.ndim != channel_axis):
         return None
     channels = wq.shape[channel_axis]
-    sx, zx = float(x.scale.reshape(-1)[0]), int(x.zero_point.reshape(-1)[0])
+    sx, zx = x.s, x.z
     wscale = np.broadcast_to(wscale.reshape(-1).astype(np.float32), (channels,))
-    data = x.var
-    if conv:
-        attrs = anchor.attrs
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
-            return None
-        padding = [int(p) for p in attrs.padding]
-        if zx != 0 and any(padding):  # padded zeros must be the zero point, not 0
-            top, left, bottom, right = padding
-            data = em.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
-            padding = [0, 0, 0, 0]
-        acc = em.emit(relax.op.nn.conv2d(data, relax.const(wq), strides=attrs.strides, padding=padding,
-                                         dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32"))
-        wsum = wq.astype(np.int64).reshape(channels, -1).sum(axis=1)
-        bshape = (1, channels, 1, 1)
+    if kind == "matmul":
+        acc = _int_dense(em, x.var, wq)
+        wsum, bshape = wq.astype(np.int64).sum(axis=0), (channels,)
     else:
-        acc = em.emit(relax.op.matmul(data, relax.const(wq), out_dtype="int32"))
-        wsum = wq.astype(np.int64).sum(axis=0)
-        bshape = (channels,)
-    return _Acc(acc, sx, zx, wscale, wsum, channels, bshape, conv, dtype_of(x.var))
+        found = _int_conv(em, anchor, kind, x.var, zx, wq)
+        if found is None:
+            return None
+        acc, wsum, bshape = found
+    return _Acc(acc, kind, sx, zx, wscale, wsum, channels, bshape, f"{dtype_of(x.var)} x int8")
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    try:
+        return shape_of(expr)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _int_dense(em, data, wq: np.ndarray):
+    """``matmul(data, Wq)`` in int32; ``data`` of rank > 2 flattened to one 2-D product."""
+    shape = _static_shape(data)
+    if shape is None or len(shape) <= 2:
+        return em.emit(relax.op.matmul(data, relax.const(wq), out_dtype="int32"))
+    rows = int(np.prod(shape[:-1]))
+    flat = em.emit(relax.op.reshape(data, (rows, shape[-1])))
+    acc = em.emit(relax.op.matmul(flat, relax.const(wq), out_dtype="int32"))
+    return em.emit(relax.op.reshape(acc, (*shape[:-1], wq.shape[1])))
+
+
+def _int_conv(em, anchor, kind: str, data, zx: int, wq: np.ndarray):
+    """(int32 accumulator, per-channel weight sums, bias shape) of an integer conv2d,
+    conv1d or conv2d_transpose in the layouts PTQ and the importers write, else None."""
+    attrs = anchor.attrs
+    data_layout, kernel_layout, channel_axis, rank = CONV_LAYOUTS[kind]
+    if str(attrs.data_layout) != data_layout or str(attrs.kernel_layout) != kernel_layout:
+        return None
+    if str(attrs.out_layout) not in ("", data_layout):
+        return None
+    channels = wq.shape[channel_axis]
+    bshape = (1, channels) + (1,) * (rank - 2)
+    padding = [int(p) for p in attrs.padding]
+    if kind == "conv2d_transpose":
+        if int(attrs.groups) != 1:
+            return None
+        acc = em.emit(relax.op.nn.conv2d_transpose(
+            data, relax.const(wq), strides=attrs.strides, padding=padding, output_padding=attrs.output_padding,
+            dilation=attrs.dilation, groups=1, out_dtype="int32"))
+        out_shape, in_shape = _static_shape(anchor), _static_shape(data)
+        if zx != 0:
+            if out_shape is None or in_shape is None:
+                return None
+            ones = _transpose_conv_ones(wq, in_shape[2:], [int(s) for s in attrs.strides], padding,
+                                        [int(d) for d in attrs.dilation], out_shape[2:])
+            acc = em.emit(relax.op.subtract(acc, relax.const((zx * ones).astype(np.int32))))
+        return acc, np.zeros(channels, np.int64), bshape
+    if zx != 0 and any(padding):  # padded zeros must be the zero point, not 0
+        if kind == "conv2d":
+            top, left, bottom, right = padding
+            widths = [0, 0, 0, 0, top, bottom, left, right]
+        else:
+            widths = [0, 0, 0, 0, padding[0], padding[1]]
+        data = em.emit(relax.op.nn.pad(data, widths, pad_value=float(zx)))
+        padding = [0] * len(padding)
+    make = relax.op.nn.conv2d if kind == "conv2d" else relax.op.nn.conv1d
+    acc = em.emit(make(data, relax.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                       groups=int(attrs.groups), out_dtype="int32"))
+    return acc, wq.astype(np.int64).reshape(channels, -1).sum(axis=1), bshape
+
+
+def _transpose_conv_ones(wq: np.ndarray, in_hw, strides, padding, dilation, out_hw) -> np.ndarray:
+    """``conv2d_transpose(ones, Wq)`` as (1, O, OH, OW) int64: the weight taps, summed over
+    input channels, that reach each output position."""
+    taps = wq.astype(np.int64).sum(axis=0)  # (O, KH, KW)
+    (h, w), (sh, sw), (dh, dw) = in_hw, strides, dilation
+    kh, kw = taps.shape[1:]
+    top, left = padding[0], padding[1]
+    full = np.zeros((taps.shape[0], max((h - 1) * sh + dh * (kh - 1) + 1, top + out_hw[0]),
+                     max((w - 1) * sw + dw * (kw - 1) + 1, left + out_hw[1])), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            full[:, i * dh:i * dh + (h - 1) * sh + 1:sh, j * dw:j * dw + (w - 1) * sw + 1:sw] += taps[:, i, j, None, None]
+    return full[None, :, top:top + out_hw[0], left:left + out_hw[1]]
+
+
+def _int_param(value: int, like) -> relax.Constant:
+    """An int32 zero point as a tensor broadcastable to ``like`` (see :func:`_param`)."""
+    return relax.const(np.full((1,) * max(1, len(shape_of(like))), value, np.int32))
+
+
+def _int_matmul_activations(em, anchor, a: _Q, dq_source) -> _Acc | None:
+    """``matmul(dq(aq), dq(bq))`` of two per-tensor quantized activations in int32:
+    ``sum_k (a - za)(b - zb)`` expanded so that the product runs on the integer inputs.
+
+    The row and column sums are taken for every uint8 (or zero-point) operand, with the
+    zero points as tensors: the kernels stay the same when a recalibration moves them."""
+    b = dq_source(em, anchor.args[1])
+    if b is None or not b.per_tensor:
+        return None
+    a_shape, b_shape = _static_shape(a.var), _static_shape(b.var)
+    if a_shape is None or b_shape is None or len(a_shape) < 2 or len(b_shape) < 2:
+        return None
+    if dtype_of(a.var) not in _QRANGE or dtype_of(b.var) not in _QRANGE:
+        return None
+    acc = em.emit(relax.op.matmul(a.var, b.var, out_dtype="int32"))
+    k = a_shape[-1]
+    if dtype_of(b.var) == "uint8" or b.z != 0:  # - zb * sum_k a
+        rows = em.emit(relax.op.sum(em.emit(relax.op.astype(a.var, "int32")), axis=[-1], keepdims=True))
+        acc = em.emit(relax.op.subtract(acc, em.emit(relax.op.multiply(rows, _int_param(b.z, rows)))))
+    if dtype_of(a.var) == "uint8" or a.z != 0:  # - za * sum_k b, + K * za * zb
+        cols = em.emit(relax.op.sum(em.emit(relax.op.astype(b.var, "int32")), axis=[-2], keepdims=True))
+        acc = em.emit(relax.op.subtract(acc, em.emit(relax.op.multiply(cols, _int_param(a.z, cols)))))
+        acc = em.emit(relax.op.add(acc, _int_param(k * a.z * b.z, acc)))
+    n = b_shape[-1]
+    return _Acc(acc, "matmul", a.s, a.z, np.full(n, b.s, np.float32), np.zeros(n, np.int64), n, (n,),
+                f"{dtype_of(a.var)} x {dtype_of(b.var)}", rhs=b)
 
 
 def _add_int_constant(em, acc, value: np.ndarray, bshape: tuple):
@@ -306,10 +482,11 @@ def _add_int_constant(em, acc, value: np.ndarray, bshape: tuple):
     return em.emit(relax.op.add(acc, relax.const(value.astype(np.int32).reshape(bshape))))
 
 
-def _realize_float_outputs(mod: tvm.IRModule, report: RealizeReport, counters: dict) -> tvm.IRModule:
-    """Second stage: conv2d/matmul on dequantized int8 whose output is not re-quantized
-    (PT2E leaves e.g. conv -> residual add in float) still run as integer kernels, with
-    the int32 accumulator scaled back to float32 in the same fused kernel."""
+def _realize_float_outputs(mod: tvm.IRModule, layers: _Layers, position: dict) -> tvm.IRModule:
+    """Second stage: conv/matmul on dequantized int8 whose output is not re-quantized
+    (PTQ before a float op such as GELU or softmax; PT2E's conv -> residual add) still run
+    as integer kernels, with the int32 accumulator scaled back to float32 in the same
+    fused kernel."""
     graph = Graph.from_main(mod["main"])
     dq_source, weight_of = _dequantize_readers(graph)
 
@@ -320,63 +497,82 @@ def _realize_float_outputs(mod: tvm.IRModule, report: RealizeReport, counters: d
         total = _add_int_constant(em, acc.var, -acc.zx * acc.wsum, acc.bshape)
         scale = (np.float32(acc.sx) * acc.wscale).astype(np.float32).reshape(acc.bshape)
         result = em.emit(relax.op.multiply(em.emit(relax.op.astype(total, "float32")), relax.const(scale)))
-        name = "conv2d" if acc.conv else "matmul"
-        index = counters.get(name, 0)
-        counters[name] = index + 1
-        report.layers.append({"name": f"{name}_{index}", "op": name,
-                              "dtype": f"{acc.x_dtype} x int8 -> int32 -> float32",
-                              "input_scale": acc.sx, "input_zero_point": acc.zx,
-                              "weight_scale_min": float(acc.wscale.min()), "weight_scale_max": float(acc.wscale.max())})
+        layers.add(position.get(var, float(len(position))),
+                   {"op": acc.kind, "dtype": f"{acc.dtypes} -> int32 -> float32", **acc.scales()})
         return result
 
     return relax.transform.DeadCodeElimination(["main"])(with_main(mod, rebuild(mod["main"], rewrite)))
 
 
-def _match_same_scale(em, graph, expr, out, dq_source, weight_of, report, counters):
+def _match_same_scale(ctx: _Context, expr, out: _OutQ):
+    graph, em = ctx.graph, ctx.em
     call = graph.producer.get(expr) if isinstance(expr, relax.Var) else None
     if call is None or op_name(call) not in SAME_SCALE_OPS:
         return None
-    x = dq_source(em, call.args[0])
-    if x is None or x.scale.size != 1 or not np.isclose(float(x.scale.reshape(-1)[0]), out.scale, rtol=1e-6):
+    x = ctx.dq_source(em, call.args[0])
+    if x is None or x.scale.size != 1 or not np.isclose(x.s, out.scale, rtol=1e-6):
         return None
-    if int(x.zero_point.reshape(-1)[0]) != out.zero_point or dtype_of(x.var) != out.dtype:
+    if x.z != out.zero_point or dtype_of(x.var) != out.dtype:
         return None
     kind = op_name(call).split(".")[-1]
     if kind == "max_pool2d":  # reshapes and the like are not layers worth listing
-        index = counters.get(kind, 0)
-        counters[kind] = index + 1
-        report.layers.append({"name": f"{kind}_{index}", "op": kind, "dtype": f"{out.dtype} -> {out.dtype}",
-                              "output_scale": out.scale, "output_zero_point": out.zero_point})
+        ctx.layers.add(ctx.where(expr), {"op": kind, "dtype": f"{out.dtype} -> {out.dtype}",
+                                         "output_scale": out.scale, "output_zero_point": out.zero_point})
     return em.emit(relax.Call(call.op, [x.var] + [em.subst(a) for a in call.args[1:]], call.attrs, call.ty_args))
+
+
+def _match_scaled(ctx: _Context, expr, out: _OutQ):
+    """``quantize(multiply(dq(xq, s, z), c), s * c, z)`` (or divide by 1/c) is ``xq``: PTQ
+    moves a positive constant factor into the scale."""
+    call = ctx.graph.producer.get(expr) if isinstance(expr, relax.Var) else None
+    if call is None or op_name(call) not in SCALE_OPS:
+        return None
+    a, b = call.args
+    if op_name(call) == "relax.multiply" and const_value(a) is not None:
+        a, b = b, a
+    c = const_value(b)
+    x = ctx.dq_source(ctx.em, a)
+    if c is None or c.size != 1 or x is None or not x.per_tensor or _static_shape(a) != _static_shape(expr):
+        return None
+    c = float(c.reshape(-1)[0])
+    if not c > 0:
+        return None
+    factor = c if op_name(call) == "relax.multiply" else 1.0 / c
+    if not np.isclose(np.float32(x.s * factor), out.scale, rtol=1e-6):
+        return None
+    if x.z != out.zero_point or dtype_of(x.var) != out.dtype:
+        return None
+    return x.var
 
 
 def _dequant_float(em, q: _Q):
     """(x - zx) * sx in float32, to be fused into the consumer's kernel."""
     y = em.emit(relax.op.astype(q.var, "float32"))
-    zx = int(q.zero_point.reshape(-1)[0])
-    return em.emit(relax.op.subtract(y, _param(zx, y)))  # even when zero, as in _requantize
+    return em.emit(relax.op.subtract(y, _param(q.z, y)))  # even when zero, as in _requantize
 
 
-
-
-def _match_linear(em, graph, expr, out, dq_source, weight_of, report, counters):
+def _match_linear(ctx: _Context, expr, out: _OutQ):
+    graph, em = ctx.graph, ctx.em
     inner, lo, hi = _activation(graph, expr)
     call = graph.producer.get(inner) if isinstance(inner, relax.Var) else None
     name = op_name(call) if call is not None else None
-    if name not in LINEAR_OPS:
+    if name not in LINEAR_OPS and name not in SCALE_OPS:
         return None
+    scaled_arg = 0
     if name == "relax.concat":
         fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
-        sources = [dq_source(em, f) for f in fields] if fields else [None]
-    else:
-        sources = [dq_source(em, a) for a in call.args]
-        if name != "relax.add":
-            sources = sources[:1]
+        sources = [ctx.dq_source(em, f) for f in fields] if fields else [None]
+    elif name == "relax.add":
+        sources = [ctx.dq_source(em, a) for a in call.args]
+    else:  # linear in its first input (either input of a multiply); the others stay as they are
+        sources = [ctx.dq_source(em, call.args[0])]
+        if sources[0] is None and name == "relax.multiply":
+            scaled_arg, sources = 1, [ctx.dq_source(em, call.args[1])]
     if any(q is None or q.scale.size != 1 for q in sources):
         return None
     scaled = []
     for q in sources:
-        ratio = np.float32(np.float32(q.scale.reshape(-1)[0]) / np.float32(out.scale))
+        ratio = np.float32(np.float32(q.s) / np.float32(out.scale))
         dq = _dequant_float(em, q)
         scaled.append(em.emit(relax.op.multiply(dq, _param(ratio, dq))))
     if name == "relax.concat":
@@ -384,11 +580,11 @@ def _match_linear(em, graph, expr, out, dq_source, weight_of, report, counters):
     elif name == "relax.add":
         total = em.emit(relax.op.add(scaled[0], scaled[1]))
     else:
-        total = em.emit(relax.Call(call.op, [scaled[0]] + [em.subst(a) for a in call.args[1:]], call.attrs, call.ty_args))
+        args = [em.subst(a) for a in call.args]
+        args[scaled_arg] = scaled[0]
+        total = em.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
     kind = name.split(".")[-1]
-    index = counters.get(kind, 0)
-    counters[kind] = index + 1
-    report.layers.append({"name": f"{kind}_{index}", "op": kind,
-                          "dtype": f"{'/'.join(sorted({dtype_of(q.var) for q in sources}))} -> {out.dtype} (float32 inside)",
-                          "output_scale": out.scale, "output_zero_point": out.zero_point, "fused_relu": lo is not None})
+    ctx.layers.add(ctx.where(inner), {
+        "op": kind, "dtype": f"{'/'.join(sorted({dtype_of(q.var) for q in sources}))} -> {out.dtype} (float32 inside)",
+        "output_scale": out.scale, "output_zero_point": out.zero_point, "fused_relu": lo is not None})
     return _requantize(em, total, np.array(1.0, np.float32), out, lo, hi)
