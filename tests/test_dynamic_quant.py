@@ -196,6 +196,16 @@ def test_cnn_convs_quantize_dynamically(models, tmp_path):
     assert cosine >= 0.999
 
 
+def test_float_mlp_matches_onnxruntime_quantize_dynamic(models, tmp_path):
+    """The default config is ONNX Runtime's quantize_dynamic (per-channel int8 weights, uint8
+    activations per tensor): building the float model with it gives ONNX Runtime's result
+    on the file quantize_dynamic writes from the same model."""
+    path, ort_path, feeds = models["mlp"]
+    artifact = qcompile.compile(path, TARGET, quantization=qcompile.DynamicInt8Config(), out_dir=tmp_path,
+                                tuning_logs=False)
+    np.testing.assert_allclose(_run(artifact, feeds), _ort(ort_path, feeds), rtol=0, atol=1e-6)
+
+
 def test_keep_float_names_layers(models):
     path, _, _ = models["mlp"]
     prepared = qcompile.prepare(path, TARGET, quantization=qcompile.DynamicInt8Config(keep_float=("last",)))

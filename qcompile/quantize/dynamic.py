@@ -399,23 +399,23 @@ def _scale_or_none(em: Emitter, sx):
 def realize_dynamic_prequantized(model: ImportedModel) -> ImportedModel:
     """``model`` (already through :func:`qcompile.quantize.realize_prequantized`) with its
     dynamic-quantization patterns on integer kernels; unchanged where there are none."""
-    info = model.quantization
-    counters = Counter(layer["op"] for layer in info.layers) if info is not None else Counter()
+    info = model.quantization or QuantizationInfo(source=f"{model.source.kind}-qdq", activation_dtype=None,
+                                                  layers=())
     with _readable(model):
-        mod, layers = realize_dynamic(model.mod, counters)
+        mod, layers = realize_dynamic(model.mod, Counter(layer["op"] for layer in info.layers))
     if not layers:
         return model
-    anchors = float_anchors(mod, quantized_only=True)
-    static = any(layer["op"] in ANCHORS.values() for layer in info.layers) if info is not None else False
-    activations = {layer["dtype"].split()[0] for layer in (*(info.layers if info else ()), *layers)
-                   if layer["op"] in ANCHORS.values()}
-    new = QuantizationInfo(
-        source=info.source if info is not None else f"{model.source.kind}-qdq",
+    static = any(layer["op"] in ANCHORS.values() for layer in info.layers)
+    all_layers = (*info.layers, *layers)
+    activations = sorted({layer["dtype"].split()[0] for layer in all_layers if layer["op"] in ANCHORS.values()})
+    unrealized = float_anchors(mod, quantized_only=True)
+    new = replace(
+        info,
         scheme="int8" if static else SCHEME,  # some layers on calibrated scales: not dynamic throughout
-        activation_dtype="/".join(sorted(activations)) or None,
-        layers=(*(info.layers if info else ()), *layers),
+        activation_dtype="/".join(activations),
+        layers=all_layers,
         float_ops=dict(Counter(op for _, op in float_anchors(mod))),
-        float_nodes=tuple(f"{name} = {op}" for name, op in anchors),
+        float_nodes=tuple(f"{name} = {op}" for name, op in unrealized),
     )
     return replace(model, mod=mod, quantization=new)
 
