@@ -120,7 +120,7 @@ def realize(mod: tvm.IRModule) -> tuple[tvm.IRModule, RealizeReport]:
         if op_name(value) != "relax.quantize":
             return None
         sy, zy = const_value(value.args[1]), const_value(value.args[2])
-        if sy is None or zy is None or sy.size != 1:
+        if sy is None or zy is None or sy.size != 1 or not _usable_scale(sy):
             return None
         out = _OutQ(float(sy.reshape(-1)[0]), int(zy.reshape(-1)[0]), str(value.attrs.out_dtype))
         ctx = _Context(em, graph, dq_source, weight_of, layers, position)
@@ -181,6 +181,13 @@ def _qparams_as_tensors(mod: tvm.IRModule) -> tvm.IRModule:
     return with_main(mod, _QParamsAsTensors().visit_expr(mod["main"]))
 
 
+def _usable_scale(scale: np.ndarray) -> bool:
+    """Finite and positive: a calibrator that saw an infinite range (ONNX Runtime on BERT's
+    ``finfo.min`` attention mask) writes an infinite scale, which leaves its tensor's ops
+    as the QDQ graph says, in float."""
+    return bool(np.all(np.isfinite(scale)) and np.all(scale > 0))
+
+
 def _dequantize_readers(graph: Graph):
     """Two readers of ``dequantize`` calls in ``graph``:
 
@@ -194,7 +201,7 @@ def _dequantize_readers(graph: Graph):
         if call is None:
             return None
         scale, zp = const_value(call.args[1]), const_value(call.args[2])
-        if scale is None or zp is None:
+        if scale is None or zp is None or not _usable_scale(scale):
             return None
         return _Q(em.subst(call.args[0]), scale, zp, int(call.attrs.axis))
 
