@@ -631,7 +631,7 @@ def agreement(metric: str, ours: list[list[np.ndarray]], ref: list[list[np.ndarr
 
 def integer_share(quantization: dict) -> tuple[int, int]:
     """(integer conv/matmul layers, all conv/linear/matmul layers) from a manifest's quantization."""
-    integer = sum(1 for layer in quantization.get("layers", []) if layer.get("op") in ("conv2d", "matmul"))
+    integer = sum(1 for layer in quantization.get("layers", []) if layer.get("op") in CONV_MATMUL)
     left = sum(n for op, n in quantization.get("float_ops", {}).items() if op.split(".")[-1] in CONV_MATMUL)
     return integer, integer + left
 
