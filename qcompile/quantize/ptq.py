@@ -69,6 +69,7 @@ class Plan:
     alias: dict = field(default_factory=dict)  # var -> (var whose range it shares, scale factor)
     kept_float: list[str] = field(default_factory=list)
     skipped: dict = field(default_factory=dict)  # op name -> count of float ops left
+    integer: set = field(default_factory=set)  # vars the integer ops compute
 
 
 def annotate(func, config: Int8Config) -> Plan:
@@ -167,7 +168,7 @@ def annotate(func, config: Int8Config) -> Plan:
         if name is None or var in integer or not _is_float_tensor(var):
             continue
         skipped[name] = skipped.get(name, 0) + 1
-    return Plan(regions, observed, alias, kept, skipped)
+    return Plan(regions, observed, alias, kept, skipped, integer)
 
 
 def _anchor(graph: Graph, value) -> tuple[str, np.ndarray | None] | None:
@@ -424,6 +425,7 @@ def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config):
         base = qparams[src]
         qparams[var] = base if factor == 1.0 else QParams(float(np.float32(base.scale * factor)), base.zero_point,
                                                           base.dtype)
+    graph = Graph.from_main(func)
     regions = {r.anchor: r for r in plan.regions if r.weight is not None}
     # A bias whose layer is not requantized stays a float add behind the integer kernel.
     bias_of = {r.bias_var: r for r in plan.regions if r.bias_var is not None and r.out in qparams}
@@ -434,7 +436,28 @@ def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config):
         dq = relax.op.dequantize(q, scale, zp, axis=-1, out_dtype="float32")
         return em.emit_shared(dq) if shared else em.emit(dq)
 
+    # A tensor a float op computes (a LayerNorm before a linear layer and the residual add)
+    # stays float for its float readers: only the integer ops read its quantized form.
+    float_of: dict = {p: p for p in func.params}
+    block_of = {v: i for i, block in enumerate(graph.blocks) for v, _ in block.bindings}
+
+    def float_arg(em: Emitter, arg, block):
+        if isinstance(arg, relax.Tuple):
+            return relax.Tuple([float_arg(em, f, block) for f in arg.fields])
+        src = float_of.get(arg) if isinstance(arg, relax.Var) else None
+        if src is not None and (arg in func.params or block_of.get(arg) == block):
+            return src
+        return em.subst(arg)
+
     def rewrite(em: Emitter, var, value):
+        if var not in plan.integer and var not in regions and isinstance(value, relax.Call) \
+                and isinstance(value.op, tvm.ir.Op):
+            call = relax.Call(value.op, [float_arg(em, a, block_of.get(var)) for a in value.args], value.attrs,
+                              value.ty_args)
+            if var not in qparams:
+                return call  # (bound by rebuild: the model's output is emitted as the block's output)
+            new = float_of[var] = em.emit(call, var.name)
+            return qdq(em, new, qparams[var])
         new = None
         region = regions.get(var)
         if region is not None:
