@@ -456,3 +456,56 @@ def test_bert_encoder_onnxruntime_qdq(tmp_path):
         diff = max(diff, float(np.abs(ours.run(x)["last_hidden_state"] - expected).max()))
         ort_int8 = max(ort_int8, float(np.abs(expected - fp32.run(None, x)[0]).max()))
     assert diff <= 0.1 * ort_int8, (diff, ort_int8)
+
+
+def test_float_readers_of_an_observed_float_tensor_read_it_unquantized():
+    """``ln = layer_norm(x)`` feeds a linear layer and the residual add: the layer reads
+    ``dq(q(ln))``, the (float) residual add still reads ``ln`` -- 8-bit noise stays out of the
+    residual stream.  The layer's output is read only by that float add: not requantized."""
+    from qcompile.quantize import Int8Config
+    from qcompile.quantize.ptq import (
+        activation_qparams,
+        annotate,
+        emit_qdq,
+        weight_qparams,
+    )
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 16)).astype("float32")
+    gamma, beta = relax.const(np.ones(16, "float32")), relax.const(np.zeros(16, "float32"))
+    x = relax.Var("x", relax.TensorType((1, 4, 16), "float32"))
+
+    def block(bb, make_linear):
+        ln = bb.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=[-1]))
+        m = make_linear(ln)
+        y = bb.emit(relax.op.add(m, ln))
+        return bb.emit_output(relax.op.nn.layer_norm(y, gamma, beta, axes=[-1]))
+
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = block(bb, lambda ln: bb.emit(relax.op.matmul(ln, relax.const(w))))
+        bb.emit_func_output(out)
+    before = bb.get()["main"]
+
+    config = Int8Config()
+    plan = annotate(before, config)
+    assert [v.name for v in plan.observed] == ["lv"] and plan.skipped == {"relax.nn.layer_norm": 2, "relax.add": 1}
+    after, _, _ = emit_qdq(before, plan, {plan.observed[0]: (-2.0, 2.0)}, config)
+    p = activation_qparams(-2.0, 2.0, config)
+    wq, ws = weight_qparams(w, 1, True)
+
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            def linear(ln):
+                scale, zp = relax.const(p.scale, "float32"), relax.const(p.zero_point, "int32")
+                q8 = bb.emit(relax.op.quantize(ln, scale, zp, axis=-1, out_dtype="uint8"))
+                xd = bb.emit(relax.op.dequantize(q8, scale, zp, axis=-1))
+                wd = bb.emit(relax.op.dequantize(relax.const(wq), relax.const(ws), relax.const(np.zeros(16, "int32")),
+                                                 axis=1))
+                return bb.emit(relax.op.matmul(xd, wd))
+
+            out = block(bb, linear)
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get()["main"])
