@@ -84,7 +84,8 @@ class Case:
     """A zoo model ready to build: what to import, how to feed it, what it must agree with.
 
     ``model``: a torchvision name or a file; ``reference``: feeds -> outputs in the model's
-    output order; ``metric``: ``top1`` (classifiers) or ``cosine``.  A pre-quantized case
+    output order; ``metric``: ``top1`` (classifiers) or ``cosine``; ``weights``: a state_dict file
+    for a torchvision name.  A pre-quantized case
     builds ``model`` (the float file) and ``prequantized`` (ONNX Runtime's quantized file)."""
 
     model: str
@@ -94,6 +95,7 @@ class Case:
     params: int
     input_shapes: dict[str, tuple[int, ...]] | None = None
     prequantized: str | None = None
+    weights: str | None = None  # a state_dict for a torchvision name
 
 
 @dataclass(frozen=True)
@@ -164,12 +166,36 @@ def _examples(inputs: list[InputSpec]) -> tuple:
     return tuple(torch.from_numpy(i.sample(rng)) for i in inputs)
 
 
+def settle_batchnorm(module, inputs: list[InputSpec], batches: int = 4, batch: int = 4) -> None:
+    """BatchNorm running statistics from random inputs (batch ``batch`` along axis 0).
+
+    Freshly initialized running statistics (mean 0, variance 1) normalize nothing: a deep
+    network's activations then vanish (EfficientNet-B0's logits: ~1e-14) and every output
+    looks alike.  Statistics measured on inputs keep the activations at unit scale."""
+    import torch
+
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    rng = np.random.default_rng(3)
+    module.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            module(*[torch.from_numpy(InputSpec(i.name, (batch, *i.shape[1:]), i.dtype, i.low, i.high).sample(rng))
+                     for i in inputs])
+    module.eval()
+
+
 def export(module, inputs: list[InputSpec], work: Path, how: str, stem: str,
            dynamic: dict[str, dict[int, str]] | None = None) -> Case:
     """``module`` exported as ``how`` (onnx: TorchScript exporter; onnx-dynamo; pt2) into ``work``;
     the reference is ONNX Runtime on the file (ONNX) or the module itself (.pt2).  ``dynamic``
     marks input axes dynamic (name -> axis -> symbol); the import fixes them by ``input_shapes``."""
     torch = _torch()
+    settle_batchnorm(module, inputs)
     module = module.eval()
     examples = _examples(inputs)
     names = [i.name for i in inputs]
@@ -211,10 +237,14 @@ def _classifier(case: Case) -> Case:
 def torchvision_case(name: str, size: int, work: Path) -> Case:
     from qcompile.frontend.from_torch import torchvision_module
 
-    _torch()
+    torch = _torch()
     net = torchvision_module(name)
     inputs = [InputSpec("x", (1, 3, size, size))]
-    return Case(name, inputs, torch_reference(net, inputs), "top1", param_count(net), {"": (1, 3, size, size)})
+    settle_batchnorm(net, inputs)
+    weights = work / f"{name}.pth"
+    torch.save(net.state_dict(), weights)
+    return Case(name, inputs, torch_reference(net, inputs), "top1", param_count(net), {"": (1, 3, size, size)},
+                weights=str(weights))
 
 
 def small_vit_case(how: str, work: Path) -> Case:
@@ -681,7 +711,7 @@ def run_entry(entry: Entry, work: Path, int8: bool = True,
     float_outs = None
     try:
         t0 = time.perf_counter()
-        imported = qcompile.import_model(case.model, case.input_shapes)
+        imported = qcompile.import_model(case.model, case.input_shapes, weights=case.weights)
         artifact = qcompile.compile(imported, TARGET, out_dir=work, name="fp32", tuning_logs=False)
         fp32.update(ok=True, bytes=artifact.manifest.library["bytes"], seconds=round(time.perf_counter() - t0, 1))
         save(record)
@@ -707,7 +737,7 @@ def run_entry(entry: Entry, work: Path, int8: bool = True,
                                             input_shapes=case.input_shapes, tuning_logs=False)
             else:
                 if imported is None:
-                    imported = qcompile.import_model(case.model, case.input_shapes)
+                    imported = qcompile.import_model(case.model, case.input_shapes, weights=case.weights)
                 names = [i.name for i in imported.inputs]
                 batches = [dict(zip(names, c.values())) if not set(names) <= set(c) else c for c in calib]
                 artifact = qcompile.compile(imported, TARGET, quantization=qcompile.Int8Config(num_samples=CALIB_SAMPLES),
