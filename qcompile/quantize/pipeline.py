@@ -15,6 +15,7 @@ from qcompile.errors import ConfigError
 from qcompile.model import ImportedModel
 from qcompile.quantize.canonicalize import canonicalize_qdq
 from qcompile.quantize.config import Int8Config, QuantizationInfo
+from qcompile.quantize.op_tables import ANCHORS
 from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
 from qcompile.quantize.realize import realize
 
@@ -77,7 +78,7 @@ def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
         mod = canonicalize_qdq(model.mod)
         int_mod, report = realize(mod)
     float_anchors = _float_anchors(int_mod)
-    activations = sorted({layer["dtype"].split()[0] for layer in report.layers if layer["op"] in ("conv2d", "matmul")})
+    activations = sorted({layer["dtype"].split()[0] for layer in report.layers if layer["op"] in ANCHORS.values()})
     info = QuantizationInfo(
         source=source,
         activation_dtype="/".join(activations) or None,
@@ -101,9 +102,9 @@ def _readable(model: ImportedModel) -> Iterator[None]:
 
 
 def _float_anchors(mod) -> list[tuple[str, str]]:
-    """(var name, op) of conv2d/matmul still on float inputs: layers realize could not match."""
+    """(var name, op) of conv/matmul layers still on float inputs: layers realize could not match."""
     from qcompile.passes.bindings import Graph, dtype_of, op_name
 
     return [(var.name, op_name(value)) for var, value in Graph.from_main(mod["main"]).bindings
-            if op_name(value) in ("relax.nn.conv2d", "relax.matmul") and dtype_of(value.args[0]) == "float32"]
+            if op_name(value) in ANCHORS and dtype_of(value.args[0]) == "float32"]
 
