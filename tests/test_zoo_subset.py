@@ -2,8 +2,8 @@
 
 Float32 must build and match its reference (ONNX Runtime for ONNX files, PyTorch for .pt2
 and torchvision names) to 1e-4 relative; int8 PTQ must build, run at least one integer
-conv/matmul and agree with float32; a pre-quantized ONNX Runtime file must build and agree
-with ONNX Runtime on the same file.
+conv/matmul and agree with float32 (cosine similarity); a pre-quantized ONNX Runtime file
+must build and agree with ONNX Runtime on the same file.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ SUBSET = {
 
 # int8 builds that fail today: name -> the one-line error.
 INT8_XFAIL: dict[str, str] = {
-    # torch's Hardsigmoid after a conv (MobileNetV3's squeeze-excite) imports as clip(x, 0, inf), clip(-inf, 6)
-    "lraspp-64-pt2": "OverflowError: cannot convert float infinity to integer",
+    # MobileNetV3's squeeze-excite gates (Hardsigmoid) stay float between integer convs
+    "lraspp-64-pt2": "int8 cosine to float32 0.976 (< 0.98): the float Hardsigmoid gates of squeeze-excite",
 }
 
 
@@ -68,10 +68,8 @@ def test_int8_builds_and_agrees(name, work):
     q = record.get("int8", {})
     assert q.get("ok") and "error" not in q, q.get("error")
     assert q["integer_layers"] > 0, f"no integer conv/matmul: float_ops {q['float_ops']}"
-    if q["metric"] == "top1":
-        assert q["agreement"] >= 0.5, f"int8 top-1 agrees with float32 on {q['agreement']:.0%} of inputs"
-    else:
-        assert q["agreement"] >= 0.98, f"int8 cosine similarity to float32 {q['agreement']:.4f}"
+    # cosine, not top-1: random-weight classifiers' top logits lie close together
+    assert q["cosine"] >= 0.98, f"int8 cosine similarity to float32 {q['cosine']:.4f}"
     if "ort_rel_diff" in q:  # pre-quantized: ONNX Runtime's graph semantics, within a few LSB of 255
         assert q["ort_rel_diff"] <= 0.02, (f"max abs diff to ONNX Runtime {q['ort_max_abs_diff']:.3g} "
                                            f"({q['ort_rel_diff']:.2%} of the output range)")
