@@ -232,8 +232,9 @@ def _activation(graph: Graph, expr):
         return call.args[0], 0.0, None
     if name == "relax.clip":
         lo, hi = getattr(call.args[1], "value", None), getattr(call.args[2], "value", None)
-        if lo == 0:
-            return call.args[0], 0.0, float(hi) if hi is not None else None
+        if lo == 0:  # clip(x, 0, inf) -- torch's Hardsigmoid pieces -- is a plain relu
+            hi = float(hi) if hi is not None else None
+            return call.args[0], 0.0, hi if hi is not None and np.isfinite(hi) else None
     return expr, None, None
 
 
