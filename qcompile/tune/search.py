@@ -16,7 +16,12 @@ from pathlib import Path
 from qcompile.errors import ConfigError, TuningError
 from qcompile.model import ImportedModel
 from qcompile.target import TargetSpec
-from qcompile.tune.records import UnreadableDatabase, open_database, writable_database
+from qcompile.tune.records import (
+    UnreadableDatabase,
+    extract_tasks,
+    open_database,
+    writable_database,
+)
 from qcompile.tune.seeding import seed_default_schedules
 from qcompile.tune.workers import (
     build_candidate,
@@ -93,17 +98,10 @@ def tune(
     """Tune every fused kernel of ``model`` for ``target``; records are appended to the
     database as they are measured, so an interrupted run keeps them and a re-run resumes
     from them.  ``rpc`` (a :class:`qcompile.runtime.rpc.RpcEndpoint`) measures on a remote board."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from qcompile.build.pipeline import phases_through, run_phases
-
     if trials < 1:
         raise ConfigError(f"--trials: expected at least 1, but got {trials}")
-    # Tune exactly the fused kernels the build's legalize phase produces, where the
-    # records are applied (MetaSchedule extracts tasks from fused TIR functions).
-    tvm_target = target.to_tvm()
-    mod = run_phases(model.mod, tvm_target, phases=phases_through("legalize"))
-    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    # Tune exactly the kernels a build looks up, where the build applies the records.
+    tasks = extract_tasks(model, target)
     try:
         return tune_tasks(tasks, target, trials, max_trials_per_task, root, rpc, progress)
     except TuningError as exc:
