@@ -2,8 +2,9 @@
 
 The unrolled LSTM/GRU/RNN graphs are checked against ONNX Runtime's own operators (no build:
 fast, every attribute combination); torch-exported and quantize_dynamic models are built and
-run with qcompile and compared with ONNX Runtime on the same file.  Float results agree to
-1e-4 absolute (hidden states are tanh-bounded, so absolute error is the meaningful measure).
+run with qcompile and compared with ONNX Runtime on the same file.  Results agree to 1e-4
+absolute, the quantized LSTM's too (hidden states are tanh-bounded, so absolute error is the
+meaningful measure).
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 SEQ, BATCH, INPUT, HIDDEN = 4, 2, 3, 5
 
 
-def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
+    """ONNX Runtime's outputs; ``threads`` intra-op threads (0: its default)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 
@@ -189,13 +193,14 @@ def _export(tmp_path, module: nn.Module, args: tuple, names: list[str], dynamo: 
     return path
 
 
-def _build_and_compare(tmp_path, path, feeds: dict[str, np.ndarray]) -> float:
-    """Max abs difference between the qcompile build and ONNX Runtime on the same file."""
+def _build_and_compare(tmp_path, path, feeds: dict[str, np.ndarray], threads: int = 0):
+    """(max abs difference between the qcompile build and ONNX Runtime on the same file, the
+    build's manifest quantization)."""
     artifact = qcompile.compile(path, "x86-avx2", out_dir=tmp_path / "out", tuning_logs=False)
     got = list(qcompile.load(artifact.library).run(feeds).values())
-    want = _ort(onnx.load(str(path)), feeds)
+    want = _ort(onnx.load(str(path)), feeds, threads)
     assert len(got) == len(want)
-    return max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+    return max(float(np.abs(g - w).max()) for g, w in zip(got, want)), artifact.manifest.quantization
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
@@ -208,25 +213,102 @@ def test_torch_lstm_gru_build(tmp_path, dynamo, layers, bidirectional, batch_fir
     states = [torch.randn(layers * dirs, BATCH, HIDDEN) for _ in range(3)]
     path = _export(tmp_path, module, (x, *states), ["x", "h0", "c0", "g0"], dynamo)
     feeds = {n: t.numpy() for n, t in zip(["x", "h0", "c0", "g0"], [x, *states])}
-    assert _build_and_compare(tmp_path, path, feeds) <= ATOL
+    assert _build_and_compare(tmp_path, path, feeds)[0] <= ATOL
 
 
-@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
-def test_quantize_dynamic_lstm_build(tmp_path, per_channel):
-    """ORT's DynamicQuantizeLSTM imports as the float LSTM of its dequantized int8 weights."""
+# -- ONNX Runtime's DynamicQuantizeLSTM ---------------------------------------------------------
+#
+# Its GEMMs quantize X (all steps at once) and, per step, H_{t-1} at run time.  ONNX Runtime
+# splits the batch rows across its intra-op threads and quantizes each thread's rows apart, so
+# the references run with a thread per row, the split the unrolled graph reproduces.
+
+def _quantized_lstm_model(direction: str = "forward", batch: int = BATCH, hidden: int = HIDDEN,
+                          per_channel: bool = False, states: bool = True, seq_lens: str | list[int] | None = None,
+                          seed: int = 0) -> onnx.ModelProto:
+    """One com.microsoft DynamicQuantizeLSTM node, its int8 weights symmetric as quantize_dynamic writes them."""
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    inits, graph_inputs = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQ, batch, INPUT])]
+
+    def weight(name: str, k: int) -> list[str]:
+        w = (rng.standard_normal((dirs, k, 4 * hidden)) * 0.5).astype(np.float32)
+        amax = np.abs(w).max(axis=1) if per_channel else np.abs(w).max(axis=(1, 2))
+        scale = (amax / 127).astype(np.float32)
+        q = np.round(w / (scale[:, None, :] if per_channel else scale[:, None, None])).astype(np.int8)
+        for suffix, value in (("", q), ("_scale", scale), ("_zp", np.zeros(scale.shape, np.int8))):
+            inits.append(numpy_helper.from_array(value, name + suffix))
+        return [name, name + "_scale", name + "_zp"]
+
+    w, r = weight("W", INPUT), weight("R", hidden)
+    inits.append(numpy_helper.from_array((rng.standard_normal((dirs, 8 * hidden)) * 0.5).astype(np.float32), "B"))
+    names = ["x", w[0], r[0], "B"]
+    if seq_lens == "input":
+        graph_inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [batch]))
+        names.append("lens")
+    elif seq_lens is not None:
+        inits.append(numpy_helper.from_array(np.array(seq_lens, np.int32), "lens"))
+        names.append("lens")
+    else:
+        names.append("")
+    for state in ("h0", "c0"):
+        if states:
+            graph_inputs.append(helper.make_tensor_value_info(state, TensorProto.FLOAT, [dirs, batch, hidden]))
+        names.append(state if states else "")
+    names += ["", w[1], w[2], r[1], r[2]]
+    node = helper.make_node("DynamicQuantizeLSTM", names, ["y", "y_h", "y_c"], name="qlstm0", domain="com.microsoft",
+                            hidden_size=hidden, direction=direction)
+    graph = helper.make_graph([node], "qlstm", graph_inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "y_h", "y_c")],
+                              inits)
+    opsets = [helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize(("direction", "batch", "hidden", "per_channel", "states", "seq_lens"), [
+    ("forward", 1, HIDDEN, False, False, None),
+    ("reverse", BATCH, HIDDEN, True, True, None),
+    ("bidirectional", 3, HIDDEN, False, True, [3, 2, 1]),
+    ("bidirectional", BATCH, HIDDEN, True, True, "input"),
+    ("forward", 3, 260, True, True, None),  # above 256 hidden units ONNX Runtime quantizes the whole batch
+])
+def test_unrolled_dynamic_quantize_lstm_matches_onnxruntime(direction, batch, hidden, per_channel, states, seq_lens):
+    """The unrolled graph (run by ONNX Runtime too) quantizes what ONNX Runtime's kernel quantizes."""
+    model = _quantized_lstm_model(direction, batch, hidden, per_channel, states, seq_lens)
+    feeds = _feeds(model)
+    if seq_lens == "input":
+        feeds["lens"] = np.array([3, 1][:batch], np.int32)  # the longest shorter than the sequence
+    unrolled = unroll_recurrent(copy.deepcopy(model), "m.onnx")
+    ops = {n.op_type for n in unrolled.graph.node}
+    assert "DynamicQuantizeLSTM" not in ops and {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert not any(n.domain == "com.microsoft" for n in unrolled.graph.node)
+    for want, got in zip(_ort(model, feeds, threads=batch), _ort(unrolled, feeds, threads=batch)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("bidirectional", "per_channel"), [(False, False), (True, True)],
+                         ids=["forward-per-tensor", "bidirectional-per-channel"])
+def test_quantize_dynamic_lstm_build(tmp_path, bidirectional, per_channel):
+    """ORT's DynamicQuantizeLSTM builds to integer gate matmuls that agree with ONNX Runtime."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     torch.manual_seed(0)
-    module = nn.LSTM(INPUT, 16, num_layers=1, bidirectional=True)
-    x, h0, c0 = torch.randn(SEQ, BATCH, INPUT), torch.randn(2, BATCH, 16), torch.randn(2, BATCH, 16)
+    dirs, hidden = 2 if bidirectional else 1, 16
+    module = nn.LSTM(INPUT, hidden, num_layers=1, bidirectional=bidirectional)
+    x, h0, c0 = torch.randn(SEQ, BATCH, INPUT), torch.randn(dirs, BATCH, hidden), torch.randn(dirs, BATCH, hidden)
     float_path = _export(tmp_path, module, (x, (h0, c0)), ["x", "h0", "c0"], dynamo=False)
     quant_path = tmp_path / "lstm-int8.onnx"
     quantize_dynamic(str(float_path), str(quant_path), weight_type=QuantType.QInt8, per_channel=per_channel)
     assert any(n.op_type == "DynamicQuantizeLSTM" for n in onnx.load(str(quant_path)).graph.node)
     feeds = {"x": x.numpy(), "h0": h0.numpy(), "c0": c0.numpy()}
-    # ORT also quantizes the activations per step (uint8); qcompile computes them in float.  The
-    # two differ by about 3e-3 here, as much as ORT's int8 result differs from its float one.
-    assert _build_and_compare(tmp_path, quant_path, feeds) <= 0.02
+    diff, quant = _build_and_compare(tmp_path, quant_path, feeds, threads=BATCH)
+    print(f"DynamicQuantizeLSTM: max |qcompile - ONNX Runtime| = {diff:.3g}")
+    assert diff <= ATOL
+    # Per direction the input projection, and per step (the first on h0) one recurrent matmul
+    # per batch row: all integer, none left float.
+    layers = [layer for layer in quant["layers"] if layer["op"] == "matmul"]
+    assert len(layers) == dirs * (1 + SEQ * BATCH), quant["layers"]
+    assert all(layer["dtype"] == "uint8 x int8 -> int32 -> float32" for layer in layers)
+    assert not quant.get("float_ops", {}).get("relax.matmul") and not quant.get("float_nodes")
 
 
 # -- If on a condition known once the inputs are fixed ------------------------------------------

@@ -5,8 +5,16 @@ TVM's Relax ONNX frontend has no ``LSTM``, ``GRU`` or ``RNN`` converter (nor ONN
 outside.  Once input shapes are fixed the sequence length is static, so each recurrent node
 is rewritten into its definition over time steps: one MatMul of all steps' inputs with the
 input weights, then per step a MatMul with the recurrent weights, Split into gates,
-Sigmoid/Tanh/Mul/Add, and Concat of the step outputs.  DynamicQuantizeLSTM becomes the
-float LSTM with its int8 weights dequantized.
+Sigmoid/Tanh/Mul/Add, and Concat of the step outputs.
+
+DynamicQuantizeLSTM keeps ONNX Runtime's arithmetic: each of its two GEMMs quantizes its
+float operand at run time (uint8, asymmetric, from the operand's own range) and multiplies
+it with the integer weights, ``float(acc) * (x_scale * w_scale)``.  The input projection
+quantizes the whole sequence X at once; the recurrent one quantizes H_{t-1} afresh at every
+step.  Each becomes the DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul pattern that
+``quantize_dynamic`` writes for a MatMul, which the QDQ rewrite
+(:mod:`qcompile.frontend.onnx_qoperator`) and :func:`qcompile.quantize.dynamic.realize_dynamic`
+turn into integer kernels.
 """
 from __future__ import annotations
 
@@ -46,7 +54,7 @@ def unroll_recurrent(proto, where: str):
 
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # best effort: the sequence length may still be known from the inputs
+    except Exception:  # noqa: BLE001 -- best effort: the sequence length may still be known from the inputs
         inferred = proto
     from qcompile.frontend.onnx_shapes import drop_unused_initializers, static_shapes
 
@@ -151,15 +159,27 @@ def _constant_value(node) -> np.ndarray | None:
 
 
 @dataclass
+class _QWeight:
+    """A DynamicQuantizeLSTM weight of one direction: integer [K, gates*hidden], its scale (a
+    scalar per tensor, or [gates*hidden] per output channel) and its scalar zero point."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+@dataclass
 class _Dir:
     """One direction's weights, in the orientation the unrolled MatMuls take."""
 
-    w_t: np.ndarray  # [input, gates*hidden]
-    r_t: np.ndarray  # [hidden, gates*hidden]
+    w_t: np.ndarray | None  # [input, gates*hidden]; None where wq is set
+    r_t: np.ndarray | None  # [hidden, gates*hidden]; None where rq is set
     wb: np.ndarray  # [gates*hidden]
     rb: np.ndarray  # [gates*hidden]
     p: np.ndarray | None  # LSTM peepholes [3*hidden] (i, o, f)
     acts: list[str]
+    wq: _QWeight | None = None
+    rq: _QWeight | None = None
 
 
 class _Unroller:
@@ -209,6 +229,8 @@ class _Unroller:
                 "fix the model's input shapes with --input-shape"
             )
         seq = shape[1] if layout else shape[0]
+        self.seq, self.batch = seq, shape[0] if layout else shape[1]
+        self.x_quantized: tuple[str, str, str] | None = None  # shared by both directions
         self.dtype = self._float_dtype(x)
         dirs = self._weights(len(reverse))
         if layout:
@@ -232,6 +254,55 @@ class _Unroller:
             stacked = [self.b.unsqueeze(s, [0], self.base + "_state") for s in states]
             s = stacked[0] if len(stacked) == 1 else self.b.op("Concat", stacked, self.base + "_state", axis=0)
             self._output(s, name, [1, 0, 2] if layout else None)
+
+    def _dynamic_quantize(self, x: str, base: str) -> tuple[str, str, str]:
+        """(uint8 tensor, scale, zero point) of ``x`` from its own range, as ONNX Runtime's
+        quantized GEMM computes them (DynamicQuantizeLinear's definition)."""
+        from onnx import helper
+
+        outs = [self.b.fresh(base + s) for s in ("_q", "_scale", "_zp")]
+        self.b.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], outs))
+        return outs[0], outs[1], outs[2]
+
+    def _quantized_input(self, x: str, masks: list[str] | None) -> tuple[str, str, str]:
+        """X quantized once, all steps together (ONNX Runtime's input GEMM over the sequence)."""
+        if self.x_quantized is None:
+            if masks is not None:
+                # ONNX Runtime quantizes only the steps up to the longest sequence.  Zeros in the
+                # steps after it leave the range (which always holds 0) as it is, and no output
+                # reads those steps.
+                b = self.b
+                lens = b.op("Cast", [self.input(4)], self.base + "_lens", to=7)
+                longest = b.op("ReduceMax", [lens], self.base + "_lens", keepdims=0)
+                steps = b.const(np.arange(self.seq, dtype=np.int64).reshape(-1, 1, 1), "t")
+                live = b.op("Less", [steps, longest], self.base + "_live")
+                x = b.op("Where", [live, x, b.const(np.array(0, self.dtype), "zero")], self.base + "_x")
+            self.x_quantized = self._dynamic_quantize(x, self.base + "_x")
+        return self.x_quantized
+
+    def _int_matmul(self, xq: tuple[str, str, str], w: tuple[str, str, str], base: str) -> str:
+        """``float(MatMulInteger(xq, Wq)) * (x_scale * w_scale)``: quantize_dynamic's MatMul."""
+        b = self.b
+        acc = b.op("MatMulInteger", [xq[0], w[0], xq[2], w[2]], base + "_acc")
+        acc = b.op("Cast", [acc], base + "_acc", to=1)
+        return b.op("Mul", [acc, b.op("Mul", [xq[1], w[1]], base + "_scale")], base)
+
+    def _qweight(self, qw: _QWeight, base: str) -> tuple[str, str, str]:
+        """(weight, scale, zero point) constants of one direction's integer weight."""
+        b = self.b
+        return b.const(qw.q, base), b.const(qw.scale, base + "_scale"), b.const(qw.zero_point, base + "_zp")
+
+    def _recurrent(self, h: str, r_all: str | None, rq: tuple[str, str, str] | None) -> str:
+        """H_{t-1} R: float, or quantized per step in ONNX Runtime's row groups."""
+        b, base = self.b, self.base + "_hr"
+        if rq is None:
+            return b.op("MatMul", [h, r_all], base)
+        rows = _ort_rows_per_gemm(self.batch, self.hidden)
+        if rows >= self.batch:
+            return self._int_matmul(self._dynamic_quantize(h, base), rq, base)
+        sizes = [min(rows, self.batch - i) for i in range(0, self.batch, rows)]
+        parts = [self._int_matmul(self._dynamic_quantize(p, base), rq, base) for p in b.split(h, sizes, 0, base)]
+        return b.op("Concat", parts, base, axis=0)
 
     def _output(self, value: str, name: str, perm: list[int] | None) -> None:
         if perm:
@@ -267,12 +338,13 @@ class _Unroller:
         g = self.gates
         w = self.constant(1, "W")
         r = self.constant(2, "R")
-        if _key(self.node)[0] == _MS:  # [dirs, input, 4H] int8 with per-direction or per-channel scales
-            w = _dequantize(w, self.constant(8, "W_scale"), self.constant(9, "W_zero_point")).transpose(0, 2, 1)
-            r = _dequantize(r, self.constant(10, "R_scale"), self.constant(11, "R_zero_point")).transpose(0, 2, 1)
-        hidden = r.shape[-1]
-        if int(self.attrs.get("hidden_size", hidden)) != hidden or w.shape[0] != n_dirs:
+        quantized = _key(self.node)[0] == _MS  # W [dirs, input, 4H], R [dirs, hidden, 4H], integer
+        hidden = r.shape[1] if quantized else r.shape[-1]
+        if int(self.attrs.get("hidden_size", hidden)) != hidden or w.shape[0] != n_dirs or r.shape[0] != n_dirs:
             raise self.fail(f"W {list(w.shape)} / R {list(r.shape)} do not match hidden_size and direction")
+        if quantized:
+            wq = self._quantized_weight(w, 8, "W", n_dirs, g * hidden)
+            rq = self._quantized_weight(r, 10, "R", n_dirs, g * hidden)
         bias = self.constant(3, "B")
         if bias is None:
             bias = np.zeros((n_dirs, 2 * g * hidden), self.dtype)
@@ -281,12 +353,29 @@ class _Unroller:
         dirs = []
         for d in range(n_dirs):
             dirs.append(_Dir(
-                w_t=w[d].T.astype(self.dtype), r_t=r[d].T.astype(self.dtype),
+                w_t=None if quantized else w[d].T.astype(self.dtype),
+                r_t=None if quantized else r[d].T.astype(self.dtype),
                 wb=bias[d, :g * hidden].astype(self.dtype), rb=bias[d, g * hidden:].astype(self.dtype),
                 p=None if peep is None else peep[d].astype(self.dtype), acts=acts[d],
+                wq=wq[d] if quantized else None, rq=rq[d] if quantized else None,
             ))
         self.hidden = hidden
         return dirs
+
+    def _quantized_weight(self, q: np.ndarray, i: int, what: str, n_dirs: int, channels: int) -> list[_QWeight]:
+        """Per direction, the integer weight and its scale/zero point: [dirs] (per tensor) or
+        [dirs, 4H] (per output channel), the shapes ONNX Runtime's kernel accepts."""
+        scale = self.constant(i, f"{what}_scale")
+        zp = self.constant(i + 1, f"{what}_zero_point")
+        if scale is None or q.dtype not in (np.int8, np.uint8):
+            raise self.fail(f"{what} must be int8/uint8 with a constant {what}_scale")
+        zp = np.zeros(scale.shape, q.dtype) if zp is None else zp.astype(q.dtype)
+        if scale.shape not in ((n_dirs,), (n_dirs, channels)) or zp.shape != scale.shape:
+            raise self.fail(f"{what}_scale {list(scale.shape)} / {what}_zero_point {list(zp.shape)} are neither "
+                            f"[{n_dirs}] nor [{n_dirs}, {channels}]")
+        # ONNX Runtime's GEMM takes one zero point per direction, the first (it requires them all
+        # equal, and zero for int8).
+        return [_QWeight(q[d], scale[d].astype(np.float32), zp[d].reshape(-1)[:1].reshape(())) for d in range(n_dirs)]
 
     def _masks(self, seq: int) -> list[str] | None:
         """Per step a [batch, 1] bool 'step < sequence_lens', or None where every sequence is full."""
@@ -328,9 +417,15 @@ class _Unroller:
         x_bias = w.wb + w.rb
         if self.kind == "GRU" and gru_lbr:
             x_bias = w.wb + np.concatenate([w.rb[:2 * hid], np.zeros(hid, self.dtype)])
-        xw = b.op("MatMul", [x, b.const(w.w_t, base + "_W")], base + "_xw")
+        if w.wq is not None:
+            xw = self._int_matmul(self._quantized_input(x, masks), self._qweight(w.wq, base + "_W"), base + "_xw")
+        else:
+            xw = b.op("MatMul", [x, b.const(w.w_t, base + "_W")], base + "_xw")
         xw = b.op("Add", [xw, b.const(x_bias, base + "_B")], base + "_xw")
-        if self.kind == "GRU" and not gru_lbr:
+        r_q = self._qweight(w.rq, base + "_R") if w.rq is not None else None
+        if r_q is not None:
+            r_all = None
+        elif self.kind == "GRU" and not gru_lbr:
             r_zr = b.const(w.r_t[:, :2 * hid], base + "_Rzr")
             r_h = b.const(w.r_t[:, 2 * hid:], base + "_Rh")
         else:
@@ -345,7 +440,7 @@ class _Unroller:
         for t in steps:
             xt = b.op("Gather", [xw, b.const(np.array(t, np.int64), "t")], base + "_xt", axis=0)
             if self.kind == "LSTM":
-                gates = xt if h is None else b.op("Add", [xt, b.op("MatMul", [h, r_all], base + "_hr")], base + "_g")
+                gates = xt if h is None else b.op("Add", [xt, self._recurrent(h, r_all, r_q)], base + "_g")
                 gi, go, gf, gc = b.split(gates, [hid] * 4, 1, base + "_gate")
                 if peep is not None and c is not None:
                     gi = b.op("Add", [gi, b.op("Mul", [peep[0], c], base + "_pi")], base + "_gi")
@@ -404,12 +499,12 @@ class _Unroller:
         return y, h, c
 
 
-def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> np.ndarray:
-    """int8/uint8 [dirs, rows, cols] with scale/zero point per direction ([dirs]) or per column ([dirs, cols])."""
-    scale = np.asarray(scale, np.float32)
-    zp = np.zeros_like(scale) if zp is None else np.asarray(zp).astype(np.float32)
-    if scale.ndim == 1:
-        scale, zp = scale[:, None, None], zp[:, None, None]
-    else:
-        scale, zp = scale[:, None, :], zp[:, None, :]
-    return (q.astype(np.float32) - zp) * scale
+def _ort_rows_per_gemm(batch: int, hidden: int) -> int:
+    """The rows of H_{t-1} that ONNX Runtime's LSTM quantizes together at each step.
+
+    Its kernel splits the batch across the intra-op threads where ``batch > 4`` or
+    ``batch >= 2 and hidden <= 256``, each thread quantizing its own ``ceil(batch / threads)``
+    rows; otherwise one GEMM quantizes the whole batch.  The thread count is the runtime's,
+    not the model's: the split is taken as one row per thread, what ONNX Runtime does once it
+    has at least ``batch`` threads (always for batch 1)."""
+    return 1 if batch > 4 or (batch >= 2 and hidden <= 256) else batch
