@@ -129,7 +129,7 @@ def pt2e_program(net, example: torch.Tensor, calib: list[torch.Tensor]):
 
 def check_pt2e(cli, tmp_path, net, shape, n_calib: int, n_eval: int):
     rng = np.random.default_rng(9)
-    sample = lambda: torch.from_numpy(rng.standard_normal(shape).astype("float32"))  # noqa: E731
+    sample = lambda: torch.from_numpy(rng.standard_normal(shape).astype("float32"))
     converted, program = pt2e_program(net, sample(), [sample() for _ in range(n_calib)])
     path = tmp_path / "model-pt2e.pt2"
     torch.export.save(program, str(path))
@@ -206,3 +206,43 @@ def check_build(cli, path, out):
     result = cli("build", path, "-o", out)
     assert result.code == 0, result.err
     return result.out.split()[0]
+
+
+class _SoftmaxHead(torch.nn.Module):
+    """Linear -> Softmax -> Linear -> LeakyRelu -> Linear -> Sigmoid over [1, 8, 16]: the
+    activations ONNX Runtime's QOperator format writes as com.microsoft QLinear* operators."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.softmax(self.a(x) * 4, dim=-1)
+        return torch.sigmoid(self.c(torch.nn.functional.leaky_relu(self.b(h), 0.1)))
+
+
+def test_onnxruntime_qoperator_softmax_activations(cli, tmp_path):
+    """QLinearSoftmax (opset 17, axis -1), QLinearLeakyRelu and QLinearSigmoid build to integer
+    matmuls and agree with ONNX Runtime's own QOperator kernels within one output LSB."""
+    import onnx
+
+    fp32 = tmp_path / "head.onnx"
+    torch.onnx.export(_SoftmaxHead().eval(), (torch.zeros(1, 8, 16),), str(fp32), input_names=["x"],
+                      output_names=["y"], opset_version=17, dynamo=False)
+    rng = np.random.default_rng(11)
+    qop = tmp_path / "head-qop.onnx"
+    ort_quantize(fp32, qop, [rng.standard_normal((1, 8, 16)).astype("float32") for _ in range(8)], "x",
+                 fmt=QuantFormat.QOperator)
+    ops = {n.op_type for n in onnx.load(str(qop)).graph.node if n.domain == "com.microsoft"}
+    assert {"QLinearSoftmax", "QLinearLeakyRelu", "QLinearSigmoid"} <= ops, ops
+    ours = CompiledModel.load(check_build(cli, qop, tmp_path / "out"))
+    manifest = json.loads((tmp_path / "out" / "head-qop.manifest.json").read_text())
+    assert manifest["quantization"]["float_ops"] == {}
+    assert sum(layer["op"] == "matmul" for layer in manifest["quantization"]["layers"]) == 3
+    scale = output_scale(qop)
+    for optimized in (False, True):
+        ref = qdq_reference(qop, optimized)
+        worst = max(np.abs(ours.run({"x": x})["y"] - ref.run(None, {"x": x})[0]).max()
+                    for x in [rng.standard_normal((1, 8, 16)).astype("float32") for _ in range(20)])
+        assert worst <= scale + 1e-6, f"max {worst / scale:.2f} LSB (optimized={optimized})"

@@ -2,9 +2,10 @@
 
 ONNX Runtime's ``QuantFormat.QOperator`` writes fused integer operators (QLinearConv,
 QLinearMatMul, ConvInteger, MatMulInteger, and com.microsoft's QGemm, QLinearAdd,
-QLinearConcat, QLinearAveragePool, QLinearGlobalAveragePool) that TVM's ONNX frontend
-does not convert.  Each is replaced by DequantizeLinear -> float op -> QuantizeLinear,
-exactly its definition, so the one realize pass turns it back into integer kernels.
+QLinearMul, QLinearConcat, QLinearAveragePool, QLinearGlobalAveragePool, QLinearSigmoid,
+QLinearLeakyRelu, QLinearSoftmax, QLinearWhere) that TVM's ONNX frontend does not convert.
+Each is replaced by DequantizeLinear -> float op -> QuantizeLinear, exactly its definition,
+so the one realize pass turns it back into integer kernels.
 
 ONNX Runtime's ``quantize_dynamic`` writes DynamicQuantizeLinear -> MatMulInteger /
 ConvInteger -> Cast -> Mul by ``x_scale * w_scale``: the activation's scale and zero point
@@ -15,7 +16,7 @@ integer kernel.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class _Rewriter:
                 self.readers.setdefault(name, []).append(node)
         self.outputs = {o.name for o in self.graph.output}
         self.absorbed: set[str] = set()  # first outputs of the nodes a converter took over
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def fresh(self, base: str) -> str:
         self.counter += 1
@@ -86,6 +88,17 @@ class _Rewriter:
 
     def bias(self, node, b: str, sx: str, sw: str, base: str) -> str:
         """int32 bias dequantized at scale sx * sw (per output channel)."""
+        given = self.inits.get(b)
+        if given is not None and given.dtype != np.int32:
+            # ONNX Runtime's quantizer writes this when the float bias is one initializer shared
+            # with an activation it quantized (an exporter merging equal all-zero tensors);
+            # all zeros read the same in any type, other values have no defined meaning.
+            if given.any():
+                raise ModelImportError(
+                    f"{self.where}: {node.op_type} node {node.name!r} has a {given.dtype} bias {b!r}, not int32; "
+                    "re-quantize the model with its initializers unshared"
+                )
+            b = self.const(np.zeros(given.shape, np.int32), base)
         scale = (self.value(node, sx).astype(np.float32) * self.value(node, sw).astype(np.float32)).reshape(-1)
         return self.dq(b, self.const(scale.astype(np.float32), base + "_scale"), None, axis=0)
 
@@ -138,13 +151,42 @@ def _qlinear_unary(op_type: str) -> Callable:
         channels_last = next((helper.get_attribute_value(x) for x in node.attribute if x.name == "channels_last"), 0)
         if channels_last:
             raise ModelImportError(f"{rw.where}: {node.op_type} node {node.name!r} with channels_last=1 is not supported")
-        x, sx, zx, sy, zy = node.input[:5]
+        # QLinearSigmoid / QLinearLeakyRelu may leave out the trailing zero point (0 then).
+        x, sx, zx, sy, zy = (list(node.input) + [""] * 5)[:5]
         kept = [a for a in node.attribute if a.name != "channels_last"]
         del node.attribute[:]
         node.attribute.extend(kept)
         rw.q(rw.op(op_type, [rw.dq(x, sx, zx)], node), sy, zy, node.output[0])
 
     return convert
+
+
+def _qlinear_softmax(rw: _Rewriter, node) -> None:
+    """QLinearSoftmax: its ``opset`` attribute says which ONNX Softmax it quantizes -- before
+    opset 13 Softmax coerces the input to 2-D at ``axis`` (default 1), from 13 on it reduces
+    over ``axis`` alone (default -1).  The float Softmax takes the graph's opset, so the axis
+    is passed on as is where both lie on the same side of 13; across, only the last axis means
+    the same in both."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    legacy = int(attrs.get("opset", rw.opset)) < 13
+    axis = int(attrs.get("axis", 1 if legacy else -1))
+    if legacy != (rw.opset < 13) and axis != -1:
+        raise ModelImportError(
+            f"{rw.where}: QLinearSoftmax node {node.name!r} has opset={attrs.get('opset')} axis={axis} in an "
+            f"opset-{rw.opset} graph, whose Softmax reads that axis otherwise; only axis=-1 is supported there"
+        )
+    x, sx, zx, sy, zy = (list(node.input) + [""] * 5)[:5]
+    out = rw.fresh(node.output[0])
+    rw.nodes.append(helper.make_node("Softmax", [rw.dq(x, sx, zx)], [out], name=node.name, axis=axis))
+    rw.q(out, sy, zy, node.output[0])
+
+
+def _qlinear_where(rw: _Rewriter, node) -> None:
+    cond, x, sx, zx, y, sy, zy, sz, zz = node.input[:9]
+    out = rw.op("Where", [cond, rw.dq(x, sx, zx), rw.dq(y, sy, zy)], node)
+    rw.q(out, sz, zz, node.output[0])
 
 
 def _qlinear_concat(rw: _Rewriter, node) -> None:
@@ -232,6 +274,10 @@ CONVERTERS: dict[tuple[str, str], Callable] = {
     (_MS, "QLinearAveragePool"): _qlinear_unary("AveragePool"),
     (_MS, "QLinearGlobalAveragePool"): _qlinear_unary("GlobalAveragePool"),
     (_MS, "QLinearConcat"): _qlinear_concat,
+    (_MS, "QLinearSigmoid"): _qlinear_unary("Sigmoid"),
+    (_MS, "QLinearLeakyRelu"): _qlinear_unary("LeakyRelu"),
+    (_MS, "QLinearSoftmax"): _qlinear_softmax,
+    (_MS, "QLinearWhere"): _qlinear_where,
 }
 
 
