@@ -97,6 +97,7 @@ class Case:
     input_shapes: dict[str, tuple[int, ...]] | None = None
     prequantized: str | None = None
     weights: str | None = None  # a state_dict for a torchvision name
+    onnx: str | None = None  # the same model as ONNX: ONNX Runtime's int8 of it is the baseline
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,19 @@ def settle_batchnorm(module, inputs: list[InputSpec], batches: int = 4, batch: i
     module.eval()
 
 
+def onnx_twin(module, examples: tuple, names: list[str], out_names: list[str], path: Path) -> str | None:
+    """``module`` as ONNX (TorchScript exporter) beside its other form, for ONNX Runtime's int8
+    baseline; None where the exporter cannot take it."""
+    import torch
+
+    try:
+        torch.onnx.export(module, examples, str(path), input_names=names, output_names=out_names,
+                          opset_version=17, dynamo=False)
+    except Exception:  # noqa: BLE001 (no baseline for this model; the row says "-")
+        return None
+    return str(path)
+
+
 def export(module, inputs: list[InputSpec], work: Path, how: str, stem: str,
            dynamic: dict[str, dict[int, str]] | None = None) -> Case:
     """``module`` exported as ``how`` (onnx: TorchScript exporter; onnx-dynamo; pt2) into ``work``;
@@ -208,7 +222,7 @@ def export(module, inputs: list[InputSpec], work: Path, how: str, stem: str,
         path = work / f"{stem}.onnx"
         torch.onnx.export(module, examples, str(path), input_names=names, output_names=out_names,
                           dynamic_axes=dynamic, opset_version=17, dynamo=False)
-        return Case(str(path), inputs, ort_reference(path), "cosine", param_count(module), shapes)
+        return Case(str(path), inputs, ort_reference(path), "cosine", param_count(module), shapes, onnx=str(path))
     if how == "onnx-dynamo":
         path = work / f"{stem}.onnx"
         dyn = None
@@ -216,7 +230,7 @@ def export(module, inputs: list[InputSpec], work: Path, how: str, stem: str,
             dyn = {n: {ax: torch.export.Dim.AUTO for ax in dynamic.get(n, {})} for n in names}
         torch.onnx.export(module, examples, str(path), input_names=names, output_names=out_names,
                           dynamic_shapes=dyn, dynamo=True)
-        return Case(str(path), inputs, ort_reference(path), "cosine", param_count(module), shapes)
+        return Case(str(path), inputs, ort_reference(path), "cosine", param_count(module), shapes, onnx=str(path))
     if how == "pt2":
         path = work / f"{stem}.pt2"
         dyn = None
@@ -224,7 +238,8 @@ def export(module, inputs: list[InputSpec], work: Path, how: str, stem: str,
             dyn = tuple({ax: torch.export.Dim.AUTO for ax in dynamic.get(n, {})} or None for n in names)
         program = torch.export.export(module, examples, dynamic_shapes=dyn)
         torch.export.save(program, str(path))
-        return Case(str(path), inputs, torch_reference(module, inputs), "cosine", param_count(module), shapes)
+        return Case(str(path), inputs, torch_reference(module, inputs), "cosine", param_count(module), shapes,
+                    onnx=onnx_twin(module, examples, names, out_names, work / f"{stem}-twin.onnx"))
     raise ValueError(f"unknown exporter {how!r}")
 
 
@@ -244,8 +259,9 @@ def torchvision_case(name: str, size: int, work: Path) -> Case:
     settle_batchnorm(net, inputs)
     weights = work / f"{name}.pth"
     torch.save(net.state_dict(), weights)
+    twin = onnx_twin(net, _examples(inputs), ["x"], ["out0"], work / f"{name}.onnx")
     return Case(name, inputs, torch_reference(net, inputs), "top1", param_count(net), {"": (1, 3, size, size)},
-                weights=str(weights))
+                weights=str(weights), onnx=twin)
 
 
 def small_vit_case(how: str, work: Path) -> Case:
@@ -535,14 +551,7 @@ def transformer_case(kind: str, how: str, work: Path, layers: int | None = None)
 def prequantized_case(base: Callable[[Path], Case], fmt: str, work: Path) -> Case:
     """``base``'s ONNX file quantized by ONNX Runtime: ``qdq`` / ``qop`` (quantize_static, per-channel
     U8S8, QDQ or QOperator format) or ``dynamic`` (quantize_dynamic)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     case = base(work)
     src = Path(case.model)
@@ -550,23 +559,39 @@ def prequantized_case(base: Callable[[Path], Case], fmt: str, work: Path) -> Cas
     if fmt == "dynamic":
         quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
     else:
-        pre = work / f"{src.stem}-pre.onnx"
-        quant_pre_process(str(src), str(pre))
         rng = np.random.default_rng(2)
         samples = [{i.name: i.sample(rng) for i in case.inputs} for _ in range(CALIB_SAMPLES)]
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.items = iter(samples)
-
-            def get_next(self):
-                return next(self.items, None)
-
-        quantize_static(str(pre), str(out), Reader(),
-                        quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        ort_quantize_static(src, out, samples, fmt)
     case.prequantized = str(out)
     return case
+
+
+def ort_quantize_static(src: Path, out: Path, samples: list[Feeds], fmt: str = "qdq") -> None:
+    """ONNX Runtime's ``quantize_static`` of ``src`` (after its pre-processing) into ``out``:
+    per-channel U8S8, MinMax over ``samples``, QDQ (``qdq``) or QOperator (``qop``) format."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_name(f"{src.stem}-pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    names = [i.name for i in ort_session(pre, optimized=False).get_inputs()]
+    feeds = [s if set(names) <= set(s) else dict(zip(names, s.values())) for s in samples]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(pre), str(out), Reader(),
+                    quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 # --- the registry
@@ -767,10 +792,30 @@ def run_entry(entry: Entry, work: Path, int8: bool = True,
         except Exception as exc:  # noqa: BLE001
             q["error"] = first_line(exc)
             q["trace"] = traceback.format_exc(limit=-3)
+        if case.onnx and not case.prequantized and float_outs is not None:
+            stage("ort-int8")
+            q["ort_int8"] = ort_int8_agreement(case, calib, evals, float_outs, work)
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["stage"] = "done"
     save(record)
     return record
+
+
+def ort_int8_agreement(case: Case, calib: list[Feeds], evals: list[Feeds], float_outs: list[list[np.ndarray]],
+                       work: Path) -> dict[str, Any]:
+    """ONNX Runtime's int8 of the same model (quantize_static, same calibration samples, same
+    scheme): its agreement with float32 on the same inputs, the baseline for ours.  A random-weight
+    deep network can amplify small perturbations (rounding its weights alone moves its logits), so
+    a low agreement means something only beside this one."""
+    try:
+        out = work / "ort-int8.onnx"
+        ort_quantize_static(Path(case.onnx), out, calib)
+        run = ort_reference(out)
+        names = [i.name for i in ort_session(out).get_inputs()]
+        outs = [run(f if set(names) <= set(f) else dict(zip(names, f.values()))) for f in evals]
+        return {"agreement": agreement(case.metric, outs, float_outs), "cosine": agreement("cosine", outs, float_outs)}
+    except Exception as exc:  # noqa: BLE001 (recorded: the row says the baseline failed)
+        return {"error": first_line(exc)}
 
 
 # ----------------------------------------------------------------------------- the zoo run
@@ -819,7 +864,7 @@ def row(record: dict[str, Any]) -> list[str]:
     params = record.get("params")
     cells = [record["name"], record["class"], record["source"], f"{params / 1e6:.2f}M" if params else "-"]
     if "export_error" in record:
-        return cells + [f"export failed: {_fmt_error(record['export_error'])}"] + ["-"] * 6 + [
+        return cells + [f"export failed: {_fmt_error(record['export_error'])}"] + ["-"] * 7 + [
             f"{record.get('seconds', 0):.0f}"]
     fp32 = record.get("fp32", {})
     if fp32.get("ok"):
@@ -830,9 +875,9 @@ def row(record: dict[str, Any]) -> list[str]:
         cells += [f"no: {_fmt_error(fp32.get('error'))}", "-"]
     q = record.get("int8")
     if q is None:
-        cells += ["skipped", "-", "-", "-", "-"]
+        cells += ["skipped", "-", "-", "-", "-", "-"]
     elif not q.get("ok"):
-        cells += [f"no: {_fmt_error(q.get('error'))}", "-", "-", "-", "-"]
+        cells += [f"no: {_fmt_error(q.get('error'))}", "-", "-", "-", "-", "-"]
     else:
         cells.append("yes" if "error" not in q else f"yes, run failed: {_fmt_error(q['error'])}")
         total = q.get("conv_matmul_layers", 0)
@@ -842,6 +887,12 @@ def row(record: dict[str, Any]) -> list[str]:
             cells.append(f"top-1 {q['agreement']:.0%}, {cosine}" if q["metric"] == "top1" else cosine)
         else:
             cells.append("-")
+        ort = q.get("ort_int8", {})
+        if "cosine" in ort:
+            cosine = f"cos {ort['cosine']:.4f}"
+            cells.append(f"top-1 {ort['agreement']:.0%}, {cosine}" if q.get("metric") == "top1" else cosine)
+        else:
+            cells.append("failed" if "error" in ort else "-")
         cells.append(f"{q['ort_max_abs_diff']:.2e}" if "ort_max_abs_diff" in q else "-")
         cells.append(f"{q['size_ratio']:.2f}" if "size_ratio" in q else "-")
     cells.append(f"{record.get('seconds', 0):.0f}")
@@ -849,7 +900,7 @@ def row(record: dict[str, Any]) -> list[str]:
 
 
 HEADER = ["model", "class", "source", "params", "fp32 builds", "fp32 rel diff", "int8 builds",
-          "integer conv/matmul", "int8 vs fp32", "pre-q vs ORT", ".so int8/fp32", "s"]
+          "integer conv/matmul", "int8 vs fp32", "ORT int8 vs fp32", "pre-q vs ORT", ".so int8/fp32", "s"]
 
 
 def table(records: list[dict[str, Any]]) -> str:
