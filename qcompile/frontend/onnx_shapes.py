@@ -8,6 +8,7 @@ way is replaced by its taken branch.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ _FOLDABLE = {
     "Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Add", "Sub",
     "Mul", "Div", "Floor", "Ceil", "Neg", "Abs", "Min", "Max", "Equal", "Less", "Greater",
     "Where", "Not", "And", "Or", "Range", "ConstantOfShape", "Identity", "ReduceProd",
-    "Reshape", "Expand", "Constant", "Mod", "Sqrt",
+    "Reshape", "Expand", "Constant", "Mod", "Sqrt", "GatherElements",
 }
 # Do not materialise big tensors while folding (weights stay as the exporter wrote them).
 _MAX_FOLDED_ELEMENTS = 1 << 16
@@ -78,13 +79,29 @@ def fold_shape_computations(proto, max_rounds: int = 16):
     import onnx
 
     for _ in range(max_rounds):
-        try:
+        _drop_partial_value_info(proto.graph)
+        # Inference is best effort: folding still helps without it.
+        with contextlib.suppress(Exception):
             proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-        except Exception:  # inference is best effort; folding still helps without it
-            pass
         if not _fold_once(proto):
             break
     return proto
+
+
+def _drop_partial_value_info(graph) -> None:
+    """Forget the value_info shapes that still hold a symbolic or unknown dim.
+
+    ONNX shape inference keeps an existing dim_param rather than the dim_value it infers,
+    so an exporter's symbolic ``batch`` / ``seq`` dims, or an earlier round's ``unk__``
+    dims (inferred before a folded node became a constant), would stay and hide the
+    static shape that a Shape node downstream needs to fold."""
+    def partial(vi) -> bool:
+        ttype = vi.type.tensor_type
+        return not ttype.HasField("shape") or any(not d.HasField("dim_value") for d in ttype.shape.dim)
+
+    keep = [vi for vi in graph.value_info if not partial(vi)]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
 
 
 def _fold_once(proto) -> bool:
@@ -138,10 +155,25 @@ def _try_fold(node, known, shapes, opset) -> np.ndarray | None:
     return value
 
 
+def _gather_elements(node, data: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    axis = _attr(node, "axis", 0) % data.ndim
+    return np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis], indices), axis)
+
+
+# onnx.reference's GatherElements goes through np.choose, which takes at most 64 choices
+# (a position-id table gathered along its 128 positions fails there).
+_NUMPY_EVALUATORS = {"GatherElements": _gather_elements}
+
+
 def _evaluate(node, values: list[np.ndarray], opset: int) -> np.ndarray | None:
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
+    if node.op_type in _NUMPY_EVALUATORS:
+        try:
+            return np.asarray(_NUMPY_EVALUATORS[node.op_type](node, *values))
+        except (ValueError, IndexError, TypeError):
+            return None  # leave the node for the frontend
     feeds = {}
     graph_inputs = []
     for name, value in zip([i for i in node.input if i], values):
@@ -152,7 +184,7 @@ def _evaluate(node, values: list[np.ndarray], opset: int) -> np.ndarray | None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     try:
         result = ReferenceEvaluator(model).run(None, feeds)[0]
-    except Exception:
+    except Exception:  # noqa: BLE001 (whatever the evaluator cannot run, the frontend still may)
         return None  # leave the node for the frontend
     return np.asarray(result)
 
