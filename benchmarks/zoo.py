@@ -566,6 +566,32 @@ def prequantized_case(base: Callable[[Path], Case], fmt: str, work: Path) -> Cas
     return case
 
 
+def unshare_initializers(src: Path, out: Path) -> Path:
+    """``src`` with every initializer read by several nodes copied per reader, written to ``out``.
+
+    The TorchScript exporter merges equal initializers (a BERT's all-zero dense biases become
+    one tensor with a LayerNorm's bias); ONNX Runtime's QOperator quantizer then stores that
+    shared tensor as uint8 and also uses it as a QGemm's int32 bias, a file its own loader rejects."""
+    import onnx
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    seen: set[str] = set()
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            if name in seen:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__copy{len(model.graph.initializer)}"
+                model.graph.initializer.append(copy)
+                node.input[k] = copy.name
+            seen.add(name)
+    onnx.save(model, str(out))
+    return out
+
+
 def ort_quantize_static(src: Path, out: Path, samples: list[Feeds], fmt: str = "qdq") -> None:
     """ONNX Runtime's ``quantize_static`` of ``src`` (after its pre-processing) into ``out``:
     per-channel U8S8, MinMax over ``samples``, QDQ (``qdq``) or QOperator (``qop``) format."""
@@ -578,7 +604,7 @@ def ort_quantize_static(src: Path, out: Path, samples: list[Feeds], fmt: str = "
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(f"{src.stem}-pre.onnx")
-    quant_pre_process(str(src), str(pre))
+    quant_pre_process(str(unshare_initializers(src, out.with_name(f"{src.stem}-unshared.onnx"))), str(pre))
     names = [i.name for i in ort_session(pre, optimized=False).get_inputs()]
     feeds = [s if set(names) <= set(s) else dict(zip(names, s.values())) for s in samples]
 
