@@ -13,9 +13,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from qcompile import __version__
 from qcompile.errors import BuildError, ConfigError, QcompileError, first_line
@@ -135,7 +135,12 @@ def build(
 
 
 def _report_tuning(tuning: dict, target: TargetSpec, say: Progress) -> None:
-    if not tuning.get("database"):
+    if tuning.get("looked_in"):
+        # Default schedules can be several times slower than tuned ones: a warning, not progress.
+        print(f"warning: no tuning records for target {target.name!r} in {' or '.join(tuning['looked_in'])}; "
+              "building with default schedules (`qcompile tune MODEL --target ...` writes records there)",
+              file=sys.stderr)
+    elif not tuning.get("database"):
         say(f"no tuning records for target {target.name!r}: untuned kernels (run `qcompile tune` for speed)")
     elif tuning["hits"] == 0:
         # A database that matches nothing is the silent 100x slowdown: say it loudly.

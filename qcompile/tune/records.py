@@ -2,8 +2,10 @@
 
 Records are kept in MetaSchedule's JSON database format under
 ``<log root>/<target label>-<hash of the target dict>/tvm-<version>/``, so a record is only
-offered to builds for the same target attributes (mcpu, mattr, cores) and TVM version;
-inside a database MetaSchedule keys each record by the structural hash of its workload.
+offered to builds for the same code-generation attributes (triple, mcpu, mattr) and TVM
+version; the core count is not part of the key (a kernel's code does not depend on it: its
+parallel loops are split over the threads of the process that runs it).  Inside a database
+MetaSchedule keys each record by the structural hash of its workload.
 The build reads records through this module only; it never imports the tuner.
 
 The log root is ``--log-dir``, else ``QCOMPILE_TUNING_LOGS``, else the records shipped in
@@ -49,9 +51,7 @@ def has_database(path: Path) -> bool:
 def find_database(target: TargetSpec, root: Path | None = None) -> Path | None:
     """The records a build for ``target`` applies: ``root``'s when given; otherwise the user's
     (:func:`user_root`, what ``qcompile tune`` wrote) where they exist, else the packaged ones."""
-    candidates = [database_dir(target, root)] if root is not None else [
-        database_dir(target, user_root()), database_dir(target, PACKAGED_ROOT)]
-    return next((path for path in candidates if has_database(path)), None)
+    return next((path for path in looked_in(target, root) if has_database(path)), None)
 
 
 def writable_database(target: TargetSpec, root: Path | None = None) -> Path:
@@ -78,11 +78,25 @@ def database_dir(target: TargetSpec, root: Path | None = None) -> Path:
     """Where records for ``target`` and this TVM version are kept."""
     # Keyed by what the code depends on (the target dict), not by how it was named:
     # `--target native` on an AVX2 2-core machine and an identical preset share records.
-    key = json.dumps({"target": target.target, "host": target.host}, sort_keys=True)
+    key = json.dumps({"target": _codegen_attrs(target.target), "host": _codegen_attrs(target.host)},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     label = f"{target.kind}-{target.target.get('mcpu', 'generic')}"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40]
     return (root or user_root()) / f"{safe}-{digest}" / f"tvm-{tvm.__version__}"
+
+
+def _codegen_attrs(target: dict | None) -> dict | None:
+    """The target dict without what does not change the generated code (the core count)."""
+    if target is None:
+        return None
+    return {k: v for k, v in target.items() if k != "num-cores"}
+
+
+def looked_in(target: TargetSpec, root: Path | None = None) -> list[Path]:
+    """The folders :func:`find_database` reads for ``target``, in order."""
+    return [database_dir(target, root)] if root is not None else [
+        database_dir(target, user_root()), database_dir(target, PACKAGED_ROOT)]
 
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -150,7 +164,8 @@ def apply_database_passes(target: TargetSpec, root: Path | None, report: dict) -
     """Passes for the end of the legalize phase: apply matching records, count hits/misses."""
     path = find_database(target, root)
     if path is None:
-        report.update({"database": None, "hits": 0, "misses": None})
+        report.update({"database": None, "hits": 0, "misses": None,
+                       "looked_in": [str(p) for p in looked_in(target, root)]})
         return []
     try:
         database = open_database(path)
