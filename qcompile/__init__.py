@@ -38,6 +38,7 @@ _EXPORTS = {
     "DynamicInt8Config": "qcompile.quantize.config", "PerRow": "qcompile.quantize.config",
     "QuantizationInfo": "qcompile.quantize.config", "ImagePreprocess": "qcompile.quantize.data",
     "TuneResult": "qcompile.tune.search",
+    "evaluate": "qcompile.accuracy", "EvalResult": "qcompile.accuracy",
     **{name: "qcompile.errors" for name in (
         "QcompileError", "ConfigError", "ModelImportError", "BuildError", "RuntimeInputError", "ArtifactError",
         "MissingDependencyError", "MismatchError", "CalibrationError", "TuningError", "RpcError")},
@@ -48,6 +49,7 @@ __all__ = sorted([*_EXPORTS, *_CALLABLE_PACKAGES]) + ["__version__"]
 
 if TYPE_CHECKING:
     from qcompile import build, quantize, tune
+    from qcompile.accuracy import EvalResult, evaluate
     from qcompile.api import compile, import_model, load, prepare  # noqa: A004
     from qcompile.build import Artifact
     from qcompile.errors import (

@@ -6,7 +6,7 @@ from, on the same inputs.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,20 +44,27 @@ def reference_runner(manifest: Manifest, threads: int | None = None) -> tuple[st
 
         return f"PyTorch {torch.__version__}", run_torch
     if kind == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise MissingDependencyError("comparing ONNX models needs onnxruntime: pip install onnxruntime") from exc
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(_existing(model), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(_existing(model), threads)
 
         def run_ort(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return dict(zip(out_names, session.run(out_names, {n: inputs[n] for n in in_names})))
 
+        import onnxruntime as ort
+
         return f"ONNX Runtime {ort.__version__}", run_ort
     raise ArtifactError(f"no reference framework for model kind {kind!r}")
+
+
+def onnx_session(path, threads: int | None = None):
+    """An ONNX Runtime CPU session for ``path`` (a one-line error without onnxruntime)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependencyError("comparing ONNX models needs onnxruntime: pip install onnxruntime") from exc
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def time_runner(run: RunFn, inputs: dict[str, np.ndarray], repeat: int, warmup: int = 2) -> list[float]:

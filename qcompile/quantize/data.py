@@ -107,7 +107,7 @@ def _image_batches(folder: Path, inputs: list[TensorInfo], pre: ImagePreprocess)
     def gen():
         pending = []
         for file in files:
-            pending.append(_load_image(file, height, width, pre))
+            pending.append(load_image(file, height, width, pre))
             if len(pending) == batch:
                 yield {info.name: np.stack(pending).astype(info.dtype)}
                 pending = []
@@ -115,7 +115,8 @@ def _image_batches(folder: Path, inputs: list[TensorInfo], pre: ImagePreprocess)
     return gen()
 
 
-def _load_image(file: Path, height: int, width: int, pre: ImagePreprocess) -> np.ndarray:
+def load_image(file: Path, height: int, width: int, pre: ImagePreprocess) -> np.ndarray:
+    """One image file as a CHW float32 array: resized, centre-cropped, normalised."""
     from PIL import Image
 
     try:
