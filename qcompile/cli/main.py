@@ -7,11 +7,21 @@ import sys
 import traceback
 
 from qcompile import __version__
-from qcompile.cli import bench, build, compare, info, rpc_service, run, targets, tune
+from qcompile.cli import (
+    bench,
+    build,
+    compare,
+    debug,
+    info,
+    rpc_service,
+    run,
+    targets,
+    tune,
+)
 from qcompile.cli import eval as eval_cmd
 from qcompile.errors import QcompileError, first_line
 
-COMMANDS = [build, tune, run, bench, eval_cmd, compare, info, targets, rpc_service]
+COMMANDS = [build, tune, run, bench, eval_cmd, debug, compare, info, targets, rpc_service]
 
 # TVMC-style target options ("-mcpu=cortex-a72") that follow an unquoted --target.
 _TARGET_OPTION = re.compile(r"^-[a-z][a-z0-9_-]*(=.*)?$")

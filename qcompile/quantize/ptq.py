@@ -415,8 +415,11 @@ def weight_qparams(weight: np.ndarray, axis: int, per_channel: bool, qmax: int =
     return q, scale
 
 
-def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config):
-    """``main`` in QDQ form, and the per-tensor parameters chosen."""
+def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config, extra_outputs=None):
+    """``main`` in QDQ form, the per-tensor parameters chosen, and each layer's weight scales.
+
+    ``extra_outputs`` (vars of ``func``): also returned, as the QDQ model computes them
+    (after their quantize/dequantize pair), for the per-layer debugger."""
     qparams: dict = {}
     for var in plan.observed:
         lo, hi = ranges[var]
@@ -496,4 +499,4 @@ def emit_qdq(func, plan: Plan, ranges: dict, config: Int8Config):
                 em.vmap[p] = qdq(em, p, qparams[p], shared=True)
         return rewrite(em, var, value)
 
-    return rebuild(func, rewrite_with_prologue), qparams, region_scales
+    return rebuild(func, rewrite_with_prologue, extra_outputs=extra_outputs), qparams, region_scales
