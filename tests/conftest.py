@@ -177,3 +177,29 @@ def cli_subprocess():
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """A CNN trained on scikit-learn's real 8x8 digits (benchmarks/digits_accuracy.py's), built
+    in float32 and int8 (200 calibration samples): (fp32 .so, int8 .so, test .npz with labels,
+    test x, test y)."""
+    import importlib.util
+
+    import qcompile
+
+    spec = importlib.util.spec_from_file_location("digits_accuracy", REPO / "benchmarks" / "digits_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.set_num_threads(2)
+    xtr, ytr, xte, yte = bench.load_digits()
+    net = bench.train(xtr, ytr)
+    work = tmp_path_factory.mktemp("digits")
+    pt2 = work / "digits.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 8, 8),)), str(pt2))
+    fp32 = qcompile.compile(str(pt2), "native", out_dir=work, name="fp32", tuning_logs=False)
+    int8 = qcompile.compile(str(pt2), "native", quantization=qcompile.Int8Config(num_samples=200),
+                            calibration_data=xtr[:200], out_dir=work, name="int8", tuning_logs=False)
+    data = work / "test.npz"
+    np.savez(data, x=xte, labels=yte)
+    return fp32.library, int8.library, data, xte, yte

@@ -7,41 +7,13 @@ labels by sorted class name.  Bad data is a one-line error naming the file (exit
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import REPO
 
 import qcompile
 from qcompile.accuracy import Agreement, TopK, cosine, sqnr_db
-
-
-def _digits_bench():
-    spec = importlib.util.spec_from_file_location("digits_accuracy", REPO / "benchmarks" / "digits_accuracy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """(fp32 .so, int8 .so, test .npz, test x, test y) of the digits CNN."""
-    bench = _digits_bench()
-    torch.set_num_threads(2)
-    xtr, ytr, xte, yte = bench.load_digits()
-    net = bench.train(xtr, ytr)
-    work = tmp_path_factory.mktemp("digits")
-    pt2 = work / "digits.pt2"
-    torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 8, 8),)), str(pt2))
-    fp32 = qcompile.compile(str(pt2), "native", out_dir=work, name="fp32", tuning_logs=False)
-    int8 = qcompile.compile(str(pt2), "native", quantization=qcompile.Int8Config(num_samples=200),
-                            calibration_data=xtr[:200], out_dir=work, name="int8", tuning_logs=False)
-    data = work / "test.npz"
-    np.savez(data, x=xte, labels=yte)
-    return fp32.library, int8.library, data, xte, yte
 
 
 def _direct_top1(library, x, y) -> float:
