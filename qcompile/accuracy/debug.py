@@ -136,7 +136,7 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
 
     from qcompile.api import import_model
     from qcompile.build.pipeline import compile_module, phases_through, run_phases
-    from qcompile.passes.bindings import rebuild, with_main
+    from qcompile.passes.bindings import Graph, rebuild, with_main
     from qcompile.quantize.data import ImagePreprocess, as_batches
     from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
     from qcompile.quantize.realize import realize
@@ -155,22 +155,28 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
         ranges = ranges_hook(plan, ranges)
     regions = list(plan.regions)
     probes = [(r, r.data, r.out) for r in regions]  # (region, input var, output var)
-    watched = list(dict.fromkeys(v for _, a, b in probes for v in (a, b)))
+    probed = list(dict.fromkeys(v for _, a, b in probes for v in (a, b)))
+    # a model output is read from the outputs, not returned twice (the VM cannot bind one
+    # var as both the result and a field of it)
+    graph = Graph.from_main(func)
+    results = _output_vars(graph.output, dict(graph.bindings))
+    watched = [v for v in probed if v not in results]
     qdq_main, qparams, wscales = emit_qdq(func, plan, ranges, config, extra_outputs=watched)
     float_main = rebuild(func, lambda em, v, val: None, extra_outputs=watched)
     runs = []
     int8_mod, _ = realize(with_main(mod, qdq_main))  # the integer kernels, the same probes returned
     for module in (with_main(mod, float_main), with_main(mod, qdq_main), int8_mod):
         runs.append(relax.VirtualMachine(compile_module(module, host), tvm.cpu()))
-    n_out = len(float_main.ret_ty.fields) - len(watched)
+    n_out = len(results)
     params = [p.name for p in func.params]
 
-    index = {v: k for k, v in enumerate(watched)}
-    cumulative = {v: _Noise() for v in watched}
-    cosines: dict = {v: [] for v in watched}
-    seen_range = {v: [math.inf, -math.inf] for v in watched}
-    quant = {v: {"clip": _Noise(), "round": _Noise(), "clipped": 0, "count": 0} for v in watched if v in qparams}
-    compiled = {v: _Noise() for v in watched}
+    index = {v: n_out + k for k, v in enumerate(watched)}
+    index.update({v: results.index(v) for v in probed if v in results})
+    cumulative = {v: _Noise() for v in probed}
+    cosines: dict = {v: [] for v in probed}
+    seen_range = {v: [math.inf, -math.inf] for v in probed}
+    quant = {v: {"clip": _Noise(), "round": _Noise(), "clipped": 0, "count": 0} for v in probed if v in qparams}
+    compiled = {v: _Noise() for v in probed}
     outputs = [Agreement() for _ in range(n_out)]
     int8_outputs = [Agreement() for _ in range(n_out)]
     source = data if data is not None else calibration_data
@@ -182,9 +188,9 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
             outputs[k].update(qd[k], fl[k])
             int8_outputs[k].update(i8[k], fl[k])
         for v, k in index.items():
-            f, q = fl[n_out + k].astype(np.float64), qd[n_out + k].astype(np.float64)
+            f, q = fl[k].astype(np.float64), qd[k].astype(np.float64)
             cumulative[v].add(float(np.sum(f * f)), float(np.sum((q - f) ** 2)))
-            compiled[v].add(float(np.sum(f * f)), float(np.sum((i8[n_out + k].astype(np.float64) - f) ** 2)))
+            compiled[v].add(float(np.sum(f * f)), float(np.sum((i8[k].astype(np.float64) - f) ** 2)))
             cosines[v].append(_cos(q, f))
             seen_range[v] = [min(seen_range[v][0], float(f.min())), max(seen_range[v][1], float(f.max()))]
             if v in quant:
@@ -216,6 +222,18 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
     layers.sort(key=lambda la: (la.local_sqnr_db, la.sqnr_db))
     return DebugReport(layers, {n: a.to_json() for n, a in zip(names, outputs)},
                        {n: a.to_json() for n, a in zip(names, int8_outputs)}, samples)
+
+
+def _output_vars(expr, bound: dict) -> list:
+    """The tensors a function returns, flattened in output order (a tuple's fields, also of
+    a var bound to a tuple), as the VM's outputs come out."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Var) and isinstance(bound.get(expr), relax.Tuple):
+        expr = bound[expr]
+    if isinstance(expr, relax.Tuple):
+        return [v for f in expr.fields for v in _output_vars(f, bound)]
+    return [expr]
 
 
 def _take(batches: Iterable, limit: int):
