@@ -7,6 +7,7 @@ is; the layers after it show the error as accumulated, not as their own.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -58,3 +59,11 @@ def test_cli_debug_json(cli, tiny_pt2, tmp_path):
     assert {"sqnr_db", "int8_sqnr_db", "local_sqnr_db", "cause", "input", "output"} <= set(report["layers"][0])
     text = cli("debug", tiny_pt2, "--calib-data", calib, "--limit", "2", "--top", "2")
     assert text.code == 0 and text.out.count("| conv2d_") + text.out.count("| matmul_") == 2, text.out
+
+
+def test_layer_whose_output_is_the_model_output(tiny_onnx):
+    """ONNX import binds the classifier's result as the function's output var itself."""
+    report = debug_layers(tiny_onnx, CALIB, limit=2)
+    last = next(la for la in report.layers if la.kind == "matmul")
+    assert math.isfinite(last.sqnr_db) and last.sqnr_db > 20
+    assert last.sqnr_db == pytest.approx(report.outputs["logits"]["sqnr_db"], abs=0.01)
