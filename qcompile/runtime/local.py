@@ -217,6 +217,19 @@ class CompiledModel:
         return BenchResult(tuple(t * 1000.0 for t in times), number, warmup, batch)
 
 
+    def profile(self, inputs: Inputs | None = None, runs: int = 20, warmup: int = 2) -> list:
+        """Per-kernel time per run, slowest first (:mod:`qcompile.runtime.profile`); local only."""
+        from qcompile.runtime.profile import profile_vm
+
+        if self.remote is not None:
+            raise RuntimeInputError(f"--profile times kernels with a hook in this process; {self.library.name} "
+                                    f"runs on {self.remote}: profile it on a local copy, or bench it without --profile")
+        if runs < 1 or warmup < 0:
+            raise RuntimeInputError("profile needs runs >= 1, warmup >= 0")
+        self._set_inputs(check_inputs(self.inputs, self.default_inputs() if inputs is None else inputs))
+        return profile_vm(self._vm, lambda: self._vm.invoke_stateful("main"), runs, warmup)
+
+
 def _flatten(value) -> list:
     if hasattr(value, "numpy"):
         return [value]
