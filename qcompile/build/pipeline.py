@@ -210,14 +210,15 @@ def with_tuning(passes: list) -> list[Phase]:
 
 
 def default_schedule_passes(target: tvm.target.Target) -> list:
-    """Fixed schedules for CPU conv2d/matmul kernels that no tuning record covered."""
+    """Fixed schedules for CPU kernels that no tuning record covered: conv2d/matmul/pool
+    (``ConvMatmulCPU``) and kernels without a reduction (``InjectiveCPU``)."""
     if target.kind.name != "llvm":
         return []  # GPU targets get dlight's schedules inside the backend's legalize passes
     from tvm.s_tir import dlight as dl
 
-    from qcompile.build.schedules import ConvMatmulCPU
+    from qcompile.build.schedules import ConvMatmulCPU, InjectiveCPU
 
-    return [dl.ApplyDefaultSchedule(ConvMatmulCPU())]
+    return [dl.ApplyDefaultSchedule(ConvMatmulCPU(), InjectiveCPU())]
 
 
 def _cpu_tir_pipeline():

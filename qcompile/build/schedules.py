@@ -9,11 +9,19 @@ channels x output columns accumulated in vector registers, the elementwise epilo
 tuning record: MetaSchedule's applied kernels are marked scheduled and skipped.
 convs rewritten by :mod:`qcompile.passes.pack_conv` get the schedules of their kernels
 instead (:mod:`qcompile.kernels`).
+
+:class:`InjectiveCPU` schedules the kernels without a reduction (layout changes, concat,
+quantize, gathers, elementwise chains that no conv took in): one loop nest with the
+intermediate blocks inlined, instead of TVM's unscheduled form, which writes every
+intermediate to a buffer in loops LLVM then unrolls and versions (squeezenet1_1's int8
+``concat -> transpose -> quantize -> transpose`` kernel: 23.6 KB of code).
 """
 from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
 from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
@@ -80,7 +88,7 @@ class ConvMatmulCPU(dl.ScheduleRule):
                 fuse = (lambda loop: self._fuse_epilogue(sch, epilogue, loop)) if epilogue else None
                 return sch if depthwise_conv2d.schedule(sch, anchor, fuse, self.tile) else None
             if name.startswith(float_conv2d.ANCHOR):
-                fuse = lambda loop: self._fuse_epilogue(sch, epilogue, loop, float_conv2d.LANES)  # noqa: E731
+                fuse = lambda loop: self._fuse_epilogue(sch, epilogue, loop, float_conv2d.LANES)
                 registers = float_conv2d.vector_registers(target)
                 return sch if float_conv2d.schedule(sch, anchor, fuse, self.tile, registers=registers) else None
             elif kinds == "SSSSRRR" and "conv2d_nhwc" in name:
@@ -89,8 +97,8 @@ class ConvMatmulCPU(dl.ScheduleRule):
                 tile_loop = self._conv(sch, anchor)
             elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
                 tile_loop = self._matmul(sch, anchor)
-            elif kinds == "SSSSRR" and name.startswith("pool") and not epilogue:
-                return self._pool_nhwc(sch, anchor, names[:names.index(name)])
+            elif kinds == "SSSSRR" and name.startswith("pool"):
+                return self._pool_nhwc(sch, anchor, names[:names.index(name)], epilogue)
             else:
                 return None
             self._fuse_epilogue(sch, epilogue, tile_loop)
@@ -138,13 +146,13 @@ class ConvMatmulCPU(dl.ScheduleRule):
             packed_conv2d.vectorize_pad(sch, name)
         return ow_o
 
-    @staticmethod
-    def _pool_nhwc(sch: s_tir.Schedule, anchor, before: list[str]) -> s_tir.Schedule | None:
+    def _pool_nhwc(self, sch: s_tir.Schedule, anchor, before: list[str], after: list[str]) -> s_tir.Schedule | None:
         """A pooling window, made for NHWC (ConvertLayout makes pools NHWC, see
         qcompile.passes.pack_conv): rows over the cores, the last axis (channels) in vectors;
         TVM's default lowering ran resnet18's 112x112x64 max pool as scalar code on one core
         (0.4 ms vs 0.05).  An NCHW pool gets the same (valid) schedule, vectorized along its
-        width."""
+        width.  An elementwise epilogue (the quantize of an int8 layer's input) is computed
+        per output pixel from the pooled channels, which stay on the stack."""
         n, oh, ow, c, rh, rw = sch.get_loops(anchor)
         lanes = _largest_factor(int(sch.get(c).extent), (16, 8, 4))
         if lanes == 1:
@@ -155,6 +163,9 @@ class ConvMatmulCPU(dl.ScheduleRule):
         sch.reorder(n, oh, ow, c_o, rh, rw, c_i)
         sch.parallel(sch.fuse(n, oh))
         sch.vectorize(c_i)
+        if after:
+            sch.set_scope(anchor, 0, "local")
+            self._fuse_epilogue(sch, after, ow, lanes)
         init = sch.decompose_reduction(anchor, rh)
         sch.vectorize(sch.get_loops(init)[-1])
         return sch
@@ -188,3 +199,50 @@ class ConvMatmulCPU(dl.ScheduleRule):
             if lanes and int(sch.get(inner).extent) % lanes == 0:
                 inner = sch.split(inner, [None, lanes])[1]
             sch.vectorize(inner)
+
+
+# An injective kernel runs on several cores only from this many output elements: below it
+# the parallel launch costs more than the loop (and adds a closure to the library).
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+class InjectiveCPU(dl.ScheduleRule):
+    """A dlight rule for CPU kernels without a reduction: every block inlined into the one
+    that writes the output, its rows over the cores (large outputs only), the innermost axis
+    in vectors where a vector width divides it.  A kernel that does not inline to one
+    block (several outputs, an opaque block) is left to TVM's default lowering."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(info.is_injective() for info in infos):
+            return None
+        try:
+            infos = try_inline(sch, infos)
+            if len(infos) != 1:
+                return None
+            block = infos[0].block_rv
+            loops = sch.get_loops(block)
+            if not loops:
+                return None
+            extents = [int(sch.get(loop).extent) for loop in loops]
+            inner = loops[-1]
+            lanes = _largest_factor(extents[-1], (16, 8, 4))
+            if lanes > 1:
+                inner = sch.split(inner, [None, lanes])[1]
+            outer = loops[:-1] if len(loops) > 1 else []
+            total = 1
+            for extent in extents:
+                total *= extent
+            if outer and total >= PARALLEL_MIN_ELEMENTS:
+                sch.parallel(sch.fuse(*outer))
+            if lanes > 1:
+                sch.vectorize(inner)
+        except (s_tir.ScheduleError, TypeError, ValueError):
+            return None  # symbolic extents or an unusual block: TVM's default lowering
+        return sch
