@@ -9,6 +9,7 @@ from tvm.s_tir import dlight as dl
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from qcompile.build.compact import cancel_transpose_pairs
 from qcompile.build.schedules import InjectiveCPU
 
 SCALE = np.array([0.05], "float32")
@@ -23,6 +24,88 @@ def bind(mod: tvm.IRModule, **params: np.ndarray) -> tvm.IRModule:
 def run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
     vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+# -- CancelTransposePairs ----------------------------------------------------------------------------
+
+def test_transposes_around_a_quantize_cancel():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 4, 8), "float32"), s: R.Tensor((1,), "float32"),
+                 z: R.Tensor((1,), "int32")) -> R.Tensor((1, 4, 4, 8), "uint8"):
+            with R.dataflow():
+                lv = R.permute_dims(x, axes=[0, 3, 1, 2])
+                lv1 = R.quantize(lv, s, z, axis=-1, out_dtype="uint8")
+                gv = R.permute_dims(lv1, axes=[0, 2, 3, 1])
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 4, 4, 8), "float32"), s: R.Tensor((1,), "float32"),
+                 z: R.Tensor((1,), "int32")) -> R.Tensor((1, 4, 4, 8), "uint8"):
+            with R.dataflow():
+                gv = R.quantize(x, s, z, axis=2, out_dtype="uint8")
+                R.output(gv)
+            return gv
+
+    # axis -1 of the NCHW view is the width, axis 2 of the NHWC tensor (one scale: either reads it)
+    after = cancel_transpose_pairs(bind(Before, s=SCALE, z=ZERO))
+    tvm.ir.assert_structural_equal(after, bind(Expected, s=SCALE, z=ZERO))
+    x = np.random.default_rng(0).standard_normal((1, 4, 4, 8)).astype("float32")
+    np.testing.assert_array_equal(run(after, x), run(bind(Before, s=SCALE, z=ZERO), x))
+
+
+def test_per_channel_dequantize_keeps_its_channel_and_one_transpose():
+    """The channel axis moves with the tensor; transposes that do not undo each other leave one."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 4, 8), "int8"), s: R.Tensor((8,), "float32"),
+                 z: R.Tensor((8,), "int8")) -> R.Tensor((4, 8, 4, 1), "float32"):
+            with R.dataflow():
+                lv = R.permute_dims(x, axes=[0, 3, 1, 2])
+                lv1 = R.dequantize(lv, s, z, axis=1, out_dtype="float32")
+                gv = R.permute_dims(lv1, axes=[2, 1, 3, 0])
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 4, 4, 8), "int8"), s: R.Tensor((8,), "float32"),
+                 z: R.Tensor((8,), "int8")) -> R.Tensor((4, 8, 4, 1), "float32"):
+            with R.dataflow():
+                gv_q = R.dequantize(x, s, z, axis=3, out_dtype="float32")
+                gv = R.permute_dims(gv_q, axes=[1, 3, 2, 0])
+                R.output(gv)
+            return gv
+
+    rng = np.random.default_rng(1)
+    scale, zero = rng.uniform(0.01, 0.1, 8).astype("float32"), rng.integers(-5, 5, 8).astype("int8")
+    after = cancel_transpose_pairs(bind(Before, s=scale, z=zero))
+    tvm.ir.assert_structural_equal(after, bind(Expected, s=scale, z=zero))
+    x = rng.integers(-128, 128, (1, 4, 4, 8)).astype("int8")
+    np.testing.assert_array_equal(run(after, x), run(bind(Before, s=scale, z=zero), x))
+
+
+def test_quantize_read_twice_keeps_its_transposes():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 4, 8), "float32"), s: R.Tensor((1,), "float32"), z: R.Tensor((1,), "int32")):
+            with R.dataflow():
+                lv = R.permute_dims(x, axes=[0, 3, 1, 2])
+                lv1 = R.quantize(lv, s, z, axis=-1, out_dtype="uint8")
+                lv2 = R.permute_dims(lv1, axes=[0, 2, 3, 1])
+                gv = (lv1, lv2)
+                R.output(gv)
+            return gv
+
+    before = bind(Before, s=SCALE, z=ZERO)
+    tvm.ir.assert_structural_equal(cancel_transpose_pairs(before), before)
 
 
 # -- InjectiveCPU ------------------------------------------------------------------------------------

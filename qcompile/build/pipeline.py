@@ -4,7 +4,9 @@
                   chains) into conv, decompose training-style ops, fold constants (the
                   graph quantization calibrates).
 2. ``kernels``:   on CPUs, convs onto qcompile's NHWC kernels (``PackConv``: int8
-                  dot-product, depthwise, float).
+                  dot-product, depthwise, float); the transposes the NHWC conversion
+                  leaves around a quantize/dequantize cancelled
+                  (:mod:`qcompile.build.compact`).
 3. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
                   (GPU backends add dlight schedules here).
 4. ``lower``:     the backend's dataflow lowering and VM finalisation.
@@ -50,9 +52,10 @@ def _inference_passes(target: tvm.target.Target) -> list:
 
 
 def _kernel_passes(target: tvm.target.Target, counts: dict | None = None, notes: list[str] | None = None) -> list:
+    from qcompile.build.compact import CancelTransposePairs
     from qcompile.passes.pack_conv import PackConv
 
-    return [PackConv(target, counts, notes), relax.transform.DeadCodeElimination(["main"])]
+    return [PackConv(target, counts, notes), relax.transform.DeadCodeElimination(["main"]), CancelTransposePairs]
 
 
 def _legalize_passes(target: tvm.target.Target) -> list:
