@@ -8,8 +8,9 @@ from tvm import relax, s_tir
 from tvm.s_tir import dlight as dl
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
-from qcompile.build.compact import cancel_transpose_pairs
+from qcompile.build.compact import cancel_transpose_pairs, fold_scalar_arguments
 from qcompile.build.schedules import InjectiveCPU
 
 SCALE = np.array([0.05], "float32")
@@ -106,6 +107,69 @@ def test_quantize_read_twice_keeps_its_transposes():
 
     before = bind(Before, s=SCALE, z=ZERO)
     tvm.ir.assert_structural_equal(cancel_transpose_pairs(before), before)
+
+
+# -- FoldScalarArguments ---------------------------------------------------------------------------
+
+@I.ir_module
+class _TwoCalls:
+    @T.prim_func(private=True, s_tir=True)
+    def requant(x: T.Buffer((8,), "float32"), lo: T.Buffer((1,), "float32"), hi: T.Buffer((1,), "float32"),
+                out: T.Buffer((8,), "float32")):
+        for i in range(8):
+            with T.sblock("clip"):
+                vi = T.axis.spatial(8, i)
+                T.reads(x[vi], lo[0], hi[0])
+                T.writes(out[vi])
+                out[vi] = T.min(T.max(x[vi], lo[0]), hi[0])
+
+    @R.function
+    def main(x: R.Tensor((8,), "float32"), lo: R.Tensor((1,), "float32"), hi: R.Tensor((1,), "float32"),
+             hi2: R.Tensor((1,), "float32")) -> R.Tensor((8,), "float32"):
+        cls = _TwoCalls
+        with R.dataflow():
+            lv = R.call_tir(cls.requant, (x, lo, hi), out_ty=R.Tensor((8,), "float32"))
+            gv = R.call_tir(cls.requant, (lv, lo, hi2), out_ty=R.Tensor((8,), "float32"))
+            R.output(gv)
+        return gv
+
+
+def test_scalar_constant_every_call_passes_becomes_an_immediate():
+    """``lo`` is the same constant at both calls: an immediate; ``hi`` differs: an argument."""
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def requant(x: T.Buffer((8,), "float32"), hi: T.Buffer((1,), "float32"), out: T.Buffer((8,), "float32")):
+            for i in range(8):
+                with T.sblock("clip"):
+                    vi = T.axis.spatial(8, i)
+                    T.reads(x[vi], hi[0])
+                    T.writes(out[vi])
+                    out[vi] = T.min(T.max(x[vi], T.float32(-1.5)), hi[0])
+
+        @R.function
+        def main(x: R.Tensor((8,), "float32"), hi: R.Tensor((1,), "float32"),
+                 hi2: R.Tensor((1,), "float32")) -> R.Tensor((8,), "float32"):
+            cls = Expected
+            with R.dataflow():
+                lv = R.call_tir(cls.requant, (x, hi), out_ty=R.Tensor((8,), "float32"))
+                gv = R.call_tir(cls.requant, (lv, hi2), out_ty=R.Tensor((8,), "float32"))
+                R.output(gv)
+            return gv
+
+    consts = {"lo": np.array([-1.5], "float32"), "hi": np.array([2.0], "float32"), "hi2": np.array([1.0], "float32")}
+    before = bind(_TwoCalls, **consts)
+    after = fold_scalar_arguments(before)
+    tvm.ir.assert_structural_equal(after, bind(Expected, hi=consts["hi"], hi2=consts["hi2"]))
+    x = np.linspace(-3, 3, 8).astype("float32")
+    np.testing.assert_array_equal(run(after, x), np.clip(x, -1.5, 1.0))
+
+
+def test_kernel_whose_scalar_differs_between_calls_is_not_duplicated():
+    consts = {"lo": np.array([-1.5], "float32"), "hi": np.array([2.0], "float32"), "hi2": np.array([1.0], "float32")}
+    after = fold_scalar_arguments(bind(_TwoCalls, **consts))
+    kernels = [f for f in after.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and len(kernels[0].params) == 3
 
 
 # -- InjectiveCPU ------------------------------------------------------------------------------------

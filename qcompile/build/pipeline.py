@@ -9,7 +9,9 @@
                   (:mod:`qcompile.build.compact`).
 3. ``legalize``:  the target backend's own dispatch + legalize + fusion passes
                   (GPU backends add dlight schedules here).
-4. ``lower``:     the backend's dataflow lowering and VM finalisation.
+4. ``lower``:     one-element constants every call of a kernel passes made immediates of
+                  the kernel (:mod:`qcompile.build.compact`), then the backend's dataflow
+                  lowering and VM finalisation.
 
 Code generation lowers the kernels with TVM's TIR pipeline plus two passes of ours
 (:mod:`qcompile.passes.stack_tiles`: register tiles on the stack, not the workspace pool;
@@ -63,6 +65,8 @@ def _legalize_passes(target: tvm.target.Target) -> list:
 
 
 def _lower_passes(target: tvm.target.Target) -> list:
+    from qcompile.build.compact import FoldScalarArguments
+
     # relax.pipeline.dataflow_lower_passes() fails in TVM 0.27 (the backends do not export
     # it); these four passes are what every backend's version returns.
     dataflow_lower = [
@@ -71,7 +75,9 @@ def _lower_passes(target: tvm.target.Target) -> list:
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
     ]
-    return dataflow_lower + relax.pipeline.finalize_passes(target)
+    # FoldScalarArguments first: after legalize, where the tuning records were matched
+    # (it changes the kernels they were matched by)
+    return [FoldScalarArguments] + dataflow_lower + relax.pipeline.finalize_passes(target)
 
 
 PHASES: list[Phase] = [
