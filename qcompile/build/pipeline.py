@@ -15,7 +15,8 @@
 
 Code generation lowers the kernels with TVM's TIR pipeline plus two passes of ours
 (:mod:`qcompile.passes.stack_tiles`: register tiles on the stack, not the workspace pool;
-:mod:`qcompile.passes.balance_parallel`: parallel loops balanced over the cores at run time).
+:mod:`qcompile.passes.balance_parallel`: parallel loops balanced over the cores at run time),
+without the per-argument checks of each kernel's entry function (:func:`tir_pipeline`).
 
 ``dump_ir`` writes the module after each phase (``01-inference.py`` ...) for debugging.
 After ``legalize`` every operator must have become a kernel call (:func:`check_lowered`):
@@ -230,25 +231,41 @@ def default_schedule_passes(target: tvm.target.Target) -> list:
     return [dl.ApplyDefaultSchedule(ConvMatmulCPU(), InjectiveCPU())]
 
 
-def _cpu_tir_pipeline():
+def _cpu_tir_pipeline(argument_checks: bool = True):
     """TVM's default TIR lowering followed by :mod:`qcompile.passes.stack_tiles` and
-    :mod:`qcompile.passes.balance_parallel` (both skip non-CPU functions)."""
+    :mod:`qcompile.passes.balance_parallel` (both skip non-CPU functions); without
+    ``argument_checks``, the argument checks of the kernels' entry functions are left out
+    (see :func:`tir_pipeline`)."""
     from tvm.tirx import compilation_pipeline
 
     from qcompile.passes.balance_parallel import BalanceParallel
     from qcompile.passes.stack_tiles import StackTiles
 
     lower, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
-    return tvm.transform.Sequential([lower, StackTiles, BalanceParallel]), finalize_host, finalize_device
+    # SkipAssert after `lower` (MakePackedAPI writes the checks there), before
+    # finalize_host, whose LowerTVMBuiltin adds the allocation failure checks, which stay
+    checks = [] if argument_checks else [tvm.tirx.transform.SkipAssert()]
+    return tvm.transform.Sequential([lower, *checks, StackTiles, BalanceParallel]), finalize_host, finalize_device
 
 
-def tir_pipeline() -> str:
+def tir_pipeline(argument_checks: bool = True) -> str:
     """The name of qcompile's TIR pipeline for ``tvm.compile(..., tir_pipeline=)``
-    (registered in TVM's process-wide table on first use)."""
+    (registered in TVM's process-wide table on first use).
+
+    ``argument_checks=False`` is the pipeline of a model's library: TVM's entry function of
+    each kernel checks every tensor argument (type, ndim, dtype, each dim of shape and
+    strides, device, data pointer: ~800 bytes of code and error strings per argument, more
+    than the kernel's own code for most layers), but in a model's library the only caller is
+    the VM, which checks the model's inputs at ``main``'s entry and allocates every other
+    tensor from shapes it derived.  Kernels built alone (`qcompile tune`'s candidates, tests)
+    keep the checks."""
     from tvm.tirx import compilation_pipeline
 
-    compilation_pipeline.register_tir_pipeline("qcompile_cpu", _cpu_tir_pipeline)
-    return "qcompile_cpu"
+    if argument_checks:
+        compilation_pipeline.register_tir_pipeline("qcompile_cpu", _cpu_tir_pipeline)
+        return "qcompile_cpu"
+    compilation_pipeline.register_tir_pipeline("qcompile_cpu_unchecked", lambda: _cpu_tir_pipeline(False))
+    return "qcompile_cpu_unchecked"
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path | None = None,
@@ -265,4 +282,4 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target, dump_ir: Path |
     phases = [(name, (lambda t: _kernel_passes(t, kernel_counts, kernel_notes)) if name == "kernels" else make)
               for name, make in with_tuning(passes)]
     lowered = run_phases(mod, target, phases=phases, dump_ir=dump_ir)
-    return tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=tir_pipeline())
+    return tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=tir_pipeline(argument_checks=False))
