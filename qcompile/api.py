@@ -49,9 +49,9 @@ def quantize(model: ImportedModel, calibration_data: Any, config: Int8Config | D
     if isinstance(config, DynamicInt8Config):
         if calibration_data is not None:
             raise ConfigError(_DYNAMIC_NO_DATA)
-        from qcompile.quantize.dynamic import quantize_dynamic
+        from qcompile.quantize.pipeline import quantize_dynamic_model
 
-        return quantize_dynamic(model, config, as_target(target).to_tvm(), progress)
+        return quantize_dynamic_model(model, config, as_target(target).to_tvm(), progress)
     if not isinstance(config, Int8Config):
         raise ConfigError(f"quantization: expected an Int8Config or a DynamicInt8Config, "
                           f"but got {type(config).__name__}")

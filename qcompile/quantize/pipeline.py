@@ -14,7 +14,8 @@ from qcompile.build.pipeline import phases_through, run_phases
 from qcompile.errors import ConfigError
 from qcompile.model import ImportedModel
 from qcompile.quantize.canonicalize import canonicalize_qdq
-from qcompile.quantize.config import Int8Config, QuantizationInfo
+from qcompile.quantize.config import DynamicInt8Config, Int8Config, QuantizationInfo
+from qcompile.quantize.embedding import quantize_embeddings
 from qcompile.quantize.op_tables import ANCHORS
 from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
 from qcompile.quantize.realize import realize
@@ -60,6 +61,7 @@ def quantize_model(
         qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
         say(f"realizing {len(plan.regions)} quantized layers ...")
         int_mod, report = realize(qdq_mod)
+        int_mod = _int8_embeddings(int_mod, say)
     info = QuantizationInfo(
         source="qcompile-ptq",
         config=config,
@@ -70,6 +72,31 @@ def quantize_model(
         float_ops=dict(plan.skipped),
     )
     return replace(model, mod=int_mod, quantization=info)
+
+
+def quantize_dynamic_model(
+    model: ImportedModel,
+    config: DynamicInt8Config,
+    target: tvm.target.Target,
+    progress: Callable[[str], None] | None = None,
+) -> ImportedModel:
+    """:func:`qcompile.quantize.dynamic.quantize_dynamic`, then int8 embedding tables as
+    for static int8 (:mod:`qcompile.quantize.embedding`)."""
+    from qcompile.quantize.dynamic import quantize_dynamic
+
+    quantized = quantize_dynamic(model, config, target, progress)
+    with _readable(model):
+        mod = _int8_embeddings(quantized.mod, progress or (lambda _m: None))
+    return replace(quantized, mod=mod)
+
+
+def _int8_embeddings(mod: tvm.IRModule, say: Callable[[str], None]) -> tvm.IRModule:
+    """``mod`` with its embedding tables stored as int8 (:func:`quantize_embeddings`)."""
+    mod, tables = quantize_embeddings(mod)
+    for table in tables:
+        say(f"embedding {table['name']} {table['table']}: int8 rows, per-row scales "
+            f"({table['bytes'] / 1e6:.2f} MB -> {table['quantized_bytes'] / 1e6:.2f} MB)")
+    return mod
 
 
 def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
