@@ -76,3 +76,22 @@ def _check_arm_matches_x86(board, arm_target, config, tmp_path):
         diff = float(np.abs(got[key] - want[key]).max())
         assert diff <= lsb * 1.001, f"{key}: ARM vs x86 max diff {diff:.3g} > 1 LSB ({lsb:.3g})"
         assert np.argsort(-got[key][0])[:5].tolist() == np.argsort(-want[key][0])[:5].tolist()
+
+
+def test_tune_seeds_conv_tiles_on_the_emulated_board(board, tmp_path, tiny_pt2):
+    """`qcompile tune --rpc` measures the conv kernels' register tiles on the board and writes
+    their records (qemu's timings: a check that it works, never committed)."""
+    from qcompile.cli.main import main
+    from qcompile.frontend import import_model as _import
+    from qcompile.kernels import hand_kernel_tiles
+    from qcompile.tune import records
+
+    target = resolve_target("rpi4")  # Cortex-A72, 4 cores: the search needs a core count
+    host, port = board.address
+    code = main(["tune", str(tiny_pt2), "--target", "rpi4", "--trials", "2",
+                 "--max-trials-per-task", "1", "--log-dir", str(tmp_path / "logs"), "--rpc", f"{host}:{port}"])
+    assert code == 0
+    tasks = records.extract_tasks(_import(str(tiny_pt2)), target)
+    convs = [t for t in tasks if hand_kernel_tiles(t.dispatched[0]) is not None]
+    database = records.open_database(records.database_dir(target, tmp_path / "logs"))
+    assert convs and all(database.get_top_k(database.commit_workload(t.dispatched[0]), 1) for t in convs)

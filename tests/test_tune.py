@@ -60,8 +60,17 @@ def test_tune_measures_over_rpc(tmp_path, tiny_pt2):
     assert code == 0, err[-3000:]
     records = (database_dir(resolve_target("native"), tmp_path / "logs") / "database_tuning_record.json")
     measured = [json.loads(r)[1][1][0] for r in records.read_text().splitlines()]
-    # one record per searched kernel at least (the float convs' hand kernels are not searched)
     assert len(measured) >= 4 and all(t < 1.0 for t in measured), measured
+    # the conv kernels' register tiles are measured on the board too (seeding over RPC)
+    assert "kernels seeded with the default schedule's measurement on" in err
+    from qcompile.kernels import hand_kernel_tiles
+    from qcompile.tune import records as rec
+    from qcompile.frontend import import_model
+
+    tasks = rec.extract_tasks(import_model(str(tiny_pt2)), resolve_target("native"))
+    convs = [t for t in tasks if hand_kernel_tiles(t.dispatched[0]) is not None]
+    database = rec.open_database(database_dir(resolve_target("native"), tmp_path / "logs"))
+    assert convs and all(database.get_top_k(database.commit_workload(t.dispatched[0]), 1) for t in convs)
     refused = _tune(tiny_pt2, "--trials", "2", "--log-dir", tmp_path / "x", "--rpc", f"127.0.0.1:{free_port()}")
     assert refused[0] == 11 and "cannot reach RPC server" in refused[1]
 

@@ -177,9 +177,13 @@ def _seed_and_search(tasks: list, target: TargetSpec, tvm_target, trials: int, m
 
     from qcompile.kernels import hand_kernel_tiles
 
-    if rpc is None:  # the default schedule is the baseline every tuned kernel must beat
-        seeded = seed_default_schedules(tasks, tvm_target, database, say=say)
-        say(f"{seeded} kernels seeded with the default schedule's measurement")
+    # The default schedule is the baseline every tuned kernel must beat, and for qcompile's
+    # conv kernels the register tile is chosen by these measurements: on a board too, where
+    # the candidates are linked here and measured there.
+    export = functools.partial(export_candidate, target.cross_compiler) if rpc is not None else None
+    seeded = seed_default_schedules(tasks, tvm_target, database, runner=None if rpc is None else runner, say=say,
+                                    export=export)
+    say(f"{seeded} kernels seeded with the default schedule's measurement" + (f" on {rpc.label}" if rpc else ""))
     # qcompile's own conv kernels (qcompile.kernels) keep their hand schedule, measured
     # by the seeding above: MetaSchedule's generic rules cannot tensorize the packed convs
     # and would spend the trials on slower, untensorized variants.
@@ -188,8 +192,7 @@ def _seed_and_search(tasks: list, target: TargetSpec, tvm_target, trials: int, m
         say(f"{len(tasks) - len(searchable)} conv kernels keep their hand schedule (best register tile)")
     if not searchable:
         return 0
-    builder = pooled_builder(build_candidate, f_export=(
-        functools.partial(export_candidate, target.cross_compiler) if rpc is not None else None))
+    builder = pooled_builder(build_candidate, f_export=export)
     own_runner = isinstance(runner, str)  # "local"
     try:
         if own_runner:  # made here (not by MetaSchedule from "local") to be shut down below

@@ -17,7 +17,7 @@ from qcompile.tune.workers import (
 
 
 def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=None,
-                           say: Callable[[str], None] | None = None, rounds: int = 3) -> int:
+                           say: Callable[[str], None] | None = None, rounds: int = 3, export=None) -> int:
     """Measure what an untuned build runs for each task -- qcompile's default schedule
     (:mod:`qcompile.build.schedules`; for qcompile's conv kernels the fastest of its register
     tiles), or TVM's default lowering for kernels no rule covers -- and commit it as a tuning
@@ -28,10 +28,12 @@ def seed_default_schedules(tasks, target: tvm.target.Target, database, runner=No
     Register tiles are measured in ``rounds`` interleaved rounds (each round in a rotated
     order) and ranked by their median: one measurement each, one tile after another, let the
     machine's drift pick a slower tile than the default.  The default tile is kept unless
-    another is more than ``_TILE_MARGIN`` faster.  Returns the number of records committed."""
+    another is more than ``_TILE_MARGIN`` faster.  ``runner`` (default: a local one) and
+    ``export`` (how a candidate library is linked, e.g. with a board's cross compiler) measure
+    on a remote device.  Returns the number of records committed."""
     from tvm.s_tir import meta_schedule as ms
 
-    builder = pooled_builder(build_candidate)
+    builder = pooled_builder(build_candidate, f_export=export)
     own_runner = runner is None
     try:
         runner = runner or ms.runner.LocalRunner()

@@ -189,6 +189,24 @@ def _direct_session(host: str, port: int, _rpc_config):
     return rpc.connect(host, port)
 
 
+def upload_random_arguments(session, device, args_info, alloc_repeat: int) -> list:
+    """MetaSchedule ``f_alloc_argument`` for a board: random tensors made here and copied
+    over.  MetaSchedule's default fills them on the server with ``tvm.contrib.random``, which
+    a board's runtime-only TVM (and the emulated board's) does not have."""
+    import numpy as np
+    import tvm
+
+    rng = np.random.default_rng(0)
+
+    def tensor(_kind, dtype, shape):
+        host = rng.standard_normal(shape) if dtype.startswith("float") else rng.integers(-8, 8, shape)
+        arg = tvm.runtime.empty(shape=shape, dtype=dtype, device=device)
+        arg.copyfrom(np.ascontiguousarray(host.astype(dtype)))
+        return arg
+
+    return [[tensor(*info) for info in args_info] for _ in range(alloc_repeat)]
+
+
 def rpc_runner(endpoint, timeout_sec: float = 60.0):
     """A MetaSchedule runner that measures on the device behind ``endpoint``: an RPC server,
     or a pool of boards behind a tracker (the candidates are built here and uploaded)."""
@@ -204,9 +222,9 @@ def rpc_runner(endpoint, timeout_sec: float = 60.0):
     if endpoint.key:
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=endpoint.key,
                                      session_timeout_sec=timeout_sec)
-        return ms.runner.RPCRunner(config, evaluator)
+        return ms.runner.RPCRunner(config, evaluator, f_alloc_argument=upload_random_arguments)
     # MetaSchedule's RPC runner asks a tracker for sessions; for one bare server connect directly.
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key="direct",
                                  session_timeout_sec=timeout_sec)
     return ms.runner.RPCRunner(config, evaluator, f_create_session=functools.partial(_direct_session, host, port),
-                               max_workers=1)
+                               f_alloc_argument=upload_random_arguments, max_workers=1)
