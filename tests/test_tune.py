@@ -63,9 +63,9 @@ def test_tune_measures_over_rpc(tmp_path, tiny_pt2):
     assert len(measured) >= 4 and all(t < 1.0 for t in measured), measured
     # the conv kernels' register tiles are measured on the board too (seeding over RPC)
     assert "kernels seeded with the default schedule's measurement on" in err
+    from qcompile.frontend import import_model
     from qcompile.kernels import hand_kernel_tiles
     from qcompile.tune import records as rec
-    from qcompile.frontend import import_model
 
     tasks = rec.extract_tasks(import_model(str(tiny_pt2)), resolve_target("native"))
     convs = [t for t in tasks if hand_kernel_tiles(t.dispatched[0]) is not None]
