@@ -66,6 +66,24 @@ def config_error(parameter: str, expected: str, got: Any, owner: str = "Int8Conf
     return exc
 
 
+def _check_shared_fields(config) -> None:
+    """Normalise and validate the fields both configs have: ``weights``, ``keep_float``,
+    ``activation_symmetric`` and ``reduce_range`` (errors name the config class)."""
+    owner = type(config).__name__
+    if isinstance(config.weights, str) and config.weights in _GRANULARITIES:
+        object.__setattr__(config, "weights", _GRANULARITIES[config.weights])
+    if not isinstance(config.weights, (PerChannel, PerTensor)):
+        raise config_error("weights", "PerChannel() or PerTensor()", config.weights, owner)
+    keep = (config.keep_float,) if isinstance(config.keep_float, str) else tuple(config.keep_float)
+    object.__setattr__(config, "keep_float", keep)
+    if not all(isinstance(k, str) and k for k in keep):
+        raise config_error("keep_float", "layer names such as conv2d_0, first, last or matmul", keep, owner)
+    if not isinstance(config.activation_symmetric, bool):
+        raise config_error("activation_symmetric", "True or False", config.activation_symmetric, owner)
+    if config.reduce_range is not None and not isinstance(config.reduce_range, bool):
+        raise config_error("reduce_range", "True, False or None", config.reduce_range, owner)
+
+
 @dataclass(frozen=True)
 class Int8Config:
     """Post-training int8 quantization (names follow ONNX Runtime where they exist).
@@ -96,25 +114,12 @@ class Int8Config:
             object.__setattr__(self, "calibration", Calibration(self.calibration))
         except ValueError:
             raise config_error("calibration", f"one of {', '.join(CALIBRATION_METHODS)}", self.calibration) from None
-        if isinstance(self.weights, str) and self.weights in _GRANULARITIES:
-            object.__setattr__(self, "weights", _GRANULARITIES[self.weights])
-        if not isinstance(self.weights, (PerChannel, PerTensor)):
-            raise config_error("weights", "PerChannel() or PerTensor()", self.weights)
+        _check_shared_fields(self)
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 50.0 < self.percentile <= 100.0:
             raise config_error("percentile", "a value in (50, 100]", self.percentile)
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise config_error("num_samples", "an integer of at least 1", self.num_samples)
-        if isinstance(self.keep_float, str):
-            object.__setattr__(self, "keep_float", (self.keep_float,))
-        object.__setattr__(self, "keep_float", tuple(self.keep_float))
-        if not all(isinstance(k, str) and k for k in self.keep_float):
-            raise config_error("keep_float", "layer names such as conv2d_0, first, last or matmul", self.keep_float)
-        for name in ("activation_symmetric",):
-            if not isinstance(getattr(self, name), bool):
-                raise config_error(name, "True or False", getattr(self, name))
-        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
-            raise config_error("reduce_range", "True, False or None", self.reduce_range)
 
     @property
     def calibration_method(self) -> str:
@@ -189,25 +194,11 @@ class DynamicInt8Config:
     scheme = "int8-dynamic"
 
     def __post_init__(self) -> None:
-        owner = type(self).__name__
-        if isinstance(self.weights, str) and self.weights in _GRANULARITIES:
-            object.__setattr__(self, "weights", _GRANULARITIES[self.weights])
-        if not isinstance(self.weights, (PerChannel, PerTensor)):
-            raise config_error("weights", "PerChannel() or PerTensor()", self.weights, owner)
+        _check_shared_fields(self)
         if isinstance(self.activations, str) and self.activations in _ACTIVATION_GRANULARITIES:
             object.__setattr__(self, "activations", _ACTIVATION_GRANULARITIES[self.activations])
         if not isinstance(self.activations, (PerTensor, PerRow)):
-            raise config_error("activations", "PerTensor() or PerRow()", self.activations, owner)
-        if isinstance(self.keep_float, str):
-            object.__setattr__(self, "keep_float", (self.keep_float,))
-        object.__setattr__(self, "keep_float", tuple(self.keep_float))
-        if not all(isinstance(k, str) and k for k in self.keep_float):
-            raise config_error("keep_float", "layer names such as conv2d_0, first, last or matmul", self.keep_float,
-                               owner)
-        if not isinstance(self.activation_symmetric, bool):
-            raise config_error("activation_symmetric", "True or False", self.activation_symmetric, owner)
-        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
-            raise config_error("reduce_range", "True, False or None", self.reduce_range, owner)
+            raise config_error("activations", "PerTensor() or PerRow()", self.activations, type(self).__name__)
 
     @property
     def per_channel(self) -> bool:
