@@ -32,6 +32,7 @@ the machine record.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -604,7 +605,10 @@ def ort_quantize_static(src: Path, out: Path, samples: list[Feeds], fmt: str = "
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(f"{src.stem}-pre.onnx")
-    quant_pre_process(str(unshare_initializers(src, out.with_name(f"{src.stem}-unshared.onnx"))), str(pre))
+    # ONNX Runtime's symbolic shape inference writes (and on a failure leaves) temporary files
+    # in the working directory: run it in the model's folder
+    with contextlib.chdir(out.parent):
+        quant_pre_process(str(unshare_initializers(src, out.with_name(f"{src.stem}-unshared.onnx"))), str(pre))
     names = [i.name for i in ort_session(pre, optimized=False).get_inputs()]
     feeds = [s if set(names) <= set(s) else dict(zip(names, s.values())) for s in samples]
 
@@ -615,9 +619,10 @@ def ort_quantize_static(src: Path, out: Path, samples: list[Feeds], fmt: str = "
         def get_next(self):
             return next(self.items, None)
 
-    quantize_static(str(pre), str(out), Reader(),
-                    quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    with contextlib.chdir(out.parent):
+        quantize_static(str(pre), str(out), Reader(),
+                        quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 # --- the registry
