@@ -123,6 +123,8 @@ def test_int8_builds_store_the_embedding_as_int8(tmp_path):
     int8 = qcompile.compile(path, "native", quantization=qcompile.Int8Config(num_samples=4), calibration_data=feeds,
                             out_dir=tmp_path, name="int8", tuning_logs=False)
     table_bytes = 2000 * 64 * 4
+    (table,) = int8.manifest.quantization["embeddings"]  # the manifest says which table went int8
+    assert table["table"] == [2000, 64] and table["bytes"] == table_bytes
     saved = fp32.manifest.library["bytes"] - int8.manifest.library["bytes"]
     assert saved >= 0.7 * table_bytes, saved
     float_model, int8_model = qcompile.load(fp32.library), qcompile.load(int8.library)
@@ -134,3 +136,4 @@ def test_int8_builds_store_the_embedding_as_int8(tmp_path):
 
     dynamic = qcompile.prepare(path, "native", quantization=qcompile.DynamicInt8Config())
     assert _take_tables(dynamic.mod) == ["int8", "float32"]  # the table, its row scales
+    assert [t["table"] for t in dynamic.quantization.embeddings] == [[2000, 64]]

@@ -255,6 +255,8 @@ class QuantizationInfo:
     layers: one entry per integer layer (op, dtypes, scales) as realize reports them.
     float_layers: layers kept in float on request; float_ops: op -> count left in float;
     float_nodes: conv2d/matmul a pre-quantized model left float (an unsupported QDQ pattern).
+    embeddings: the embedding tables stored as int8 rows with per-row scales
+      (:mod:`qcompile.quantize.embedding`): name, table shape, bytes before and after.
     """
 
     source: str
@@ -266,6 +268,7 @@ class QuantizationInfo:
     float_ops: dict[str, int] = field(default_factory=dict)
     float_nodes: tuple[str, ...] = ()
     scheme: str = "int8"
+    embeddings: tuple[dict, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"scheme": self.scheme, "source": self.source}
@@ -282,4 +285,6 @@ class QuantizationInfo:
             data["weight_range"] = list(self.weight_range)
         if self.float_nodes:
             data["float_nodes"] = list(self.float_nodes)
+        if self.embeddings:
+            data["embeddings"] = list(self.embeddings)
         return data

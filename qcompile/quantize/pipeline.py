@@ -61,7 +61,7 @@ def quantize_model(
         qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
         say(f"realizing {len(plan.regions)} quantized layers ...")
         int_mod, report = realize(qdq_mod)
-        int_mod = _int8_embeddings(int_mod, say)
+        int_mod, tables = _int8_embeddings(int_mod, say)
     info = QuantizationInfo(
         source="qcompile-ptq",
         config=config,
@@ -70,6 +70,7 @@ def quantize_model(
         layers=tuple(report.layers),
         float_layers=tuple(plan.kept_float),
         float_ops=dict(plan.skipped),
+        embeddings=tables,
     )
     return replace(model, mod=int_mod, quantization=info)
 
@@ -86,17 +87,18 @@ def quantize_dynamic_model(
 
     quantized = quantize_dynamic(model, config, target, progress)
     with _readable(model):
-        mod = _int8_embeddings(quantized.mod, progress or (lambda _m: None))
-    return replace(quantized, mod=mod)
+        mod, tables = _int8_embeddings(quantized.mod, progress or (lambda _m: None))
+    return replace(quantized, mod=mod, quantization=replace(quantized.quantization, embeddings=tables))
 
 
-def _int8_embeddings(mod: tvm.IRModule, say: Callable[[str], None]) -> tvm.IRModule:
-    """``mod`` with its embedding tables stored as int8 (:func:`quantize_embeddings`)."""
+def _int8_embeddings(mod: tvm.IRModule, say: Callable[[str], None]) -> tuple[tvm.IRModule, tuple[dict, ...]]:
+    """``mod`` with its embedding tables stored as int8 (:func:`quantize_embeddings`), and
+    what was converted (for the manifest)."""
     mod, tables = quantize_embeddings(mod)
     for table in tables:
         say(f"embedding {table['name']} {table['table']}: int8 rows, per-row scales "
             f"({table['bytes'] / 1e6:.2f} MB -> {table['quantized_bytes'] / 1e6:.2f} MB)")
-    return mod
+    return mod, tuple(tables)
 
 
 def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
