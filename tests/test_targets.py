@@ -38,7 +38,8 @@ def test_cuda_string_gets_llvm_host():
     assert spec.to_tvm().host is not None
 
 
-@pytest.mark.parametrize("name", ["x86-avx512", "x86-avx2", "rpi4", "rpi5", "cuda-sm80"])
+@pytest.mark.parametrize("name", ["x86-avx512", "x86-avx2", "x86-zen4", "x86-zen5", "x86-sapphirerapids", "rpi4",
+                                  "rpi5", "cuda-sm80"])
 def test_presets_resolve_and_validate(name):
     spec = resolve_target(name)
     assert spec.name == name and spec.description
@@ -54,7 +55,14 @@ def test_rpi4_preset_is_cross_compiled_cortex_a72():
 
 def test_list_presets_has_the_shipped_ones():
     names = {p.name for p in list_presets()}
-    assert {"x86-avx512", "x86-avx2", "rpi4", "cuda-sm80"} <= names
+    assert {"x86-avx512", "x86-avx2", "x86-zen4", "x86-zen5", "x86-sapphirerapids", "rpi4", "cuda-sm80"} <= names
+
+
+@pytest.mark.parametrize("name, mcpu", [("x86-avx512", "cascadelake"), ("x86-avx2", "haswell"), ("x86-zen4", "znver4"),
+                                        ("x86-zen5", "znver5"), ("x86-sapphirerapids", "sapphirerapids")])
+def test_x86_presets_name_their_microarchitecture(name, mcpu):
+    spec = resolve_target(name)
+    assert spec.target["mcpu"] == mcpu and spec.triple == "x86_64-linux-gnu"
 
 
 # LLVM feature -> the /proc/cpuinfo flag of the same instructions (x86).
@@ -115,6 +123,51 @@ def test_native_uses_only_the_reported_flags(monkeypatch, flags):
 
     monkeypatch.setattr(hostcpu, "cpu_flags", lambda *_: set(flags))
     _check_x86_features_follow_flags(resolve_target("native"), flags)
+
+
+def _flags_of(mcpu: str) -> set[str]:
+    """The /proc/cpuinfo flags of a CPU that has every extension LLVM enables for ``mcpu``."""
+    from qcompile.target import hostcpu
+
+    features = _llvm_features(resolve_target(f"llvm -mtriple=x86_64-linux-gnu -mcpu={mcpu}"))
+    return {hostcpu.X86_FEATURE_FLAGS[f] for f in features if f in hostcpu.X86_FEATURE_FLAGS}
+
+
+@pytest.mark.parametrize("ident, flags_of, hidden, expected", [
+    (("AuthenticAMD", 25, 17), "znver4", set(), "znver4"),  # Zen 4 (Genoa)
+    (("AuthenticAMD", 26, 2), "znver5", set(), "znver5"),  # Zen 5 (Turin)
+    (("AuthenticAMD", 26, 2), "znver5", {"avx_vnni"}, "cascadelake"),  # a guest without AVX-VNNI
+    (("AuthenticAMD", 26, 2), "znver5", {"avx512f"}, "haswell"),  # a guest without AVX-512
+    (("AuthenticAMD", 25, 1), "haswell", set(), "haswell"),  # Zen 3: AVX2
+    (("GenuineIntel", 6, 85), "cascadelake", set(), "cascadelake"),  # Cascade Lake-SP
+    (("GenuineIntel", 6, 106), "icelake-server", set(), "icelake-server"),
+    (("GenuineIntel", 6, 143), "sapphirerapids", set(), "sapphirerapids"),
+    (("GenuineIntel", 6, 143), "sapphirerapids", {"amx_tile", "amx_int8", "amx_bf16"}, "icelake-server"),
+    (("GenuineIntel", 6, 207), "emeraldrapids", set(), "emeraldrapids"),
+    (("GenuineIntel", 6, 140), "cascadelake", set(), "cascadelake"),  # Tiger Lake: the generic choice
+    (None, "znver5", set(), "cascadelake"),  # no CPUID fields: the ISA level
+], ids=["zen4", "zen5", "zen5-no-avxvnni", "zen5-no-avx512", "zen3", "cascadelake", "icelake-server",
+        "sapphirerapids", "sapphirerapids-no-amx", "emeraldrapids", "tigerlake", "unknown"])
+def test_x86_microarchitecture_from_cpuid(ident, flags_of, hidden, expected):
+    """native names the microarchitecture (vendor, family, model) where the kernel reports
+    every extension LLVM enables for it, else a CPU whose extensions it does report."""
+    from qcompile.target import hostcpu
+
+    flags = _flags_of(flags_of) - hidden
+    mcpu = hostcpu.x86_mcpu(flags, ident)
+    assert mcpu == expected
+    _check_x86_features_follow_flags(resolve_target(f"llvm -mtriple=x86_64-linux-gnu -mcpu={mcpu}"), flags)
+
+
+def test_cpu_id_reads_the_first_cpu(tmp_path):
+    from qcompile.target import hostcpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
+    assert hostcpu.cpu_id(info) == ("AuthenticAMD", 26, 2)
+    info.write_text("processor\t: 0\nFeatures\t: asimd\n")  # aarch64: no x86 fields
+    assert hostcpu.cpu_id(info) is None
 
 
 def test_inline_json_and_json_file(tmp_path):
