@@ -8,10 +8,11 @@ import tvm
 from test_packed_conv import HOST
 from tvm import relax
 
-from qcompile.build.pipeline import compile_module
+from qcompile.build.pipeline import compile_module, phases_through, run_phases
 from qcompile.build.schedules import ConvMatmulCPU
 from qcompile.kernels import depthwise_conv2d, float_conv2d
 from qcompile.kernels.packed_conv2d import ConvShape
+from qcompile.passes.bindings import Graph, const_value, op_name
 from qcompile.passes.pack_conv import pack_conv
 from qcompile.target import resolve_target
 
@@ -48,15 +49,21 @@ def _run(func, tile, *args):
     return tensors[-1].numpy()
 
 
-@pytest.mark.parametrize("registers", [16, 32])  # AVX2's padded widths, AVX-512's exact ones
+# (target lanes, registers): AVX2's padded widths; AVX-512's exact ones with 8 and 16 lanes
+# (16-lane targets run convs whose channels 16 does not divide at 8: lanes_for).
+LANES_REGISTERS = [(8, 16), (8, 32), (16, 32)]
+
+
+@pytest.mark.parametrize("lanes, registers", LANES_REGISTERS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_matches_reference(case, registers):
+def test_kernel_matches_reference(case, lanes, registers):
     ic, h, w, oc, k, stride, pad, dilation = CASES[case]
     shape = ConvShape(1, ic, h, w, oc, k, k, (stride, stride), (pad,) * 4, (dilation, dilation))
     x = RNG.standard_normal((1, h, w, ic)).astype("float32")
     weight = RNG.standard_normal((oc, ic, k, k)).astype("float32")
     oh, ow = shape.out_hw
-    out = _run(float_conv2d.conv2d_func(shape, registers=registers), None, x, float_conv2d.pack_weight(weight),
+    lanes = float_conv2d.lanes_for(oc, lanes)
+    out = _run(float_conv2d.conv2d_func(shape, lanes, registers), None, x, float_conv2d.pack_weight(weight, lanes),
                np.zeros((1, oh, ow, oc), "float32"))
     assert out is not None, "the default schedule rule did not take the float kernel"
     np.testing.assert_allclose(out, _conv_nhwc(x, weight, stride, pad, dilation), rtol=1e-4, atol=1e-4)
@@ -67,23 +74,70 @@ def test_register_budget_sets_width_and_default_tile():
     assert float_conv2d.padded_width(14, 32) == 14 and float_conv2d.padded_width(7, 32) == 7
     assert float_conv2d.tile_for(16, 8) == (4, 2) and float_conv2d.tile_for(14, 8, 32) == (7, 4)
     assert float_conv2d.tile_for(56, 8, 32) == (4, 4) and float_conv2d.tile_for(7, 2, 32) == (7, 2)
+    assert float_conv2d.tile_for(56, 3, 32) == (4, 3)  # 24 channels in 8-lane blocks
+    # 16 lanes: 7 x 2 where it divides (7 x 4 spills), 3-block tiles for 144 channels, one block for 16
+    assert float_conv2d.tile_for(14, 16, 32, 16) == (7, 2) and float_conv2d.tile_for(56, 4, 32, 16) == (7, 2)
+    assert float_conv2d.tile_for(56, 9, 32, 16) == (4, 3) and float_conv2d.tile_for(112, 1, 32, 16) == (7, 1)
     assert float_conv2d.vector_registers(resolve_target("x86-avx2").to_tvm()) == 16
     assert float_conv2d.vector_registers(resolve_target("x86-avx512").to_tvm()) == 32
     assert float_conv2d.vector_registers(resolve_target("rpi5").to_tvm()) == 16
 
 
-@pytest.mark.parametrize("registers", [16, 32])
+@pytest.mark.parametrize("target, lanes", [
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=znver4", 8),  # 512-bit FMAs in two 256-bit halves
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=znver5", 16),  # full-rate 512-bit FMAs
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=sapphirerapids", 16),
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=icelake-server", 16),
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=haswell", 8),  # AVX2
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=cascadelake", 8),  # the generic AVX-512 preset (see FULL_RATE_512)
+    ('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver5", "mattr": ["-avx512f"]}', 8),
+    ("x86-avx512", 8), ("x86-avx2", 8), ("x86-zen4", 8), ("x86-zen5", 16), ("x86-sapphirerapids", 16),
+    ("rpi5", 8),
+])
+def test_lanes_follow_the_target(target, lanes):
+    assert float_conv2d.vector_lanes(resolve_target(target).to_tvm()) == lanes
+    assert float_conv2d.lanes_for(48, lanes) == lanes and float_conv2d.lanes_for(24, lanes) == 8
+
+
+@pytest.mark.parametrize("lanes, registers", LANES_REGISTERS)
 @pytest.mark.parametrize("tile", float_conv2d.TILES)
-def test_every_tuning_tile_matches(tile, registers):
-    shape = ConvShape(1, 8, 14, 14, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+def test_every_tuning_tile_matches(tile, lanes, registers):
+    shape = ConvShape(1, 8, 14, 14, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     x = RNG.standard_normal((1, 14, 14, 8)).astype("float32")
-    weight = RNG.standard_normal((32, 8, 3, 3)).astype("float32")
-    out = _run(float_conv2d.conv2d_func(shape, registers=registers), tile, x, float_conv2d.pack_weight(weight),
-               np.zeros((1, 14, 14, 32), "float32"))
+    weight = RNG.standard_normal((48, 8, 3, 3)).astype("float32")
+    out = _run(float_conv2d.conv2d_func(shape, lanes, registers), tile, x, float_conv2d.pack_weight(weight, lanes),
+               np.zeros((1, 14, 14, 48), "float32"))
     if out is None:
-        assert float_conv2d.padded_width(14, registers) % tile[0] or 4 % tile[1], f"tile {tile} fits but was refused"
+        blocks = 48 // lanes
+        assert float_conv2d.padded_width(14, registers) % tile[0] or blocks % tile[1], f"tile {tile} fits but was refused"
         return
     np.testing.assert_allclose(out, _conv_nhwc(x, weight, 1, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_pack_conv_lanes_follow_the_target():
+    """The packed weight, the kernel and its schedule agree on the lanes: 48 output
+    channels in 16-lane blocks on Zen 5, 24 at 8 there, 8 lanes for both on Zen 4."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 14, 14), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(RNG.standard_normal((48, 8, 3, 3)).astype("float32")),
+                                           padding=1))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(RNG.standard_normal((24, 48, 1, 1)).astype("float32"))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for mcpu, expected in (("znver5", [16, 8]), ("znver4", [8, 8])):
+        target = resolve_target(f"llvm -mtriple=x86_64-linux-gnu -mcpu={mcpu}").to_tvm()
+        converted, counts = pack_conv(mod, target)
+        assert counts["float"] == 2
+        weights = [const_value(arg) for _, v in Graph.from_main(converted["main"]).bindings
+                   if op_name(v) == "relax.call_tir" for arg in v.args[1]]
+        assert [w.shape[-1] for w in weights if w is not None and w.ndim == 5] == expected
+        lowered = run_phases(converted, target, phases_through("legalize"))
+        for gv, func in lowered.functions.items():
+            if gv.name_hint.startswith("qc_conv2d_float32"):
+                assert ConvMatmulCPU().apply(func, target, False) is not None, gv.name_hint
 
 
 def test_float_depthwise_matches_reference():
@@ -113,7 +167,7 @@ def test_float_model_uses_the_kernels_and_matches_tvm():
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
-    converted, counts = pack_conv(mod, HOST)
+    _, counts = pack_conv(mod, HOST)
     assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 1, "float_depthwise": 1}
     gpu = tvm.target.Target("cuda")
     assert pack_conv(mod, gpu)[0].same_as(mod)  # CPU kernels only
@@ -131,8 +185,6 @@ def test_nhwc_max_pool_is_scheduled_and_exact(dtype):
     """NHWC pools (what ConvertLayout leaves between the kernels) get the vectorized default
     schedule and still equal PyTorch's max pool (padding with the pool's identity)."""
     import torch
-
-    from qcompile.build.pipeline import phases_through, run_phases
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 17, 17, 32), dtype))

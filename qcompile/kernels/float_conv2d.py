@@ -9,10 +9,21 @@ per (pixel, block).  TVM's own conv2d, untuned or tuned by MetaSchedule within a
 ran resnet18 at about half of ONNX Runtime's speed here; this kernel's 3x3 layers measured
 70-80 GMAC/s on 2 AVX2 cores (vs 42-46 before).
 
+The vector width ``L`` follows the target's microarchitecture (:func:`vector_lanes`, read
+from its ``-mcpu``, so a preset or an explicit ``-mcpu`` decides it and ``native`` names
+the CPU it detects): 16 lanes (one zmm register per block) on cores that execute 512-bit
+FMAs at full rate, Zen 5 and Intel's AVX-512 server cores from Ice Lake on; 8 lanes (one
+ymm register; two NEON registers) elsewhere: AVX2, Zen 4 (which splits a 512-bit FMA into
+two 256-bit halves, so 16 lanes gain no FMA throughput there), and the generic AVX-512
+``cascadelake`` (see :data:`FULL_RATE_512`).  A conv whose output channels are not a
+multiple of 16 falls back to 8 lanes.  On a 2-vCPU Zen 5 (AMD EPYC, family 26), one
+thread, resnet18's and mobilenet_v2's convs ran at 120-130 GMAC/s with 16 lanes vs 60-65
+with 8 (the single core's 512-bit and 256-bit FMA peaks at about 4 GHz).
+
 The register budget decides the output width the kernel computes and its default tile:
 AVX2 (and NEON, two registers per 8-lane block) has 16 eight-lane registers, AVX-512 (with
-VL) 32 -- enough for 7-pixel tiles over 2-4 blocks, so the 14- and 7-wide layers need no
-padded columns there (see :func:`padded_width`).
+VL) 32 of either width -- enough for 7-pixel tiles over 2-4 blocks, so the 14- and 7-wide
+layers need no padded columns there (see :func:`padded_width`).
 """
 from __future__ import annotations
 
@@ -26,20 +37,51 @@ from qcompile.kernels.registry import HandKernel, register
 
 ANCHOR = "conv2d_float_packed"
 LANES = 8  # output channels per block: one AVX2 register (two NEON registers)
+WIDE_LANES = 16  # one AVX-512 register, where 512-bit FMAs run at full rate
 
-# (P, O) register tiles that `qcompile tune` measures (the default is `tile_for`'s); the
-# last four need 32 registers (AVX-512): on AVX2 they spill and lose to the others.
-TILES = ((4, 2), (2, 4), (7, 1), (4, 1), (2, 2), (14, 1), (8, 1), (1, 4), (4, 4), (7, 2), (7, 4), (8, 2))
+# LLVM -mcpu names of the x86 cores with two full-width 512-bit FMA pipes: Zen 5 (server
+# and desktop parts) and Intel's server cores from Ice Lake-SP on.  Not cascadelake /
+# skylake-avx512: the generic AVX-512 choice (x86-avx512, also run on Zen 4), and Xeons of
+# that generation with one 512-bit FMA unit gain nothing from zmm code, which lowers their
+# clock (why LLVM prefers 256-bit vectors there).
+FULL_RATE_512 = frozenset({"znver5", "icelake-server", "sapphirerapids", "emeraldrapids", "graniterapids"})
+
+# (P, O) register tiles that `qcompile tune` measures (the default is `tile_for`'s); from
+# (4, 4) on they need 32 registers (AVX-512): on AVX2 they spill and lose to the others.
+# The 3-block tiles fit block counts with a factor 3 but not 2 (mobilenet_v2's 144 channels
+# in 16-lane blocks, its 24 in 8-lane ones); 2 x 6 won on 1x1 layers with many more output
+# than input channels (16 lanes, one Zen 5 core).
+TILES = ((4, 2), (2, 4), (7, 1), (4, 1), (2, 2), (14, 1), (8, 1), (1, 4), (4, 4), (7, 2), (7, 4), (8, 2),
+         (14, 2), (4, 3), (7, 3), (2, 6))
 KERNEL = register(HandKernel("float_conv2d", ANCHOR, TILES))
 
 
 def vector_registers(target) -> int:
-    """How many ``LANES``-wide vector registers ``target``'s CPU has: 32 with AVX-512 (its
-    VL extension gives 256-bit code registers 16-31), else 16 (AVX2; NEON's 32 128-bit
-    registers are 16 pairs)."""
+    """How many vector registers of the kernel's width ``target``'s CPU has: 32 with
+    AVX-512 (zmm, or with its VL extension ymm registers 16-31 too), else 16 (AVX2; NEON's
+    32 128-bit registers are 16 pairs)."""
     from qcompile.kernels.int8_dot import cpu_features
 
     return 32 if "avx512f" in cpu_features(target) else 16
+
+
+def vector_lanes(target) -> int:
+    """Output channels per packed block for ``target``: :data:`WIDE_LANES` where its
+    ``-mcpu`` executes 512-bit FMAs at full rate (:data:`FULL_RATE_512`) and AVX-512 is
+    enabled, else :data:`LANES`.  Convs whose output channels 16 does not divide use 8
+    (:func:`lanes_for`)."""
+    from qcompile.kernels.int8_dot import cpu_features
+
+    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) not in FULL_RATE_512:
+        return LANES
+    return WIDE_LANES if "avx512f" in cpu_features(target) else LANES
+
+
+def lanes_for(out_channels: int, lanes: int) -> int:
+    """The lanes a conv with ``out_channels`` runs at when the target's are ``lanes``:
+    those where they divide the channels, else 8 (callers keep convs 8 does not divide
+    off this kernel)."""
+    return lanes if out_channels % lanes == 0 else LANES
 
 
 def pack_weight(weight: np.ndarray, lanes: int = LANES) -> np.ndarray:
@@ -95,27 +137,48 @@ def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> ti
     return te.create_prim_func([x, w, out])
 
 
-def tile_for(out_width: int, blocks: int, registers: int = 16) -> tuple[int, int]:
+def tile_for(out_width: int, blocks: int, registers: int = 16, lanes: int = LANES) -> tuple[int, int]:
     """(P pixels, O channel blocks).  16 registers: 4 x 2 (8 accumulators) where it divides
     (always, but for outputs narrower than 4: see :func:`padded_width`) -- 7 x 2 spills the
-    16 AVX2 registers and ran at half speed.  32: 4 x 4 or 7 x 4 (16 or 28 accumulators;
-    on resnet18's 3x3 layers 101-113 GMAC/s vs 88-105 for 4 x 2, Zen 4)."""
-    wide = ((4, 4), (7, 4), (7, 2)) if registers >= 32 else ()
-    for pixels, groups in (*wide, (4, 2), (4, 1), (7, 1), (2, 2), (2, 1), (1, 1)):
+    16 AVX2 registers and ran at half speed.  32 registers, 8 lanes: 4 x 4 or 7 x 4 (16 or
+    28 accumulators; on resnet18's 3x3 layers 101-113 GMAC/s vs 88-105 for 4 x 2, Zen 4).
+    32 registers, 16 lanes: 7 x 2 first (14 accumulators): 7 x 4 leaves too few registers
+    for the 4 weight vectors and spills (resnet18's 7- and 14-wide 3x3 layers 79-109
+    GMAC/s vs 124-129 for 7 x 2, one Zen 5 core); 4 x 4 and 8 x 2 measured the same as
+    7 x 2 on the 56- and 28-wide layers.  Block counts with a factor 3 but not 2 (the 8- or
+    16-lane blocks of 24 or 144 channels) take 4 x 3 / 7 x 3 with 32 registers (63-65
+    GMAC/s vs 35 for 4 x 1 with 8 lanes, 111-121 vs 88 with 16; one Zen 5 core)."""
+    if registers >= 32 and lanes >= WIDE_LANES:
+        order = ((7, 2), (4, 4), (8, 2), (4, 3), (7, 3), (7, 1), (8, 1), (4, 2), (4, 1))
+    elif registers >= 32:
+        order = ((4, 4), (7, 4), (7, 2), (4, 2), (4, 3), (7, 3), (4, 1), (7, 1))
+    else:
+        order = ((4, 2), (4, 1), (7, 1))
+    for pixels, groups in (*order, (2, 2), (2, 1), (1, 1)):
         if out_width % pixels == 0 and blocks % groups == 0:
             return pixels, groups
     return 1, 1
 
 
+def packed_lanes(sch: s_tir.Schedule, anchor) -> int:
+    """The lanes ``L`` of the packed weight ``(OC/L, KH, KW, IC, L)`` the conv reads: the
+    schedule follows the function, so that a kernel built for 16 lanes is never scheduled
+    for 8 (or the other way round)."""
+    shapes = [region.source.shape for region in sch.get(anchor).reads]
+    return int(next(shape for shape in shapes if len(shape) == 5)[-1])
+
+
 def schedule(sch: s_tir.Schedule, anchor, fuse_epilogue: Callable[[object], None],
-             tile: tuple[int, int] | None = None, lanes: int = LANES, registers: int = 16) -> bool:
+             tile: tuple[int, int] | None = None, registers: int = 16) -> bool:
     """Rows or channel blocks over the cores (``packed_conv2d.rows_outer``);
     per tile, accumulators in registers over (kh, kw, ic); ``fuse_epilogue(loop)`` computes
-    the consumers (the crop, then any fused elementwise ops) per tile.  False if ``tile``
-    does not divide this conv (``sch`` is then untouched)."""
+    the consumers (the crop, then any fused elementwise ops) per tile.  The lanes are the
+    packed weight's (:func:`packed_lanes`).  False if ``tile`` does not divide this conv
+    (``sch`` is then untouched)."""
+    lanes = packed_lanes(sch, anchor)
     n, oh, ow, c, rkh, rkw, rc = sch.get_loops(anchor)
     width, blocks = int(sch.get(ow).extent), int(sch.get(c).extent) // lanes
-    pixels, groups = tile or tile_for(width, blocks, registers)
+    pixels, groups = tile or tile_for(width, blocks, registers, lanes)
     if width % pixels or blocks % groups or int(sch.get(c).extent) % lanes:
         return False
     co, ci = sch.split(c, [None, lanes])

@@ -19,7 +19,8 @@ convs), with a note saying why.  Then, with the weight constant:
   keep TVM's conv2d: slower, never wrong ("int8_inexact");
 * an integer depthwise conv (groups = channels) becomes :mod:`qcompile.kernels.depthwise_conv2d`;
 * a float32 conv becomes :mod:`qcompile.kernels.float_conv2d` (output channels a multiple
-  of its 8 lanes), a float32 depthwise conv the float form of the depthwise kernel;
+  of 8; 16-lane blocks where the target's are and they divide the channels), a float32
+  depthwise conv the float form of the depthwise kernel;
 * an integer dense layer -- ``matmul(x[M, K], W[K, N], out_dtype="int32")`` with ``W``
   constant int8, the classifier realize emits -- becomes the packed int8 conv as a 1x1 conv
   on a 1x1 image ("int8_dense"): the weight then streams in the instruction's contiguous
@@ -81,6 +82,7 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
                notes: list[str] | None) -> tuple[tvm.IRModule, dict[str, int]]:
     dot = int8_dot_for(target)
     float_registers = float_conv2d.vector_registers(target)
+    float_lanes = float_conv2d.vector_lanes(target)
     bindings = [v for _, v in Graph.from_main(mod["main"]).bindings]
     weights = [_oihw_weight(v) for v in bindings if dot is not None and _int8_conv(v, dot)]
     exact = [w is not None and dot.exact_for(packed_conv2d.pack_weight(w, dot.lanes)) for w in weights]
@@ -132,9 +134,10 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
             if shape.oc % float_conv2d.LANES or zero_point:
                 return _hwio(em, value)
             counts["float"] += 1
+            lanes = float_conv2d.lanes_for(shape.oc, float_lanes)  # weight and kernel alike
             func = kernel(em, "conv2d_float32", shape,
-                          lambda: float_conv2d.conv2d_func(shape, registers=float_registers))
-            return _call(em, func, data, float_conv2d.pack_weight(weight), shape)
+                          lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
+            return _call(em, func, data, float_conv2d.pack_weight(weight, lanes), shape)
         packed = packed_conv2d.pack_weight(weight, dot.lanes, shape.folds_rows)
         if not dot.exact_for(packed):
             counts["int8_inexact"] += 1
