@@ -260,3 +260,25 @@ def test_prequantized_model_rejects_dynamic_quantization(models, tmp_path):
     _, path, _ = models["mlp"]
     with pytest.raises(ConfigError, match="pre-quantized"):
         qcompile.compile(path, quantization=qcompile.DynamicInt8Config(), out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("shape, pad, stride, dil, k", [
+    ((1, 3, 96, 96), [1, 1, 1, 1], [2, 2], [1, 1], 3),
+    ((1, 8, 13, 11), [2, 1, 0, 3], [1, 2], [2, 1], 5),
+])
+def test_conv_correction_is_stored_by_its_distinct_values(shape, pad, stride, dil, k):
+    """The zero point's share of a padded conv (a conv of ones with zero padding) is kept as
+    [1, O, R, C] distinct values and two index maps, and spreads out to the exact tensor."""
+    import torch
+
+    from qcompile.quantize.dynamic import Correction, conv_correction
+
+    wq = np.random.default_rng(0).integers(-127, 128, (6, shape[1], k, k)).astype(np.int8)
+    correction = conv_correction(wq, shape, pad, stride, dil)
+    ones = torch.nn.functional.pad(torch.ones(shape, dtype=torch.float64), (pad[1], pad[3], pad[0], pad[2]))
+    expected = torch.nn.functional.conv2d(ones, torch.from_numpy(wq.astype(np.float64)), stride=stride,
+                                          dilation=dil).numpy()
+    assert isinstance(correction, Correction)
+    assert np.array_equal(correction.dense(), expected)
+    if expected.size > 10_000:  # the wide early layer: far smaller than the tensor it stands for
+        assert correction.table.size * 16 < expected.size

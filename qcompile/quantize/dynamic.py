@@ -241,7 +241,14 @@ def _quantize_activation(em: Emitter, x, per_row: bool, symmetric: bool) -> _QAc
 def _rescale(em: Emitter, acc, act: _QAct, correction: np.ndarray, wscale: np.ndarray, bshape: tuple):
     """``float32(acc - zp * correction) * (s * wscale)``; terms that are 0 or 1 are left out."""
     if act.zero_point is not None:
-        term = em.emit(relax.op.multiply(act.zero_point, relax.const(correction.astype(np.int32))))
+        if isinstance(correction, Correction):
+            # the zero point times the few distinct values, then spread over the output:
+            # a constant [1, O, OH, OW] would outweigh the int8 weight of a wide early layer
+            term = em.emit(relax.op.multiply(act.zero_point, relax.const(correction.table.astype(np.int32))))
+            term = em.emit(relax.op.take(term, relax.const(correction.rows.astype(np.int32)), axis=2))
+            term = em.emit(relax.op.take(term, relax.const(correction.cols.astype(np.int32)), axis=3))
+        else:
+            term = em.emit(relax.op.multiply(act.zero_point, relax.const(correction.astype(np.int32))))
         acc = em.emit(relax.op.subtract(acc, term))
     y = em.emit(relax.op.astype(acc, "float32"))
     unit_w = bool(np.all(wscale == 1.0))
@@ -282,11 +289,25 @@ def int_conv2d(em: Emitter, act: _QAct, xshape: tuple, wq: np.ndarray, wscale: n
     return _rescale(em, acc, act, correction, wscale, (1, wq.shape[0], 1, 1))
 
 
+@dataclass(frozen=True)
+class Correction:
+    """A [1, O, OH, OW] correction stored as its distinct values: ``table[:, :, rows[a],
+    cols[b]]`` is the value at output position (a, b) (an output row's taps inside the image
+    follow one of a few patterns: top edge, interior, bottom edge; columns likewise)."""
+
+    table: np.ndarray  # [1, O, R, C]
+    rows: np.ndarray  # [OH] -> pattern index
+    cols: np.ndarray  # [OW] -> pattern index
+
+    def dense(self) -> np.ndarray:
+        return self.table[:, :, self.rows][:, :, :, self.cols]
+
+
 def conv_correction(wq: np.ndarray, xshape: tuple, padding: list[int], strides: list[int],
-                    dilation: list[int]) -> np.ndarray:
+                    dilation: list[int]) -> np.ndarray | Correction:
     """conv2d of an all-ones input with ``wq`` (zero padding): the sum of the weight over the
-    taps inside the image at each output position, [1, O, OH, OW] -- [1, O, 1, 1] without
-    padding, where every position sees every tap."""
+    taps inside the image at each output position -- [1, O, 1, 1] without padding, where every
+    position sees every tap, else a :class:`Correction` of its distinct values."""
     top, left, bottom, right = padding
     height, width = xshape[2], xshape[3]
     taps = wq.astype(np.int64).sum(axis=1)  # [O, KH, KW]: summed over the group's input channels
@@ -301,7 +322,10 @@ def conv_correction(wq: np.ndarray, xshape: tuple, padding: list[int], strides: 
     cols = inside(width, left, right, kw, strides[1], dilation[1])
     if rows.all() and cols.all():
         return taps.sum(axis=(1, 2)).reshape(1, -1, 1, 1)
-    return np.einsum("okl,ak,bl->oab", taps, rows, cols)[None]
+    row_kinds, row_index = np.unique(rows, axis=0, return_inverse=True)
+    col_kinds, col_index = np.unique(cols, axis=0, return_inverse=True)
+    table = np.einsum("okl,ak,bl->oab", taps, row_kinds, col_kinds)[None]
+    return Correction(table, row_index.reshape(-1), col_index.reshape(-1))
 
 
 # -- pre-quantized graphs ------------------------------------------------------------------------
