@@ -168,7 +168,7 @@ def test_float_model_uses_the_kernels_and_matches_tvm():
         bb.emit_func_output(out)
     mod = bb.get()
     _, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 1, "float_depthwise": 1}
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 1, "float_depthwise": 1, "float_dense": 0}
     gpu = tvm.target.Target("cuda")
     assert pack_conv(mod, gpu)[0].same_as(mod)  # CPU kernels only
     data = RNG.standard_normal((1, 3, 16, 16)).astype("float32")
@@ -200,3 +200,41 @@ def test_nhwc_max_pool_is_scheduled_and_exact(dtype):
     got = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
     ref = torch.nn.functional.max_pool2d(torch.from_numpy(data.astype("float32")).permute(0, 3, 1, 2), 3, 2, 1)
     np.testing.assert_array_equal(got.astype("float32"), ref.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("mcpu", ["znver5", "haswell"])
+def test_float_linear_layers_run_on_the_conv_kernel(mcpu):
+    """A float32 linear layer over tokens (x[B, T, K] @ W[K, N] + bias) becomes the float conv
+    kernel as a 1x1 conv over a 1 x (B*T) image ("float_dense") and matches numpy; a one-row
+    product (a classifier) stays a matmul."""
+    import tvm
+    from tvm import relax
+
+    from qcompile.build.pipeline import compile_module
+    from qcompile.target.hostcpu import cpu_flags
+
+    if mcpu == "znver5" and "avx512f" not in cpu_flags():
+        pytest.skip("znver5 code needs AVX-512, which this CPU (or its hypervisor) does not expose")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 12, 48)).astype("float32")
+    w = rng.standard_normal((48, 32)).astype("float32")
+    b = rng.standard_normal(32).astype("float32")
+    w1 = rng.standard_normal((48, 16)).astype("float32")
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((2, 12, 48), "float32"))
+    rv = relax.Var("r", relax.TensorType((1, 48), "float32"))
+    with bb.function("main", [xv, rv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(relax.op.matmul(xv, relax.const(w)), relax.const(b)))
+            z = bb.emit(relax.op.matmul(rv, relax.const(w1)))
+            out = bb.emit_output(relax.Tuple([y, z]))
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    counts: dict = {}
+    exe = compile_module(bb.get(), target, kernel_counts=counts)
+    assert counts["float_dense"] == 1, counts  # the token matmul only
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    r = rng.standard_normal((1, 48)).astype("float32")
+    got_y, got_z = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r))
+    np.testing.assert_allclose(got_y.numpy(), x @ w + b, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got_z.numpy(), r @ w1, rtol=1e-5, atol=1e-4)

@@ -22,10 +22,13 @@ convs), with a note saying why.  Then, with the weight constant:
   of 8; 16-lane blocks where the target's are and they divide the channels), a float32
   depthwise conv the float form of the depthwise kernel;
 * an integer dense layer -- ``matmul(x[M, K], W[K, N], out_dtype="int32")`` with ``W``
-  constant int8, the classifier realize emits -- becomes the packed int8 conv as a 1x1 conv
-  on a 1x1 image ("int8_dense"): the weight then streams in the instruction's contiguous
-  blocks instead of ``N``-strided rows (mobilenet_v2's 1280x1000 classifier took ~9% of the
-  int8 model on TVM's matmul).
+  constant int8, the classifier and linear layers realize emits -- becomes the packed int8
+  conv as a 1x1 conv over a 1 x M image ("int8_dense"): the weight then streams in the
+  instruction's contiguous blocks instead of ``N``-strided rows (mobilenet_v2's 1280x1000
+  classifier took ~9% of the int8 model on TVM's matmul), and the M rows (tokens) share each
+  loaded weight vector within a register tile;
+* a float32 dense layer over at least 4 rows (a transformer's linear layers) becomes the
+  float conv kernel the same way ("float_dense").
 
 An int8 model is converted only where some layer gets the int8 dot-product kernel (else the
 layout is left alone: nothing to gain).
@@ -49,7 +52,7 @@ from qcompile.passes.bindings import (
     shape_of,
 )
 
-COUNTS = ("int8", "int8_depthwise", "int8_dense", "int8_inexact", "float", "float_depthwise")
+COUNTS = ("int8", "int8_depthwise", "int8_dense", "int8_inexact", "float", "float_depthwise", "float_dense")
 
 # Convolutions without a qcompile kernel keep the model's layout: ConvertLayout would make
 # them follow an NHWC input, and TVM 0.27 lowers conv2d_transpose only in NCHW (its NWC and
@@ -87,7 +90,8 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
     weights = [_oihw_weight(v) for v in bindings if dot is not None and _int8_conv(v, dot)]
     exact = [w is not None and dot.exact_for(packed_conv2d.pack_weight(w, dot.lanes)) for w in weights]
     if not any(exact) and not any(_float_conv(v) for v in bindings) and not any(
-            _int8_dense(v, dot) is not None for v in bindings):  # nothing to gain: leave the layout alone
+            _int8_dense(v, dot) is not None or _float_dense(v, float_lanes) is not None
+            for v in bindings):  # nothing to gain: leave the layout alone
         counts["int8_inexact"] = sum(w is not None for w in weights)
         return mod, counts
     converted, reason = to_nhwc(mod)
@@ -110,9 +114,14 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
             shape, packed = dense
             counts["int8_dense"] += 1
             func = kernel(em, "conv2d_int8", shape, lambda: packed_conv2d.conv2d_func(shape, dot))
-            data = em.emit(relax.op.reshape(em.subst(value.args[0]), (shape.n, 1, 1, shape.ic)))
-            out = em.emit(_call(em, func, data, packed, shape, 0))
-            return relax.op.reshape(out, (shape.n, shape.oc))
+            return _dense_call(em, value, func, packed, shape, 0)
+        fdense = _float_dense(value, float_lanes)
+        if fdense is not None:
+            shape, lanes = fdense
+            counts["float_dense"] += 1
+            func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
+            packed = float_conv2d.pack_weight(np.ascontiguousarray(const_value(value.args[1]).T)[:, :, None, None], lanes)
+            return _dense_call(em, value, func, packed, shape, None)
         if op_name(value) != "relax.nn.conv2d":
             return None
         integer = dot is not None and _int8_conv(value, dot)
@@ -294,6 +303,38 @@ def _int8_conv(value, dot: Int8Dot) -> bool:
     return weight is not None and weight.dtype == np.int8 and dtype_of(value.args[0]) == dot.activation_dtype
 
 
+def _dense_shape(m: int, k: int, n: int) -> packed_conv2d.ConvShape:
+    """``x[M, K] @ W[K, N]`` as a 1x1 conv over a 1 x M image: the M rows (tokens) are the
+    pixels a register tile shares each weight vector between."""
+    return packed_conv2d.ConvShape(1, k, 1, m, n, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+
+
+def _dense_call(em, value, func, packed: np.ndarray, shape: packed_conv2d.ConvShape, zero_point: int | None):
+    """The dense layer ``value`` (``matmul(x[..., K], W)``) through a 1x1 conv kernel."""
+    lead = shape_of(value.args[0])[:-1]
+    data = em.emit(relax.op.reshape(em.subst(value.args[0]), (1, 1, shape.w, shape.ic)))
+    out = em.emit(_call(em, func, data, packed, shape, zero_point))
+    return relax.op.reshape(out, (*lead, shape.oc))
+
+
+def _float_dense(value, lanes: int) -> tuple[packed_conv2d.ConvShape, int] | None:
+    """(ConvShape of the 1x1 conv, lanes) for a float32 ``matmul(x[..., K], W[K, N])`` with a
+    constant ``W``, N a multiple of 8 and at least 4 rows -- a transformer's linear layers over
+    its tokens -- else None.  A one-row product (a CNN's classifier) stays a matmul: one row
+    gives the register tile nothing to share, and its tuning records are for the matmul."""
+    if op_name(value) != "relax.matmul" or _out_dtype(value) not in (None, "float32"):
+        return None
+    weight = const_value(value.args[1])
+    xshape = shape_of(value.args[0])
+    if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or dtype_of(value.args[0]) != "float32" \
+            or len(xshape) < 2 or xshape[-1] != weight.shape[0] or weight.shape[1] % float_conv2d.LANES:
+        return None
+    rows = int(np.prod(xshape[:-1]))
+    if rows < 4:
+        return None
+    return _dense_shape(rows, weight.shape[0], weight.shape[1]), float_conv2d.lanes_for(weight.shape[1], lanes)
+
+
 def _int8_dense(value, dot: Int8Dot | None) -> tuple[packed_conv2d.ConvShape, np.ndarray] | None:
     """(ConvShape of the 1x1 conv, packed weight) for an integer ``matmul(x[M, K], W[K, N])``
     with a constant int8 ``W`` that ``dot`` computes exactly, else None."""
@@ -308,7 +349,7 @@ def _int8_dense(value, dot: Int8Dot | None) -> tuple[packed_conv2d.ConvShape, np
     packed = packed_conv2d.pack_weight(np.ascontiguousarray(weight.T)[:, :, None, None], dot.lanes)
     if not dot.exact_for(packed):
         return None
-    return packed_conv2d.ConvShape(m, k, 1, 1, n, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), packed
+    return _dense_shape(m, k, n), packed
 
 
 def _float_conv(value) -> bool:
