@@ -11,8 +11,6 @@ JSON records the machine (CPU, flags, threads), the git commit and the date.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -205,18 +203,9 @@ def to_markdown(report: dict) -> str:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import add_save_option, machine_info, results_dir
+    from machine import run_and_write
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_save_option(parser)
-    args = parser.parse_args()
-    report = run()
-    report["machine"] = machine_info(THREADS)
-    results = results_dir(args.save)
-    (results / "digits_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    (results / "digits_accuracy.md").write_text(to_markdown(report))
-    sys.stdout.write(to_markdown(report))
-    print(f"written to {results}/digits_accuracy.{{md,json}}")
+    run_and_write("digits_accuracy", __doc__.splitlines()[0], run, to_markdown, THREADS)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,22 @@ def describe(machine: dict) -> str:
     return (f"CPU: {cpu.get('model') or cpu['machine']}{family}; flags: {' '.join(cpu['flags']) or '-'}; "
             f"{cpu['cpus_available']} CPUs available, {machine.get('threads')} threads; "
             f"commit {commit}; {machine['date']}")
+
+
+def run_and_write(stem: str, description: str, run, to_markdown, threads: int) -> None:
+    """The main of an accuracy benchmark: ``--save``, ``report = run()`` with the machine
+    record added, ``STEM.json`` and ``STEM.md`` (``to_markdown(report)``) into
+    :func:`results_dir`, the table on stdout."""
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    add_save_option(parser)
+    args = parser.parse_args()
+    report = run()
+    report["machine"] = machine_info(threads)
+    results = results_dir(args.save)
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(to_markdown(report))
+    sys.stdout.write(to_markdown(report))
+    print(f"written to {results}/{stem}.{{md,json}}")
