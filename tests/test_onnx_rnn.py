@@ -31,6 +31,20 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 SEQ, BATCH, INPUT, HIDDEN = 4, 2, 3, 5
 
 
+
+def _sequence_lens(seq_lens, batch: int, graph_inputs: list, inits: list) -> str:
+    """The recurrent node's sequence_lens input: a graph input ("input"), a constant
+    (a list), or none (the empty name)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if seq_lens == "input":
+        graph_inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [batch]))
+        return "lens"
+    if seq_lens is not None:
+        inits.append(numpy_helper.from_array(np.array(seq_lens, np.int32), "lens"))
+        return "lens"
+    return ""
+
 def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
     """ONNX Runtime's outputs; ``threads`` intra-op threads (0: its default)."""
     options = ort.SessionOptions()
@@ -56,14 +70,7 @@ def _rnn_model(kind: str, direction: str = "forward", layout: int = 0, bias: boo
     graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
     names = ["x", init("W", (dirs, g * HIDDEN, INPUT)), init("R", (dirs, g * HIDDEN, HIDDEN))]
     names.append(init("B", (dirs, 2 * g * HIDDEN)) if bias else "")
-    if seq_lens == "input":
-        graph_inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [BATCH]))
-        names.append("lens")
-    elif seq_lens is not None:
-        inits.append(numpy_helper.from_array(np.array(seq_lens, np.int32), "lens"))
-        names.append("lens")
-    else:
-        names.append("")
+    names.append(_sequence_lens(seq_lens, BATCH, graph_inputs, inits))
     for state in ["h0", "c0"][: 2 if kind == "LSTM" else 1]:
         if states:
             graph_inputs.append(helper.make_tensor_value_info(state, TensorProto.FLOAT, state_shape))
@@ -242,14 +249,7 @@ def _quantized_lstm_model(direction: str = "forward", batch: int = BATCH, hidden
     w, r = weight("W", INPUT), weight("R", hidden)
     inits.append(numpy_helper.from_array((rng.standard_normal((dirs, 8 * hidden)) * 0.5).astype(np.float32), "B"))
     names = ["x", w[0], r[0], "B"]
-    if seq_lens == "input":
-        graph_inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [batch]))
-        names.append("lens")
-    elif seq_lens is not None:
-        inits.append(numpy_helper.from_array(np.array(seq_lens, np.int32), "lens"))
-        names.append("lens")
-    else:
-        names.append("")
+    names.append(_sequence_lens(seq_lens, batch, graph_inputs, inits))
     for state in ("h0", "c0"):
         if states:
             graph_inputs.append(helper.make_tensor_value_info(state, TensorProto.FLOAT, [dirs, batch, hidden]))

@@ -43,7 +43,19 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(int(iv.iter_type) == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
-class ConvMatmulCPU(dl.ScheduleRule):
+class _CPURule(dl.ScheduleRule):
+    """A dlight rule for LLVM (CPU) targets only."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    @staticmethod
+    def applies(func, target: Target) -> bool:
+        """Whether ``func`` is a PrimFunc built for a CPU (what every CPU rule checks first)."""
+        return isinstance(func, tirx.PrimFunc) and target.kind.name == "llvm"
+
+
+class ConvMatmulCPU(_CPURule):
     """A dlight rule for fused conv2d / matmul kernels on LLVM CPU targets.
 
     ``tile`` overrides the register tile of qcompile's own conv kernels (their ``TILES``,
@@ -53,11 +65,8 @@ class ConvMatmulCPU(dl.ScheduleRule):
         super().__init__()
         self.tile = tile
 
-    def is_target_available(self, target: Target) -> bool:
-        return target.kind.name == "llvm"
-
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        if not self.applies(func, target):
             return None
         sch = s_tir.Schedule(func)
         try:
@@ -206,17 +215,14 @@ class ConvMatmulCPU(dl.ScheduleRule):
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
-class InjectiveCPU(dl.ScheduleRule):
+class InjectiveCPU(_CPURule):
     """A dlight rule for CPU kernels without a reduction: every block inlined into the one
     that writes the output, its rows over the cores (large outputs only), the innermost axis
     in vectors where a vector width divides it.  A kernel that does not inline to one
     block (several outputs, an opaque block) is left to TVM's default lowering."""
 
-    def is_target_available(self, target: Target) -> bool:
-        return target.kind.name == "llvm"
-
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        if not self.applies(func, target):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
