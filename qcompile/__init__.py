@@ -36,6 +36,7 @@ _EXPORTS = {
     "Int8Config": "qcompile.quantize.config", "Calibration": "qcompile.quantize.config",
     "PerChannel": "qcompile.quantize.config", "PerTensor": "qcompile.quantize.config",
     "DynamicInt8Config": "qcompile.quantize.config", "PerRow": "qcompile.quantize.config",
+    "Int4WeightConfig": "qcompile.quantize.config",
     "QuantizationInfo": "qcompile.quantize.config", "ImagePreprocess": "qcompile.quantize.data",
     "TuneResult": "qcompile.tune.search",
     "evaluate": "qcompile.accuracy", "EvalResult": "qcompile.accuracy",
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from qcompile.quantize.config import (
         Calibration,
         DynamicInt8Config,
+        Int4WeightConfig,
         Int8Config,
         PerChannel,
         PerRow,

@@ -14,7 +14,7 @@ from qcompile.model import ImportedModel
 
 if TYPE_CHECKING:
     from qcompile.build import Artifact
-    from qcompile.quantize.config import DynamicInt8Config, Int8Config
+    from qcompile.quantize.config import DynamicInt8Config, Int4WeightConfig, Int8Config
     from qcompile.quantize.data import ImagePreprocess
     from qcompile.runtime import CompiledModel
     from qcompile.target import TargetSpec
@@ -31,7 +31,8 @@ def import_model(model: str | Path, input_shapes: dict[str, tuple[int, ...]] | N
     return _import(str(model), input_shapes, weights=str(weights) if weights else None, trust_pt2=trust_pt2)
 
 
-def quantize(model: ImportedModel, calibration_data: Any, config: Int8Config | DynamicInt8Config | None = None,
+def quantize(model: ImportedModel, calibration_data: Any,
+             config: Int8Config | DynamicInt8Config | Int4WeightConfig | None = None,
              target: TargetSpec | str = "native", preprocess: ImagePreprocess | None = None,
              progress: Progress | None = None) -> ImportedModel:
     """Calibrate ``model`` on ``calibration_data`` and realize integer kernels for ``target``.
@@ -39,9 +40,10 @@ def quantize(model: ImportedModel, calibration_data: Any, config: Int8Config | D
     ``calibration_data``: a path (.npz keyed by input name, .npy, a folder of images), an
     array (one input, samples first), a mapping of input name to arrays, or an iterable of
     ``{input name: batch}`` dicts.  The result carries ``.quantization`` for the manifest.
-    With a :class:`DynamicInt8Config` there is no calibration: ``calibration_data`` is None."""
+    With a :class:`DynamicInt8Config` or an :class:`Int4WeightConfig` there is no
+    calibration: ``calibration_data`` is None."""
     from qcompile.quantize import quantize_model
-    from qcompile.quantize.config import DynamicInt8Config, Int8Config
+    from qcompile.quantize.config import DynamicInt8Config, Int4WeightConfig, Int8Config
     from qcompile.quantize.data import ImagePreprocess, as_batches
     from qcompile.target import as_target
 
@@ -52,8 +54,14 @@ def quantize(model: ImportedModel, calibration_data: Any, config: Int8Config | D
         from qcompile.quantize.pipeline import quantize_dynamic_model
 
         return quantize_dynamic_model(model, config, as_target(target).to_tvm(), progress)
+    if isinstance(config, Int4WeightConfig):
+        if calibration_data is not None:
+            raise ConfigError(_INT4_NO_DATA)
+        from qcompile.quantize.pipeline import quantize_int4_weights
+
+        return quantize_int4_weights(model, config, as_target(target).to_tvm(), progress)
     if not isinstance(config, Int8Config):
-        raise ConfigError(f"quantization: expected an Int8Config or a DynamicInt8Config, "
+        raise ConfigError(f"quantization: expected an Int8Config, a DynamicInt8Config or an Int4WeightConfig, "
                           f"but got {type(config).__name__}")
     batches = as_batches(calibration_data, model.inputs, preprocess or ImagePreprocess())
     return quantize_model(model, batches, config, as_target(target).to_tvm(), progress)
@@ -61,10 +69,13 @@ def quantize(model: ImportedModel, calibration_data: Any, config: Int8Config | D
 
 _DYNAMIC_NO_DATA = ("DynamicInt8Config quantizes activations at run time and takes no calibration_data "
                     "(CLI: --quantize int8-dynamic without --calib-data)")
+_INT4_NO_DATA = ("Int4WeightConfig quantizes weights only and takes no calibration_data "
+                 "(CLI: --quantize int4 without --calib-data)")
 
 
 def prepare(model: str | Path | ImportedModel, target: TargetSpec | str = "native", *,
-            quantization: Int8Config | DynamicInt8Config | None = None, calibration_data: Any = None,
+            quantization: Int8Config | DynamicInt8Config | Int4WeightConfig | None = None,
+            calibration_data: Any = None,
             input_shapes: dict[str, tuple[int, ...]] | None = None, weights: str | Path | None = None,
             trust_pt2: bool = False, preprocess: ImagePreprocess | None = None,
             progress: Progress | None = None) -> ImportedModel:
@@ -72,15 +83,16 @@ def prepare(model: str | Path | ImportedModel, target: TargetSpec | str = "nativ
 
     A model imported in QDQ form (ONNX QDQ/QOperator, PT2E) gets its integer kernels without
     calibration; ``quantization`` then is an error (it is quantized already).  A
-    :class:`DynamicInt8Config` needs no ``calibration_data`` (giving it is an error)."""
-    from qcompile.quantize.config import DynamicInt8Config
+    :class:`DynamicInt8Config` or :class:`Int4WeightConfig` needs no ``calibration_data``
+    (giving it is an error)."""
+    from qcompile.quantize.config import DynamicInt8Config, Int4WeightConfig
 
     say = progress or (lambda _m: None)
-    dynamic = isinstance(quantization, DynamicInt8Config)
+    dynamic = isinstance(quantization, (DynamicInt8Config, Int4WeightConfig))  # no calibration
     if quantization is None and calibration_data is not None:
         raise ConfigError("calibration_data applies with quantization=Int8Config(...) (CLI: --quantize int8)")
     if dynamic and calibration_data is not None:
-        raise ConfigError(_DYNAMIC_NO_DATA)
+        raise ConfigError(_INT4_NO_DATA if isinstance(quantization, Int4WeightConfig) else _DYNAMIC_NO_DATA)
     if quantization is not None and not dynamic and calibration_data is None:
         raise ConfigError("quantization needs calibration_data (CLI: --calib-data PATH: .npz, .npy or a folder "
                           "of images)")
@@ -111,6 +123,9 @@ def prepare(model: str | Path | ImportedModel, target: TargetSpec | str = "nativ
         return model
     if quantization is None:
         return model
+    if isinstance(quantization, Int4WeightConfig):
+        say(f"quantizing dense-layer weights to int4 (group {quantization.group_size}, float activations) ...")
+        return quantize(model, None, quantization, target, progress=progress)
     if dynamic:
         say("quantizing dynamically (int8 weights, activations quantized at run time) ...")
         return quantize(model, None, quantization, target, progress=progress)
@@ -120,7 +135,8 @@ def prepare(model: str | Path | ImportedModel, target: TargetSpec | str = "nativ
 
 
 def compile(model: str | Path | ImportedModel, target: TargetSpec | str = "native", *,  # noqa: A001 -- the API's name
-            quantization: Int8Config | DynamicInt8Config | None = None, calibration_data: Any = None,
+            quantization: Int8Config | DynamicInt8Config | Int4WeightConfig | None = None,
+            calibration_data: Any = None,
             out_dir: str | Path = "out", name: str | None = None,
             input_shapes: dict[str, tuple[int, ...]] | None = None, weights: str | Path | None = None,
             trust_pt2: bool = False, preprocess: ImagePreprocess | None = None,
@@ -129,7 +145,7 @@ def compile(model: str | Path | ImportedModel, target: TargetSpec | str = "nativ
     """Import, quantize (with ``quantization``), and build ``model`` for ``target`` into
     ``out_dir/NAME.so`` + ``NAME.manifest.json`` -- what ``qcompile build`` does.
 
-    NAME defaults to the model's name, with ``-int8`` (``-int8-dynamic``) when qcompile quantized it.  Tuning
+    NAME defaults to the model's name, with ``-int8`` (``-int8-dynamic``, ``-int4``) when qcompile quantized it.  Tuning
     records for the target are applied (``tuning_logs``: a records folder, or False for none)."""
     from qcompile.build import build
 
@@ -142,6 +158,8 @@ def compile(model: str | Path | ImportedModel, target: TargetSpec | str = "nativ
             name = f"{name}-int8"
         elif prepared.quantization is not None and prepared.quantization.source == "qcompile-dynamic":
             name = f"{name}-int8-dynamic"
+        elif prepared.quantization is not None and prepared.quantization.source == "qcompile-int4":
+            name = f"{name}-int4"
     return build(prepared, target, Path(out_dir), name=name, dump_ir=Path(dump_ir) if dump_ir else None,
                  progress=progress, tuning_logs=tuning_logs)
 
@@ -156,7 +174,8 @@ def build(model: ImportedModel, target: TargetSpec | str = "native", out_dir: st
 
 def tune(model: str | Path | ImportedModel, target: TargetSpec | str = "native", trials: int | None = None, *,
          max_trials_per_task: int | None = None, log_dir: str | Path | None = None, rpc=None,
-         quantization: Int8Config | DynamicInt8Config | None = None, calibration_data: Any = None,
+         quantization: Int8Config | DynamicInt8Config | Int4WeightConfig | None = None,
+         calibration_data: Any = None,
          input_shapes: dict[str, tuple[int, ...]] | None = None, weights: str | Path | None = None,
          trust_pt2: bool = False, progress: Progress | None = None) -> TuneResult:
     """MetaSchedule-tune ``model``'s kernels for ``target`` -- what ``qcompile tune`` does.

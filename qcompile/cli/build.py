@@ -13,7 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser("build", help="compile a model into a shared library + manifest")
     add_model_options(p)
     p.add_argument("-o", "--output", default="out", metavar="DIR", help="output folder (default: out)")
-    p.add_argument("--name", help="artifact name (default: the model's name, with -int8 or -int8-dynamic when quantized here)")
+    p.add_argument("--name", help="artifact name (default: the model's name, with -int8, -int8-dynamic or -int4 when quantized here)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase into DIR")
     p.add_argument("--log-dir", metavar="DIR",
                    help="tuning records folder (default: $QCOMPILE_TUNING_LOGS or ~/.cache/qcompile/tuning_logs, "

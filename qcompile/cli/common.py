@@ -68,7 +68,7 @@ def rpc_endpoint(args):
 # Int8Config parameter -> the flag that sets it (for error messages).
 _FLAGS = {"calibration": "--calib-method", "percentile": "--percentile", "weights": "--per-tensor",
           "activation_symmetric": "--symmetric", "num_samples": "--calib-samples", "keep_float": "--keep-float",
-          "reduce_range": "--reduce-range", "activations": "--per-row"}
+          "reduce_range": "--reduce-range", "activations": "--per-row", "group_size": "--group-size"}
 
 
 def add_model_options(p) -> None:
@@ -82,9 +82,10 @@ def add_model_options(p) -> None:
     p.add_argument("--trust-pt2", action="store_true",
                    help="load a .pt2 even if it holds pickled objects beyond tensors: torch unpickles them, which "
                         "can run code -- only for files from a source you trust")
-    p.add_argument("--quantize", choices=["none", "int8", "int8-dynamic"], default="none",
+    p.add_argument("--quantize", choices=["none", "int8", "int8-dynamic", "int4"], default="none",
                    help="int8: calibrate and build integer kernels; int8-dynamic: int8 weights, activations "
-                        "quantized at run time, no calibration data (ONNX Runtime's quantize_dynamic) "
+                        "quantized at run time, no calibration data (ONNX Runtime's quantize_dynamic); "
+                        "int4: int4 weight-only dense layers, float activations (saves size, not time) "
                         "(default: none)")
     q = p.add_argument_group("int8 quantization")
     q.add_argument("--calib-data", metavar="PATH",
@@ -115,6 +116,9 @@ def add_model_options(p) -> None:
     d.add_argument("--per-row", action="store_true",
                    help="one run-time activation scale per row of each matmul's input, e.g. per token "
                         "(default: per tensor)")
+    i = p.add_argument_group("int4 weight-only quantization (also: --keep-float)")
+    i.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="input channels per weight scale, a power of two >= 8 (default: 32)")
 
 
 def model_options(args) -> dict[str, Any]:
@@ -128,6 +132,10 @@ def model_options(args) -> dict[str, Any]:
                           "no calibration data (calibrate with --quantize int8)")
     if args.per_row and args.quantize != "int8-dynamic":
         raise ConfigError("--per-row applies with --quantize int8-dynamic")
+    if args.group_size is not None and args.quantize != "int4":
+        raise ConfigError("--group-size applies with --quantize int4")
+    if args.quantize == "int4" and (args.calib_data or args.calib_mean or args.calib_std):
+        raise ConfigError("--calib-data: --quantize int4 quantizes weights only and takes no calibration data")
     if args.quantize == "int8" and not args.calib_data:
         raise ConfigError("--quantize int8 needs --calib-data PATH (.npz, .npy or a folder of images)")
     options: dict[str, Any] = {"input_shapes": parse_input_shapes(args.input_shape), "weights": args.weights,
@@ -151,6 +159,11 @@ def model_options(args) -> dict[str, Any]:
             weights=qcompile.PerChannel() if args.per_channel else qcompile.PerTensor(),
             activations=qcompile.PerRow() if args.per_row else qcompile.PerTensor(),
             activation_symmetric=args.symmetric, keep_float=tuple(args.keep_float), reduce_range=args.reduce_range)
+    elif args.quantize == "int4":
+        import qcompile
+
+        group = {} if args.group_size is None else {"group_size": args.group_size}
+        options["quantization"] = qcompile.Int4WeightConfig(keep_float=tuple(args.keep_float), **group)
     return options
 
 

@@ -28,7 +28,11 @@ def run(args) -> int:
     print(f"target:       {m['target']['name']} -> {json.dumps(m['target']['target'])}")
     quant = m["quantization"]
     summary = quant.get("scheme", "none")
-    if summary != "none":
+    if summary == "int4-weight":
+        summary += (f" ({quant.get('activation_dtype')} activations x int4 weights, group "
+                    f"{quant.get('config', {}).get('group_size')}, {len(quant.get('layers', []))} int4 layers, "
+                    f"{len(quant.get('float_layers', []))} kept float)")
+    elif summary != "none":
         summary += (f" ({quant.get('activation_dtype')} activations x {quant.get('weight_dtype')} weights, "
                     f"{len(quant.get('layers', []))} integer layers, {len(quant.get('float_layers', []))} kept float)")
     print(f"quantization: {summary}")
@@ -47,13 +51,24 @@ def print_layers(quantization: dict) -> None:
     if not layers:
         print("layers:       all float (not quantized)")
         return
-    print(f"{'layer':<16} {'dtype':<40} {'in scale/zp':<18} {'out scale/zp':<18}")
+    if quantization.get("scheme") == "int4-weight":
+        print(f"{'layer':<16} {'dtype':<40} {'weight K x N':<18} bytes (float32 -> int4 + scales)")
+    else:
+        print(f"{'layer':<16} {'dtype':<40} {'in scale/zp':<18} {'out scale/zp':<18}")
     for layer in layers:
+        if "group_size" in layer:  # int4 weight-only: weight shape and bytes instead of activation scales
+            shape = "x".join(str(d) for d in layer["shape"])
+            print(f"{layer['name']:<16} {layer['dtype']:<40} {shape:<18} "
+                  f"{layer['bytes']} -> {layer['quantized_bytes']} bytes")
+            continue
         inp = f"{layer['input_scale']:.4g}/{layer['input_zero_point']}" if "input_scale" in layer else "-"
         out = f"{layer['output_scale']:.4g}/{layer['output_zero_point']}" if "output_scale" in layer else "float32"
         relu = " +relu" if layer.get("fused_relu") else ""
         print(f"{layer['name']:<16} {layer['dtype'] + relu:<40} {inp:<18} {out:<18}")
     for name in quantization.get("float_layers", []):
         print(f"{name:<16} float32 (kept float by --keep-float)")
+    if quantization.get("scheme") == "int4-weight":
+        for note in quantization.get("float_nodes", []):  # why a dense layer stayed float
+            print(f"{note}")
     for op, count in sorted(quantization.get("float_ops", {}).items()):
         print(f"{op:<16} float32 x{count} (left float: no int8 lowering, or float inputs)")

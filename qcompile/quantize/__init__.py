@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from qcompile.quantize.config import (
     Calibration,
+    DynamicInt8Config,
+    Int4WeightConfig,
     Int8Config,
     PerChannel,
     PerTensor,
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 _LAZY = {"quantize_model": "pipeline", "realize_prequantized": "pipeline", "to_qdq": "pipeline",
          "realize": "realize", "has_qdq": "canonicalize"}
-__all__ = ["Calibration", "Int8Config", "PerChannel", "PerTensor", "QuantizationInfo", "has_qdq", "quantize_model",
+__all__ = ["Calibration", "DynamicInt8Config", "Int4WeightConfig", "Int8Config", "PerChannel", "PerTensor", "QuantizationInfo", "has_qdq", "quantize_model",
            "realize", "realize_prequantized", "to_qdq"]
 
 

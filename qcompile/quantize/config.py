@@ -1,10 +1,11 @@
 """Quantization configuration: frozen, validated, serialisable.
 
-``Int8Config`` (calibrated static int8) and ``DynamicInt8Config`` (activations quantized at
-run time) are what a user writes; :class:`Calibration` and the granularities
-(:class:`PerChannel`, :class:`PerTensor`, :class:`PerRow`) are small typed values, not strings.  Invalid
-values raise :class:`~qcompile.errors.ConfigError` naming the parameter (the CLI adds its
-flag name).  ``to_json``/``from_json`` round-trip the config through the manifest.
+``Int8Config`` (calibrated static int8), ``DynamicInt8Config`` (activations quantized at
+run time) and ``Int4WeightConfig`` (int4 weight-only dense layers) are what a user writes;
+:class:`Calibration` and the granularities (:class:`PerChannel`, :class:`PerTensor`,
+:class:`PerRow`) are small typed values, not strings.  Invalid values raise
+:class:`~qcompile.errors.ConfigError` naming the parameter (the CLI adds its flag name).
+``to_json``/``from_json`` round-trip the config through the manifest.
 """
 from __future__ import annotations
 
@@ -242,7 +243,52 @@ class DynamicInt8Config:
         return cls(**data)
 
 
-QuantConfig = Union[Int8Config, DynamicInt8Config]
+@dataclass(frozen=True)
+class Int4WeightConfig:
+    """int4 weight-only quantization of matmul/dense layers (GPTQ/AWQ's storage, ONNX
+    Runtime's MatMulNBits): no calibration data, activations stay float32.
+
+    Each matmul/dense (Gemm) layer with a constant 2-D weight ``W[K, N]`` stores it as
+    4-bit signed integers, symmetric (``q = clip(round(w / s), -8, 7)``, ``s = max|w| / 7``),
+    with one float16 scale per group of ``group_size`` consecutive input channels (the
+    reduction axis) of each output channel, two values per byte; the kernel dequantizes the
+    weight as it multiplies.  A layer whose K is not a multiple of ``group_size`` stays float.
+    group_size: a power of two of at least 8 (32: 4.5 bits a weight; 128: 4.125).
+    keep_float: layers left in float, as in :class:`Int8Config` (``matmul_N``, ``first``, ...).
+    """
+
+    group_size: int = 32
+    keep_float: tuple[str, ...] = field(default_factory=tuple)
+
+    scheme = "int4-weight"
+
+    def __post_init__(self) -> None:
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size & (size - 1):
+            raise config_error("group_size", "a power of two of at least 8 (32, 64, 128)", size,
+                               type(self).__name__)
+        keep = (self.keep_float,) if isinstance(self.keep_float, str) else tuple(self.keep_float)
+        object.__setattr__(self, "keep_float", keep)
+        if not all(isinstance(k, str) and k for k in keep):
+            raise config_error("keep_float", "layer names such as matmul_0, first, last or matmul", keep,
+                               type(self).__name__)
+
+    def for_target(self, target) -> "Int4WeightConfig":
+        return self  # nothing the target decides
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "group_size": self.group_size, "keep_float": list(self.keep_float)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Int4WeightConfig":
+        data = dict(data)
+        version = data.pop("version", VERSION)
+        if version != VERSION:
+            raise ConfigError(f"quantization config version {version} is not {VERSION}: rebuild the artifact")
+        return cls(**data)
+
+
+QuantConfig = Union[Int8Config, DynamicInt8Config, Int4WeightConfig]
 
 
 @dataclass(frozen=True)
@@ -250,8 +296,10 @@ class QuantizationInfo:
     """What quantization made of a model; carried by the ImportedModel and written to the manifest.
 
     source: ``qcompile-ptq`` (calibrated here), ``qcompile-dynamic`` (dynamic quantization
-      here) or ``<kind>-qdq`` (a pre-quantized import).
-    scheme: ``int8`` (static scales) or ``int8-dynamic`` (activations quantized at run time).
+      here), ``qcompile-int4`` (int4 weight-only here) or ``<kind>-qdq`` (a pre-quantized import).
+    scheme: ``int8`` (static scales), ``int8-dynamic`` (activations quantized at run time) or
+      ``int4-weight`` (int4 weights of dense layers, float activations).
+    weight_dtype: ``int8``, or ``int4`` for ``int4-weight``.
     layers: one entry per integer layer (op, dtypes, scales) as realize reports them.
     float_layers: layers kept in float on request; float_ops: op -> count left in float;
     float_nodes: conv2d/matmul a pre-quantized model left float (an unsupported QDQ pattern).
@@ -269,6 +317,7 @@ class QuantizationInfo:
     float_nodes: tuple[str, ...] = ()
     scheme: str = "int8"
     embeddings: tuple[dict, ...] = ()
+    weight_dtype: str = "int8"
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"scheme": self.scheme, "source": self.source}
@@ -276,7 +325,7 @@ class QuantizationInfo:
             data["config"] = self.config.to_json()
         data.update({
             "activation_dtype": self.activation_dtype,
-            "weight_dtype": "int8",
+            "weight_dtype": self.weight_dtype,
             "layers": list(self.layers),
             "float_layers": list(self.float_layers),
             "float_ops": dict(self.float_ops),

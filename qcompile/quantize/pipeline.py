@@ -14,7 +14,12 @@ from qcompile.build.pipeline import phases_through, run_phases
 from qcompile.errors import ConfigError
 from qcompile.model import ImportedModel
 from qcompile.quantize.canonicalize import canonicalize_qdq
-from qcompile.quantize.config import DynamicInt8Config, Int8Config, QuantizationInfo
+from qcompile.quantize.config import (
+    DynamicInt8Config,
+    Int4WeightConfig,
+    Int8Config,
+    QuantizationInfo,
+)
 from qcompile.quantize.embedding import quantize_embeddings
 from qcompile.quantize.op_tables import ANCHORS
 from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
@@ -86,6 +91,22 @@ def quantize_dynamic_model(
     from qcompile.quantize.dynamic import quantize_dynamic
 
     quantized = quantize_dynamic(model, config, target, progress)
+    with _readable(model):
+        mod, tables = _int8_embeddings(quantized.mod, progress or (lambda _m: None))
+    return replace(quantized, mod=mod, quantization=replace(quantized.quantization, embeddings=tables))
+
+
+def quantize_int4_weights(
+    model: ImportedModel,
+    config: Int4WeightConfig,
+    target: tvm.target.Target,
+    progress: Callable[[str], None] | None = None,
+) -> ImportedModel:
+    """:func:`qcompile.quantize.int4.quantize_int4_model` (int4 dense-layer weights, float
+    activations), then int8 embedding tables as for int8 (:mod:`qcompile.quantize.embedding`)."""
+    from qcompile.quantize.int4 import quantize_int4_model
+
+    quantized = quantize_int4_model(model, config, target, progress)
     with _readable(model):
         mod, tables = _int8_embeddings(quantized.mod, progress or (lambda _m: None))
     return replace(quantized, mod=mod, quantization=replace(quantized.quantization, embeddings=tables))
