@@ -4,11 +4,12 @@ Trains a small ViT-style encoder (2x2 patches of scikit-learn's 8x8 handwritten 
 tokens, 2 pre-norm layers, hidden 64, 4 heads, GELU MLP, mean-pooled embedding, linear
 classifier) on real scans shipped with scikit-learn (nothing is downloaded), exports it to ONNX
 with two outputs (logits, embedding) and quantizes that file: qcompile static int8 (MinMax and
-MSE calibration) and dynamic int8, ONNX Runtime ``quantize_static`` (QDQ, U8S8, per-channel)
-and ``quantize_dynamic``, the same calibration samples for the static ones.  For each: test
-top-1, and the lowest / mean cosine similarity of the embedding to PyTorch float32's over the
-test set (what a sentence-embedding user checks).  Writes out/benchmarks/encoder_accuracy.{json,md}
-(benchmarks/results/ with ``--save``).
+MSE calibration), dynamic int8 and int4 weight-only (groups of 32 and 64, float activations),
+ONNX Runtime ``quantize_static`` (QDQ, U8S8, per-channel) and ``quantize_dynamic``, the same
+calibration samples for the static ones.  For each: test top-1, and the lowest / mean cosine
+similarity of the embedding to PyTorch float32's over the test set (what a sentence-embedding
+user checks); for int4, the dense-layer weight bytes vs float32 (from the manifest).  Writes
+out/benchmarks/encoder_accuracy.{json,md} (benchmarks/results/ with ``--save``).
 
     .venv/bin/python benchmarks/encoder_accuracy.py
     .venv/bin/python benchmarks/encoder_accuracy.py --save
@@ -29,6 +30,7 @@ from torch import nn
 THREADS = 2
 CALIB_SAMPLES = 200
 EPOCHS = 60
+INT4_GROUPS = (32, 64)  # K is 4 (patch embedding: stays float), 64 or 128
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -81,7 +83,9 @@ def train(x: np.ndarray, y: np.ndarray, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-def qcompile_predictors(onnx_path: Path, calib: np.ndarray, work: Path) -> dict[str, tuple[Predict, int]]:
+def qcompile_predictors(onnx_path: Path, calib: np.ndarray,
+                        work: Path) -> tuple[dict[str, tuple[Predict, int]], dict[str, dict]]:
+    """The predictors, and for each int4 row its dense layers' bytes (float32 and int4 + scales)."""
     import qcompile
 
     model = qcompile.import_model(str(onnx_path))
@@ -91,8 +95,9 @@ def qcompile_predictors(onnx_path: Path, calib: np.ndarray, work: Path) -> dict[
         "qcompile int8 static (minmax)": qcompile.Int8Config(num_samples=len(calib)),
         "qcompile int8 static (mse)": qcompile.Int8Config(calibration="mse", num_samples=len(calib)),
         "qcompile int8 dynamic": qcompile.DynamicInt8Config(),
+        **{f"qcompile int4 weight-only (group {g})": qcompile.Int4WeightConfig(group_size=g) for g in INT4_GROUPS},
     }
-    out = {}
+    out, dense = {}, {}
     for name, config in configs.items():
         stem = name.replace("qcompile ", "").replace(" ", "-").replace("(", "").replace(")", "")
         artifact = qcompile.compile(model, "native", quantization=config,
@@ -106,7 +111,12 @@ def qcompile_predictors(onnx_path: Path, calib: np.ndarray, work: Path) -> dict[
             return result[names[0]], result[names[1]]
 
         out[name] = (predict, artifact.library.stat().st_size)
-    return out
+        if isinstance(config, qcompile.Int4WeightConfig):
+            layers = artifact.manifest.quantization["layers"]
+            dense[name] = {"layers": len(layers), "bytes": sum(layer["bytes"] for layer in layers),
+                           "int4_bytes": sum(layer["quantized_bytes"] for layer in layers),
+                           "float_nodes": artifact.manifest.quantization.get("float_nodes", [])}
+    return out, dense
 
 
 def ort_predictors(onnx_path: Path, calib: np.ndarray, work: Path) -> dict[str, tuple[Predict, int]]:
@@ -172,12 +182,14 @@ def run() -> dict:
         onnx_path = work / "encoder.onnx"
         torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(onnx_path), input_names=["x"],
                           output_names=["logits", "embedding"], opset_version=17, dynamo=False)
-        rows.update(qcompile_predictors(onnx_path, calib, work))
+        ours, int4_dense = qcompile_predictors(onnx_path, calib, work)
+        rows.update(ours)
         rows.update(ort_predictors(onnx_path, calib, work))
         table = {name: {**score(pred, xte, yte, ref_emb), "bytes": size} for name, (pred, size) in rows.items()}
     return {"dataset": "scikit-learn digits 8x8 as 16 tokens of 2x2 patches: 1297 train / 500 test",
             "model": "2-layer pre-norm encoder, hidden 64, 4 heads, mean-pooled embedding",
-            "calibration_samples": CALIB_SAMPLES, "train_seconds": round(train_s, 1), "results": table}
+            "calibration_samples": CALIB_SAMPLES, "train_seconds": round(train_s, 1), "results": table,
+            "int4_dense_weights": int4_dense}
 
 
 def to_markdown(report: dict) -> str:
@@ -191,6 +203,10 @@ def to_markdown(report: dict) -> str:
     for name, row in report["results"].items():
         size = row["bytes"] if row["bytes"] is not None else "-"
         lines.append(f"| {name} | {row['top1']:.2f} | {row['min_cosine']:.5f} | {row['mean_cosine']:.6f} | {size} |")
+    for name, dense in report.get("int4_dense_weights", {}).items():
+        lines += ["", f"{name}: {dense['layers']} dense layers, weights {dense['int4_bytes']} bytes vs "
+                      f"{dense['bytes']} float32 ({dense['int4_bytes'] / dense['bytes']:.3f}x)"
+                      + (f"; left float: {'; '.join(dense['float_nodes'])}" if dense["float_nodes"] else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def _ort(path, feeds) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
 def _run(library, feeds) -> np.ndarray:
     return next(iter(qcompile.load(library).run(feeds).values()))
 
@@ -218,6 +224,7 @@ def test_encoder_int4_is_small_and_close_to_float(cli, encoder, tmp_path, group)
 
     ours, ref = _run(library, feeds), _run(fp32, feeds)
     cosine = _cosine(ours, ref)
+    assert _cosine(ref, _ort(path, feeds)) >= 0.99999  # the float build is the float model
     lat = {name: _latency(lib, feeds) for name, lib in (("fp32", fp32), ("int4", library))}
     print(f"encoder int4 group {group}: dense weights {int4_bytes} / {float_bytes} bytes = {ratio:.4f}x float32; "
           f"output cosine vs float32 build {cosine:.6f}; library {library.stat().st_size} vs "
