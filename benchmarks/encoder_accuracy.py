@@ -115,7 +115,7 @@ def qcompile_predictors(onnx_path: Path, calib: np.ndarray,
             layers = artifact.manifest.quantization["layers"]
             dense[name] = {"layers": len(layers), "bytes": sum(layer["bytes"] for layer in layers),
                            "int4_bytes": sum(layer["quantized_bytes"] for layer in layers),
-                           "float_nodes": artifact.manifest.quantization.get("float_nodes", [])}
+                           "left_float": artifact.manifest.quantization.get("left_float", [])}
     return out, dense
 
 
@@ -206,7 +206,7 @@ def to_markdown(report: dict) -> str:
     for name, dense in report.get("int4_dense_weights", {}).items():
         lines += ["", f"{name}: {dense['layers']} dense layers, weights {dense['int4_bytes']} bytes vs "
                       f"{dense['bytes']} float32 ({dense['int4_bytes'] / dense['bytes']:.3f}x)"
-                      + (f"; left float: {'; '.join(dense['float_nodes'])}" if dense["float_nodes"] else "")]
+                      + (f"; left float: {'; '.join(dense['left_float'])}" if dense["left_float"] else "")]
     return "\n".join(lines) + "\n"
 
 

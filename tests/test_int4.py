@@ -127,7 +127,7 @@ def test_int4_kernel_multiplies_by_the_dequantized_weight(tmp_path, op):
     assert np.abs(ours - (x @ w + b)).max() > 1e-3  # and it is not the float layer
 
 
-def test_layer_not_divisible_by_the_group_stays_float(tmp_path):
+def test_layer_not_divisible_by_the_group_stays_float(cli, tmp_path):
     rng = np.random.default_rng(2)
     w0, w1 = rng.standard_normal((64, 48)).astype(np.float32), rng.standard_normal((48, 8)).astype(np.float32)
     path = tmp_path / "mlp.onnx"
@@ -136,8 +136,13 @@ def test_layer_not_divisible_by_the_group_stays_float(tmp_path):
           helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8]), {"w0": w0, "w1": w1}, path)
     quant = qcompile.prepare(path, TARGET, quantization=qcompile.Int4WeightConfig(group_size=32)).quantization
     assert [layer["name"] for layer in quant.layers] == ["matmul_0"]
-    assert quant.float_nodes == ("matmul_1 [48, 8] stays float: K = 48 is not a multiple of group size 32",)
+    assert quant.left_float == ("matmul_1 [48, 8] stays float: K = 48 is not a multiple of group size 32",)
     assert quant.float_ops == {"relax.matmul": 1}
+    result = cli("build", path, "--quantize", "int4", "-o", tmp_path, "--quiet")
+    assert result.code == 0, result.err
+    info = cli("info", tmp_path / "mlp-int4.so", "--layers")
+    assert "matmul_0         float32 x int4 (group 32) -> float32" in info.out
+    assert "matmul_1 [48, 8] stays float: K = 48 is not a multiple of group size 32" in info.out
 
 
 def _int4_constants(mod) -> list[tuple[np.ndarray, np.ndarray]]:

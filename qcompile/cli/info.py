@@ -67,8 +67,7 @@ def print_layers(quantization: dict) -> None:
         print(f"{layer['name']:<16} {layer['dtype'] + relu:<40} {inp:<18} {out:<18}")
     for name in quantization.get("float_layers", []):
         print(f"{name:<16} float32 (kept float by --keep-float)")
-    if quantization.get("scheme") == "int4-weight":
-        for note in quantization.get("float_nodes", []):  # why a dense layer stayed float
-            print(f"{note}")
+    for note in quantization.get("left_float", []):  # int4: a dense layer that stayed float, and why
+        print(note)
     for op, count in sorted(quantization.get("float_ops", {}).items()):
         print(f"{op:<16} float32 x{count} (left float: no int8 lowering, or float inputs)")

@@ -300,6 +300,7 @@ class QuantizationInfo:
     scheme: ``int8`` (static scales), ``int8-dynamic`` (activations quantized at run time) or
       ``int4-weight`` (int4 weights of dense layers, float activations).
     weight_dtype: ``int8``, or ``int4`` for ``int4-weight``.
+    left_float: for ``int4-weight``, the dense layers that stayed float, each with why.
     layers: one entry per integer layer (op, dtypes, scales) as realize reports them.
     float_layers: layers kept in float on request; float_ops: op -> count left in float;
     float_nodes: conv2d/matmul a pre-quantized model left float (an unsupported QDQ pattern).
@@ -318,6 +319,7 @@ class QuantizationInfo:
     scheme: str = "int8"
     embeddings: tuple[dict, ...] = ()
     weight_dtype: str = "int8"
+    left_float: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"scheme": self.scheme, "source": self.source}
@@ -336,4 +338,6 @@ class QuantizationInfo:
             data["float_nodes"] = list(self.float_nodes)
         if self.embeddings:
             data["embeddings"] = list(self.embeddings)
+        if self.left_float:
+            data["left_float"] = list(self.left_float)
         return data

@@ -156,7 +156,7 @@ def quantize_int4_model(model: ImportedModel, config: Int4WeightConfig, target: 
         layers=tuple(report.layers),
         float_layers=tuple(report.kept_float),
         float_ops=dict(report.float_ops),
-        float_nodes=tuple(report.left_float),
+        left_float=tuple(report.left_float),
     )
     return replace(model, mod=mod, quantization=info)
 
