@@ -45,6 +45,44 @@ class DigitsNet(nn.Module):
         return self.head(y.mean(dim=(2, 3)))
 
 
+class DepthwiseNet(nn.Module):
+    """A MobileNet-style depthwise-separable CNN: conv-BN-ReLU stem, then depthwise 3x3 and
+    pointwise 1x1 convs, each with BN and ReLU, global pool, linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def cbr(cin: int, cout: int, k: int, groups: int = 1, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+                    nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(*cbr(1, 16, 3), *cbr(16, 16, 3, groups=16), *cbr(16, 32, 1),
+                                      *cbr(32, 32, 3, groups=32, stride=2), *cbr(32, 64, 1))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def imbalance_depthwise(net: DepthwiseNet, decades: float = 3.0, seed: int = 0) -> DepthwiseNet:
+    """``net`` with each depthwise conv's BN-folded channel ``c`` scaled by ``s_c`` (log-uniform
+    over ``decades`` powers of ten, at most 1) and the next pointwise conv's input channel ``c``
+    by ``1 / s_c``: the same function (ReLU is positively homogeneous), with the per-channel
+    weight ranges of the folded depthwise convs as uneven as batch-norm folding leaves them in
+    real MobileNets (a channel's folded weight is its conv weight times gamma / sigma)."""
+    rng = np.random.default_rng(seed)
+    layers = list(net.features)
+    with torch.no_grad():
+        for k, layer in enumerate(layers):
+            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                bn, pointwise = layers[k + 1], layers[k + 3]
+                s = torch.from_numpy(10.0 ** -rng.uniform(0.0, decades, layer.out_channels)).float()
+                bn.weight.mul_(s)
+                bn.bias.mul_(s)
+                pointwise.weight.div_(s[None, :, None, None])
+    return net
+
+
 def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train x, train y, test x, test y); x is N x 1 x 8 x 8 float32 in [0, 1]."""
     from sklearn.datasets import load_digits as sk_digits
@@ -57,9 +95,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[:1297], y[:1297], x[1297:], y[1297:]
 
 
-def train(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0) -> nn.Module:
+def train(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0, make=DigitsNet) -> nn.Module:
     torch.manual_seed(seed)
-    net = DigitsNet()
+    net = make()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(epochs):

@@ -100,6 +100,11 @@ class Int8Config:
       ``first``, ``last``, or an op kind (``conv2d``, ``matmul``).
     reduce_range: 7-bit weights (ONNX Runtime's reduce_range), which x86 CPUs without VNNI
       need for their fast u8 x s8 instruction; None: decided by the target (``for_target``).
+    equalize: cross-layer equalization and high-bias absorption of conv pairs before
+      calibration (:mod:`qcompile.quantize.equalize`); None: on for ``PerTensor`` weights,
+      where one scale must cover every channel, off for ``PerChannel`` (they change little).
+    bias_correction: subtract the mean output shift the weights' quantization causes from each
+      layer's bias (:mod:`qcompile.quantize.bias_correction`); None: as ``equalize``.
     """
 
     calibration: Calibration = Calibration.MINMAX
@@ -109,6 +114,8 @@ class Int8Config:
     num_samples: int = 64
     keep_float: tuple[str, ...] = field(default_factory=tuple)
     reduce_range: bool | None = None
+    equalize: bool | None = None
+    bias_correction: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -121,6 +128,19 @@ class Int8Config:
             raise config_error("percentile", "a value in (50, 100]", self.percentile)
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise config_error("num_samples", "an integer of at least 1", self.num_samples)
+        for name in ("equalize", "bias_correction"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise config_error(name, "True, False or None", getattr(self, name))
+
+    @property
+    def equalizes(self) -> bool:
+        """Whether PTQ equalizes conv pairs: ``equalize``, or where None, per-tensor weights."""
+        return self.equalize if self.equalize is not None else not self.per_channel
+
+    @property
+    def corrects_bias(self) -> bool:
+        """Whether PTQ corrects biases: ``bias_correction``, or where None, per-tensor weights."""
+        return self.bias_correction if self.bias_correction is not None else not self.per_channel
 
     @property
     def calibration_method(self) -> str:
@@ -159,6 +179,8 @@ class Int8Config:
             "num_samples": self.num_samples,
             "keep_float": list(self.keep_float),
             "reduce_range": self.reduce_range,
+            "equalize": self.equalize,
+            "bias_correction": self.bias_correction,
         }
 
     @classmethod
@@ -306,6 +328,9 @@ class QuantizationInfo:
     float_nodes: conv2d/matmul a pre-quantized model left float (an unsupported QDQ pattern).
     embeddings: the embedding tables stored as int8 rows with per-row scales
       (:mod:`qcompile.quantize.embedding`): name, table shape, bytes before and after.
+    corrections: what PTQ changed in the float model before calibrating: ``equalized`` and
+      ``high_bias_absorbed`` (conv pairs), ``equalize_skipped`` (pairs, with why),
+      ``bias_corrected`` (layers); empty where none was asked for.
     """
 
     source: str
@@ -318,6 +343,7 @@ class QuantizationInfo:
     float_nodes: tuple[str, ...] = ()
     scheme: str = "int8"
     embeddings: tuple[dict, ...] = ()
+    corrections: dict[str, list[str]] = field(default_factory=dict)
     weight_dtype: str = "int8"
     left_float: tuple[str, ...] = ()
 
@@ -338,6 +364,8 @@ class QuantizationInfo:
             data["float_nodes"] = list(self.float_nodes)
         if self.embeddings:
             data["embeddings"] = list(self.embeddings)
+        if self.corrections:
+            data["corrections"] = {k: list(v) for k, v in self.corrections.items()}
         if self.left_float:
             data["left_float"] = list(self.left_float)
         return data

@@ -3,6 +3,7 @@ realize (integer kernels), for a float model or a pre-quantized import."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -34,7 +35,49 @@ def to_qdq(
     progress: Callable[[str], None] | None = None,
 ):
     """The float model in QDQ form after calibration: (module, plan, qparams)."""
+    mod, batches, _ = prepare_float(model, batches, config, target, progress)
+    return _calibrated_qdq(mod, batches, config, target, progress)
+
+
+def prepare_float(
+    model: ImportedModel,
+    batches: Iterable[dict[str, np.ndarray]],
+    config: Int8Config,
+    target: tvm.target.Target,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[tvm.IRModule, Iterable[dict[str, np.ndarray]], dict[str, list[str]]]:
+    """The float module PTQ calibrates: after the ``inference`` phase (batch norm folded into
+    the convs), then cross-layer equalization with high-bias absorption and bias correction
+    where ``config`` asks for them (:attr:`Int8Config.equalizes`, :attr:`~Int8Config.corrects_bias`).
+    Returns the module, the batches (read into a list when those steps read them too) and
+    what the steps changed (:attr:`QuantizationInfo.corrections`)."""
+    say = progress or (lambda _m: None)
     mod = run_phases(model.mod, target, phases=phases_through("inference"))  # fold batch-norm before calibrating
+    corrections: dict[str, list[str]] = {}
+    if not (config.equalizes or config.corrects_bias):
+        return mod, batches, corrections
+    batches = list(itertools.islice(batches, config.num_samples))
+    if config.equalizes:
+        from qcompile.quantize.equalize import absorb_high_bias, equalize
+
+        equalized = equalize(mod)
+        mod = equalized.mod
+        mod, absorbed = absorb_high_bias(mod, batches, target, equalized.pairs)
+        corrections.update(equalized=list(equalized.pairs), high_bias_absorbed=list(absorbed))
+        if equalized.skipped:
+            corrections["equalize_skipped"] = list(equalized.skipped)
+        say(f"equalized {len(equalized.pairs)} conv pairs ({len(absorbed)} with high-bias absorption)")
+    if config.corrects_bias:
+        from qcompile.quantize.bias_correction import correct_bias
+
+        mod, corrected = correct_bias(mod, batches, config, target)
+        corrections["bias_corrected"] = list(corrected)
+        say(f"corrected the biases of {len(corrected)} layers for their weights' quantization")
+    return mod, batches, corrections
+
+
+def _calibrated_qdq(mod, batches, config, target, progress):
+    """(QDQ module, plan, qparams) of the float module ``mod`` calibrated on ``batches``."""
     plan = annotate(mod["main"], config)
     ranges = calibrate(mod, plan, batches, config, target, progress)
     main, qparams, _ = emit_qdq(mod["main"], plan, ranges, config)
@@ -63,7 +106,9 @@ def quantize_model(
     say = progress or (lambda _m: None)
     config = config.for_target(target)
     with _readable(model):
-        qdq_mod, plan, _ = to_qdq(model, batches, config, resolve_target("native").to_tvm(), progress)
+        host = resolve_target("native").to_tvm()
+        mod, batches, corrections = prepare_float(model, batches, config, host, progress)
+        qdq_mod, plan, _ = _calibrated_qdq(mod, batches, config, host, progress)
         say(f"realizing {len(plan.regions)} quantized layers ...")
         int_mod, report = realize(qdq_mod)
         int_mod, tables = _int8_embeddings(int_mod, say)
@@ -76,6 +121,7 @@ def quantize_model(
         float_layers=tuple(plan.kept_float),
         float_ops=dict(plan.skipped),
         embeddings=tables,
+        corrections=corrections,
     )
     return replace(model, mod=int_mod, quantization=info)
 
