@@ -5,6 +5,7 @@ depthwise-separable CNN trained on real digits."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -229,3 +230,22 @@ def test_per_tensor_ptq_collapse_recovered_on_digits(tmp_path):
     assert recovered >= fp32 - 2.0
     assert info["config"]["equalize"] is None and len(info["corrections"]["equalized"]) == 4
     assert len(info["corrections"]["bias_corrected"]) == 6  # 5 convs + the linear head
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-equalize", "--no-bias-correction"), ("--no-bias-correction",)],
+                         ids=["default", "off", "equalize-only"])
+def test_cli_flags_reach_the_manifest(cli, tmp_path, tiny_pt2, flags):
+    """``--per-tensor`` turns both steps on unless a flag says otherwise; the manifest lists
+    what was applied (the tiny net has one pair: conv -> ReLU -> depthwise)."""
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32))
+    result = cli("build", tiny_pt2, "--quantize", "int8", "--calib-data", tmp_path / "calib.npz", "--per-tensor",
+                 "--quiet", *flags, "-o", tmp_path)
+    assert result.code == 0, result.err
+    quantization = json.loads((tmp_path / "tiny-int8.manifest.json").read_text())["quantization"]
+    corrections = quantization.get("corrections", {})
+    if flags == ("--no-equalize", "--no-bias-correction"):
+        assert corrections == {}
+    else:
+        assert corrections["equalized"] == ["conv2d_1 -> conv2d_2"]
+        assert ("bias_corrected" in corrections) == (flags == ())
+    assert cli("build", tiny_pt2, "--equalize", "-o", tmp_path).code != 0  # only with --quantize int8

@@ -67,6 +67,7 @@ def rpc_endpoint(args):
 
 # Int8Config parameter -> the flag that sets it (for error messages).
 _FLAGS = {"calibration": "--calib-method", "percentile": "--percentile", "weights": "--per-tensor",
+          "equalize": "--equalize", "bias_correction": "--bias-correction",
           "activation_symmetric": "--symmetric", "num_samples": "--calib-samples", "keep_float": "--keep-float",
           "reduce_range": "--reduce-range", "activations": "--per-row", "group_size": "--group-size"}
 
@@ -104,6 +105,12 @@ def add_model_options(p) -> None:
                         "its fast int8 instruction: x86 without VNNI)")
     q.add_argument("--no-reduce-range", dest="reduce_range", action="store_false",
                    help="8-bit weights even where the fast instruction then cannot be used")
+    q.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="cross-layer equalization + high-bias absorption of conv pairs before calibrating "
+                        "(default: on with --per-tensor, off for per-channel weights)")
+    q.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="correct each layer's bias for the mean shift its int8 weights cause "
+                        "(default: on with --per-tensor, off for per-channel weights)")
     q.add_argument("--keep-float", "--skip-layers", nargs="+", default=[], metavar="LAYER",
                    help="layers to leave in float: conv2d_N, matmul_N (see `qcompile info --layers`), "
                         "first, last, or a whole op kind (conv2d, matmul)")
@@ -136,6 +143,8 @@ def model_options(args) -> dict[str, Any]:
         raise ConfigError("--group-size applies with --quantize int4")
     if args.quantize == "int4" and (args.calib_data or args.calib_mean or args.calib_std):
         raise ConfigError("--calib-data: --quantize int4 quantizes weights only and takes no calibration data")
+    if args.quantize != "int8" and (args.equalize is not None or args.bias_correction is not None):
+        raise ConfigError("--equalize/--bias-correction apply with --quantize int8")
     if args.quantize == "int8" and not args.calib_data:
         raise ConfigError("--quantize int8 needs --calib-data PATH (.npz, .npy or a folder of images)")
     options: dict[str, Any] = {"input_shapes": parse_input_shapes(args.input_shape), "weights": args.weights,
@@ -146,7 +155,8 @@ def model_options(args) -> dict[str, Any]:
         options["quantization"] = qcompile.Int8Config(
             calibration=args.calib_method, percentile=args.percentile, activation_symmetric=args.symmetric,
             weights=qcompile.PerChannel() if args.per_channel else qcompile.PerTensor(),
-            num_samples=args.calib_samples, keep_float=tuple(args.keep_float), reduce_range=args.reduce_range)
+            num_samples=args.calib_samples, keep_float=tuple(args.keep_float), reduce_range=args.reduce_range,
+            equalize=args.equalize, bias_correction=args.bias_correction)
         options["calibration_data"] = args.calib_data
         if args.calib_mean or args.calib_std:
             default = qcompile.ImagePreprocess()
