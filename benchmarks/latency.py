@@ -7,7 +7,10 @@ the next contender on 2 cores; sleeping instead distorts too.  The VM's speed dr
 tens of percent from one minute to the next on a shared VM), so ratios are taken within one run, and
 each ratio column is the median of the per-round ratios (a contender against the other
 one's median in the same round), which a phase that covers only some rounds moves less
-than a ratio of the two overall medians.  Writes out/benchmarks/latency_<model>.{json,md,png}
+than a ratio of the two overall medians.  "% of peak" is the model's multiply-accumulates per
+second against this CPU's measured peak (``qcompile.runtime.peak``, once per run after the
+rounds, on idle CPUs): fp32 contenders against the fp32 FMA peak, int8 ones against the int8
+dot-product peak.  Writes out/benchmarks/latency_<model>.{json,md,png}
 (``latency_<model>_<target>.*`` for a ``--target`` other than native), or into benchmarks/results/
 with ``--save``; the JSON records the machine (CPU, flags, threads), the git commit and the date.
 
@@ -56,7 +59,8 @@ def ort_session(path: Path, threads: int):
 
 
 def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: bool = True,
-               target_name: str = "native") -> dict[str, Callable[[np.ndarray], object]]:
+               target_name: str = "native") -> tuple[dict[str, Callable[[np.ndarray], object]], int]:
+    """The runners by contender name, and the model's multiply-accumulates per run."""
     import torch
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -67,6 +71,7 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from qcompile.build import build
+    from qcompile.build.macs import count_macs
     from qcompile.frontend import import_model
     from qcompile.frontend.from_torch import torchvision_module
     from qcompile.quantize import Int8Config, quantize_model
@@ -127,7 +132,7 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
         "ONNX Runtime fp32": lambda x: ort_fp32.run(None, {"x": x}),
         ORT_INT8: lambda x: ort_int8.run(None, {"x": x}),
         **extra,
-    }
+    }, count_macs(imported.mod).total
 
 
 def _torch_pt2e_int8(net, samples):
@@ -208,6 +213,12 @@ def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: f
     return per_round
 
 
+def share_of_peak(name: str, median_ms: float, macs: int, peaks) -> float | None:
+    """The share of this CPU's measured peak a contender reaches: int8 contenders against the
+    int8 dot-product peak, the others against the fp32 FMA peak."""
+    return peaks.fraction(macs, median_ms / 1000.0, "int8" if "int8" in name else "float32")
+
+
 def paired_ratio(per_round: dict[str, list[float]], name: str, base: str) -> float:
     """Median over rounds of ``name``'s round median / ``base``'s round median."""
     return float(np.median(np.array(per_round[name]) / np.array(per_round[base])))
@@ -229,17 +240,29 @@ def main() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype("float32")
     with tempfile.TemporaryDirectory() as tmp:
-        runners = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8, args.target)
+        runners, macs = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8,
+                                   args.target)
         per_round = measure(runners, x, args.rounds, args.budget, gap_s=0.05)
+    from qcompile.runtime.peak import measure_peaks
+
+    wait_for_idle_cpus()  # a peak measured beside another process reads low
+    peaks = measure_peaks("native")  # this CPU's, over TVM's pool (TVM_NUM_THREADS = --threads)
     medians = {name: float(np.median(v)) for name, v in per_round.items()}
+    shares = {name: share_of_peak(name, ms, macs, peaks) for name, ms in medians.items()}
     machine = machine_info(args.threads)
     lines = [f"{args.model}, qcompile target {args.target}, batch 1, {args.threads} threads, "
              f"{args.rounds} interleaved rounds of {args.budget:g} s "
              "per contender (median of round medians; ratios: median of per-round ratios)",
-             "", describe(machine), "", "| contender | median ms | vs ORT int8 | vs PyTorch fp32 |", "|---|---|---|---|"]
+             "", describe(machine), "",
+             (f"{macs / 1e9:.2f} GMAC per run; % of peak: of this CPU's measured fp32 FMA peak "
+              f"({peaks.fp32.gmacs:.0f} GMAC/s, {peaks.fp32.instruction}) for fp32 contenders, of its int8 "
+              f"peak ({_gmacs(peaks.int8_gmacs)}, {peaks.int8.instruction if peaks.int8 else peaks.int8_note}) "
+              f"for int8 ones, {peaks.threads} threads (benchmarks/peak.py)"), "",
+             "| contender | median ms | vs ORT int8 | vs PyTorch fp32 | % of peak |", "|---|---|---|---|---|"]
     for name, ms in medians.items():
+        share = f"{100 * shares[name]:.1f}%" if shares[name] is not None else "-"
         lines.append(f"| {name} | {ms:.2f} | {paired_ratio(per_round, name, ORT_INT8):.2f}x "
-                     f"| {paired_ratio(per_round, name, TORCH_FP32):.2f}x |")
+                     f"| {paired_ratio(per_round, name, TORCH_FP32):.2f}x | {share} |")
     fp32, int8 = (next((n for n in per_round if n.startswith(f"qcompile {kind} (") and "untuned" not in n), None)
                   for kind in ("fp32", "int8"))
     if fp32 and int8:
@@ -254,10 +277,15 @@ def main() -> None:
     (results / f"{stem}.md").write_text(table)
     (results / f"{stem}.json").write_text(json.dumps(
         {"model": args.model, "target": args.target, "threads": args.threads, "rounds_run": args.rounds,
-         "budget_s": args.budget, "machine": machine, "rounds": per_round, "medians_ms": medians}, indent=2) + "\n")
+         "budget_s": args.budget, "machine": machine, "rounds": per_round, "medians_ms": medians, "macs": macs,
+         "peaks": peaks.to_json(), "share_of_peak": shares}, indent=2) + "\n")
     _bar_chart(args.model, medians, results / f"{stem}.png")
     print(table)
     print(f"written to {results}/{stem}.{{md,json,png}}")
+
+
+def _gmacs(value: float | None) -> str:
+    return f"{value:.0f} GMAC/s" if value is not None else "none"
 
 
 def _bar_chart(model: str, medians: dict[str, float], path: Path) -> None:

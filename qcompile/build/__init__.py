@@ -125,6 +125,7 @@ def build(
                 "compile_seconds": round(compile_s, 2),
                 "tuning": tuning,
                 "conv_kernels": kernels,
+                **_mac_count(model),
                 "host": platform.node(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
@@ -132,6 +133,18 @@ def build(
         manifest.write(tmp_manifest)
     say(f"wrote {library} ({library.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return Artifact(library=library, manifest=manifest)
+
+
+def _mac_count(model: ImportedModel) -> dict:
+    """``{"macs": ...}``: the model's multiply-accumulates per layer and dtype
+    (:mod:`qcompile.build.macs`; what ``qcompile explain`` divides by the peak), or nothing
+    where the module cannot be read."""
+    from qcompile.build.macs import count_macs
+
+    try:
+        return {"macs": count_macs(model.mod).to_json()}
+    except Exception:  # noqa: BLE001 (an analysis for the report: never fails a build)
+        return {}
 
 
 def _report_tuning(tuning: dict, target: TargetSpec, say: Progress) -> None:
