@@ -103,7 +103,9 @@ def dequantize_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def int4_matmul_func(xshape: tuple[int, ...], n: int, group_size: int) -> tirx.PrimFunc:
     """(x float32 [..., K], packed uint8 [K/2, N], scales float16 [K/group, N]) -> float32
-    [..., N], the weight dequantized inside the reduction."""
+    [..., N], the weight dequantized inside the reduction: one step per byte, its low nibble
+    times ``x[..., 2k]`` plus its high nibble times ``x[..., 2k + 1]`` (each byte loaded once,
+    constant shifts), both scaled by the group's float16 scale."""
     def dims(*values: int) -> tuple:
         return tuple(tirx.IntImm("int64", v) for v in values)  # int64 like LegalizeOps' kernels
 
@@ -111,16 +113,20 @@ def int4_matmul_func(xshape: tuple[int, ...], n: int, group_size: int) -> tirx.P
     x = te.placeholder(dims(*xshape), "float32", name="x")
     w = te.placeholder(dims(k // 2, n), "uint8", name="w_packed")
     s = te.placeholder(dims(k // group_size, n), SCALE_DTYPE, name="w_scale")
-    r = te.reduce_axis(dims(0, k), "k")
+    r = te.reduce_axis(dims(0, k // 2), "k2")
+    offset = tirx.const(-QMIN, "int32")
 
-    def weight(kk, j):
-        shift = tirx.Cast("uint8", tirx.floormod(kk, 2) * 4)
-        nibble = tirx.bitwise_and(tirx.shift_right(w[tirx.floordiv(kk, 2), j], shift), tirx.const(15, "uint8"))
-        value = tirx.Cast("float32", tirx.Cast("int32", nibble) - tirx.const(-QMIN, "int32"))
-        return value * tirx.Cast("float32", s[tirx.floordiv(kk, group_size), j])
+    def nibble(byte, shift: int):
+        bits = tirx.bitwise_and(tirx.shift_right(byte, tirx.const(shift, "uint8")), tirx.const(15, "uint8"))
+        return tirx.Cast("float32", tirx.Cast("int32", bits) - offset)
 
-    out = te.compute(dims(*xshape[:-1], n), lambda *i: te.sum(x[(*i[:-1], r)] * weight(r, i[-1]), axis=r),
-                     name=ANCHOR)
+    def step(*i):
+        rows, j = i[:-1], i[-1]
+        byte = w[r, j]
+        pair = x[(*rows, r * 2)] * nibble(byte, 0) + x[(*rows, r * 2 + 1)] * nibble(byte, 4)
+        return pair * tirx.Cast("float32", s[tirx.floordiv(r, group_size // 2), j])
+
+    out = te.compute(dims(*xshape[:-1], n), lambda *i: te.sum(step(*i), axis=r), name=ANCHOR)
     return te.create_prim_func([x, w, s, out])
 
 
