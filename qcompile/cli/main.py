@@ -12,6 +12,7 @@ from qcompile.cli import (
     build,
     compare,
     debug,
+    explain,
     info,
     report,
     rpc_service,
@@ -22,7 +23,7 @@ from qcompile.cli import (
 from qcompile.cli import eval as eval_cmd
 from qcompile.errors import QcompileError, first_line
 
-COMMANDS = [build, tune, run, bench, eval_cmd, debug, report, compare, info, targets, rpc_service]
+COMMANDS = [build, tune, run, bench, explain, eval_cmd, debug, report, compare, info, targets, rpc_service]
 
 # TVMC-style target options ("-mcpu=cortex-a72") that follow an unquoted --target.
 _TARGET_OPTION = re.compile(r"^-[a-z][a-z0-9_-]*(=.*)?$")
