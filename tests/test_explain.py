@@ -122,3 +122,19 @@ def test_cli_explain_missing_file_is_one_line_artifact_error(cli, tmp_path):
     assert result.err.count("\n") == 1 and result.err.startswith("error: ") and "missing.so" in result.err
     int8_missing_float = cli("explain", tmp_path / "missing.so", "--float", tmp_path / "f.so")
     assert int8_missing_float.code == 6
+
+
+def test_kernels_are_matched_to_layers_only_when_call_order_fits():
+    from qcompile.build.macs import LayerMacs, MacCount
+    from qcompile.runtime.explain import Call, match_layers
+
+    layers = MacCount((LayerMacs("conv2d_0", "conv2d", "float32", 100), LayerMacs("matmul_0", "matmul", "int8", 10)))
+    calls = [Call("fused_qc_conv2d_float32_add", 0.2), Call("fused_reshape", 0.1), Call("qc_conv2d_int8", 0.1)]
+    matched, note = match_layers(calls, layers)
+    assert note is None and [c.layer.name if c.layer else None for c in matched] == ["conv2d_0", None, "matmul_0"]
+    # a float kernel where the int8 layer should be: no matching, and a note saying so
+    swapped = [calls[2], calls[1], calls[0]]
+    unmatched, note = match_layers(swapped, layers)
+    assert all(c.layer is None for c in unmatched) and "not matched" in note
+    fewer, note = match_layers(calls[:2], layers)
+    assert all(c.layer is None for c in fewer) and "1 conv/matmul kernel calls for 2 layers" in note

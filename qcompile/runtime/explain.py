@@ -306,8 +306,12 @@ def _findings(calls: list[Call], manifest, float_by_layer: dict[str, float], pea
         elif _is_compute(call.kernel) and not _is_packed(call.kernel):
             subject = (f"{layer.name} ({layer.dtype} {layer.op}) on a generic kernel (TVM's default schedule)" if layer
                        else f"{call.kernel}: a generic kernel (TVM's default schedule)")
-            out.append(Finding(GENERIC_KERNEL, subject, _generic_reason(layer, call.kernel, dot, build), call.ms,
-                               call.ms / total, (call.kernel,), layer.macs if layer else None,
+            kind, reason = GENERIC_KERNEL, _generic_reason(layer, call.kernel, dot, build)
+            if quantized and layer is not None and layer.dtype == "float32":  # both: a float layer, slowly
+                kind, subject = FLOAT_FALLBACK, f"float fallback {layer.name} ({layer.op}) on a generic kernel"
+                reason = f"{_float_reason(layer, quantization)}; {reason}"
+            out.append(Finding(kind, subject, reason, call.ms, call.ms / total, (call.kernel,),
+                               layer.macs if layer else None,
                                fraction(layer.macs, call.ms, layer.dtype) if layer else None,
                                float_by_layer.get(layer.name) if layer else None))
         elif _is_compute(call.kernel) and quantized and (_kernel_dtype(call.kernel) == "float32"
@@ -339,8 +343,10 @@ def _findings(calls: list[Call], manifest, float_by_layer: dict[str, float], pea
         macs = sum(layer.macs for layer in layers) if layers and len(layers) == len(members) else None
         names = [layer.name for layer in layers]
         floats = [float_by_layer.get(n) for n in names]
+        listed = names if len(names) <= 6 else [*names[:3], "...", *names[-2:]]
         out.append(Finding(kind, subject.format(calls=_plural(len(members), "call"),
-                                                kernels=_plural(len(members), "kernel")), reason + (f" ({', '.join(names)})" if names else ""),
+                                                kernels=_plural(len(members), "kernel")),
+                           reason + (f" ({', '.join(listed)})" if names else ""),
                            ms, ms / total, tuple(dict.fromkeys(c.kernel for c in members)), macs,
                            fraction(macs, ms, dtype) if dtype else None,
                            sum(floats) if floats and all(f is not None for f in floats) else None))
@@ -402,6 +408,9 @@ def explain(int8_library: str | Path, float_library: str | Path | None = None, i
     if scheme.startswith("int8") and dot is None and manifest.target["target"].get("kind") == "llvm":
         notes.append("the target has no int8 dot-product instruction (no VNNI, AVX2 or dotprod): int8 convs run on "
                      "TVM's generic kernels")
+    if scheme.startswith("int8") and dot is not None and dot.pair_saturates:
+        notes.append("the target's int8 dot product is AVX2's vpmaddubsw + vpmaddwd sequence (no VNNI): about twice "
+                     "fp32's MACs per cycle, not four times")
     findings = _findings(calls, manifest, float_by_layer, peaks, dot)
     macs = _macs_of(manifest)
     total_macs = macs.total if macs is not None else None
