@@ -127,6 +127,26 @@ def test_int4_kernel_multiplies_by_the_dequantized_weight(tmp_path, op):
     assert np.abs(ours - (x @ w + b)).max() > 1e-3  # and it is not the float layer
 
 
+@pytest.mark.parametrize(("m", "k", "n", "lanes"),
+                         [(10, 64, 48, 8), (7, 128, 36, 16), (1, 64, 48, 16), (16, 256, 32, 8)])
+def test_scheduled_kernel_matches_numpy(m, k, n, lanes):
+    """The CPU schedule (row tiles of up to 8, ``lanes``-wide output vectors) on shapes whose
+    rows or channels the tile does not divide."""
+    import tvm
+
+    from qcompile.quantize.int4 import int4_matmul_func, schedule_cpu
+
+    rng = np.random.default_rng(m + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    q, scale = quantize_int4(rng.standard_normal((k, n)).astype(np.float32), 32)
+    packed = pack_int4(q)
+    lib = tvm.compile(tvm.IRModule({"main": schedule_cpu(int4_matmul_func(m, k, n, 32), lanes)}), target="llvm")
+    out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    lib(*(tvm.runtime.tensor(a) for a in (x, packed, scale)), out)
+    ref = x.astype(np.float64) @ dequantize_int4(packed, scale).astype(np.float64)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_layer_not_divisible_by_the_group_stays_float(cli, tmp_path):
     rng = np.random.default_rng(2)
     w0, w1 = rng.standard_normal((64, 48)).astype(np.float32), rng.standard_normal((48, 8)).astype(np.float32)
