@@ -289,8 +289,9 @@ def to_markdown(report: dict) -> str:
     lines += _markdown_rows(report["results"])
     if "depthwise_per_tensor" in report:
         case = report["depthwise_per_tensor"]
-        lines += ["", "Per-tensor weights on a depthwise-separable CNN with uneven depthwise channels: "
-                  "cross-layer equalization (CLE) and bias correction (BC).", "", case["model"], ""]
+        title = ("Per-tensor weights on a depthwise-separable CNN with uneven depthwise channels: "
+                 "cross-layer equalization (CLE) and bias correction (BC).")
+        lines += ["", title, "", case["model"], ""]
         lines += _markdown_rows(case["results"])
     return "\n".join(lines) + "\n"
 

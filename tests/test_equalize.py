@@ -142,14 +142,15 @@ def test_high_bias_absorption_exact_on_its_samples():
     absorbed, pairs = absorb_high_bias(mod, samples, HOST)
     assert pairs == ("conv2d_0 -> conv2d_1",)
     graph = Graph.from_main(absorbed["main"])
-    new_b1 = [const_value(v.args[1]) for _, v in graph.bindings if op_name(v) == "relax.add"][0]
+    new_b1 = next(const_value(v.args[1]) for _, v in graph.bindings if op_name(v) == "relax.add")
     assert new_b1[0, 0, 0, 0] < 4.0 and new_b1[0, 2, 0, 0] < 2.5  # most of the high biases moved on
     np.testing.assert_array_equal(new_b1[0, [1, 3]], b1[0, [1, 3]])  # ReLU clips these: kept
     for sample in samples:
         np.testing.assert_allclose(run(absorbed, sample["x"]), run(mod, sample["x"]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("conv", [dict(stride=1, padding=1, groups=1), dict(stride=2, padding=1, groups=4)],
+@pytest.mark.parametrize("conv", [{"stride": 1, "padding": 1, "groups": 1},
+                                  {"stride": 2, "padding": 1, "groups": 4}],
                          ids=["3x3", "depthwise-stride2"])
 def test_bias_correction_removes_mean_shift_of_quantized_weights(conv):
     """After correction, conv(x, W_q) + b' has the float layer's per-channel mean on the
@@ -172,7 +173,7 @@ def test_bias_correction_removes_mean_shift_of_quantized_weights(conv):
     corrected, layers = correct_bias(mod, samples, config, HOST)
     assert layers == ("conv2d_0",)
     graph = Graph.from_main(corrected["main"])
-    new_b = [const_value(v.args[1]) for _, v in graph.bindings if op_name(v) == "relax.add"][0]
+    new_b = next(const_value(v.args[1]) for _, v in graph.bindings if op_name(v) == "relax.add")
     q, scale = weight_qparams(w, 0, per_channel=False)
     wq = q.astype(np.float32) * scale.reshape(-1, 1, 1, 1)
     xs = torch.from_numpy(np.concatenate([s["x"] for s in samples]))
@@ -217,7 +218,7 @@ def test_per_tensor_ptq_collapse_recovered_on_digits(tmp_path):
         model = qcompile.load(art.library)
         return b.accuracy(lambda x: model.run({"x": x})["y"], xte, yte), model.manifest.quantization
 
-    per_tensor = dict(weights=qcompile.PerTensor(), num_samples=200)
+    per_tensor = {"weights": qcompile.PerTensor(), "num_samples": 200}
     fp32, _ = top1(None, "fp32")
     plain, _ = top1(qcompile.Int8Config(**per_tensor, equalize=False, bias_correction=False), "plain")
     recovered, info = top1(qcompile.Int8Config(**per_tensor), "cle-bc")

@@ -82,7 +82,7 @@ class Equalized:
 
 def equalize(mod: tvm.IRModule) -> Equalized:
     """``mod`` with every conv pair of ``main`` joined by ReLU or nothing equalized."""
-    convs, pairs, skipped = _find_pairs(mod["main"])
+    pairs, skipped = _find_pairs(mod["main"])
     if not pairs:
         return Equalized(mod, (), tuple(skipped))
     for _ in range(SWEEPS):
@@ -111,7 +111,7 @@ def absorb_high_bias(mod: tvm.IRModule, batches: Iterable[dict[str, np.ndarray]]
     """``mod`` with each ReLU pair's always-passed bias moved into the next conv's bias (see
     the module docstring), measured on ``batches`` run on ``target`` (this machine); only the
     pairs named in ``pairs`` (default: all).  Returns the module and the pairs changed."""
-    convs, found, _ = _find_pairs(mod["main"])
+    found, _ = _find_pairs(mod["main"])
     wanted = set(pairs) if pairs is not None else None
     candidates = [p for p in found if p.activation == "relu" and p.first.bias is not None
                   and p.second.bias is not None and not p.second.padded and (wanted is None or p.name in wanted)]
@@ -154,8 +154,8 @@ def absorb_high_bias(mod: tvm.IRModule, batches: Iterable[dict[str, np.ndarray]]
     return _with_params(mod, touched), tuple(p.name for p in changed)
 
 
-def _find_pairs(func) -> tuple[dict, list[_Pair], list[str]]:
-    """The convs of ``func`` by var, the pairs to equalize, and the pairs skipped (why)."""
+def _find_pairs(func) -> tuple[list[_Pair], list[str]]:
+    """The conv pairs of ``func`` to equalize, and the pairs skipped (with why)."""
     graph = Graph.from_main(func)
     users: dict = {}
     for var, value in graph.bindings:
@@ -201,13 +201,12 @@ def _find_pairs(func) -> tuple[dict, list[_Pair], list[str]]:
         if second is None:
             continue
         channels = conv.weight.shape[0]
-        if second.groups == 1 and second.weight.shape[1] == channels:
-            pairs.append(_Pair(conv, second, activation, preact))
-        elif second.groups == channels and second.weight.shape[1] == 1:
+        plain = second.groups == 1 and second.weight.shape[1] == channels
+        if plain or (second.groups == channels and second.weight.shape[1] == 1):  # or depthwise
             pairs.append(_Pair(conv, second, activation, preact))
         else:
             skipped.append(f"{conv.name} -> {second.name} (grouped conv with {second.groups} groups)")
-    return convs, pairs, skipped
+    return pairs, skipped
 
 
 def _bias_add(graph: Graph, users: dict, var, channels: int):
