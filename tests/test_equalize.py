@@ -149,22 +149,25 @@ def test_high_bias_absorption_exact_on_its_samples():
         np.testing.assert_allclose(run(absorbed, sample["x"]), run(mod, sample["x"]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("conv", [{"stride": 1, "padding": 1, "groups": 1},
-                                  {"stride": 2, "padding": 1, "groups": 4}],
-                         ids=["3x3", "depthwise-stride2"])
+@pytest.mark.parametrize("conv", [{"stride": 1, "padding": 1, "groups": 1, "bias": True},
+                                  {"stride": 2, "padding": 1, "groups": 4, "bias": True},
+                                  {"stride": 1, "padding": 0, "groups": 1, "bias": False}],
+                         ids=["3x3", "depthwise-stride2", "no-bias"])
 def test_bias_correction_removes_mean_shift_of_quantized_weights(conv):
     """After correction, conv(x, W_q) + b' has the float layer's per-channel mean on the
-    calibration samples (the shift computed independently here, with torch's conv)."""
+    calibration samples (the shift computed independently here, with torch's conv); a
+    layer without a bias gets one."""
     rng = np.random.default_rng(3)
     w = uneven(rng, (4, 4 // conv["groups"], 3, 3), decades=2.0)
-    b = rng.standard_normal((1, 4, 1, 1)).astype(np.float32)
+    b = rng.standard_normal((1, 4, 1, 1)).astype(np.float32) if conv["bias"] else np.zeros((1, 4, 1, 1), np.float32)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 4, 7, 7), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=conv["stride"], padding=conv["padding"],
                                            groups=conv["groups"]))
-            y = bb.emit(relax.op.add(y, relax.const(b)))
+            if conv["bias"]:
+                y = bb.emit(relax.op.add(y, relax.const(b)))
             out = bb.emit_output(relax.op.nn.relu(y))
         bb.emit_func_output(out)
     mod = bb.get()
