@@ -149,6 +149,34 @@ def test_high_bias_absorption_exact_on_its_samples():
         np.testing.assert_allclose(run(absorbed, sample["x"]), run(mod, sample["x"]), rtol=1e-5, atol=1e-5)
 
 
+def test_high_bias_absorption_along_a_chain_of_pointwise_convs():
+    """conv -> ReLU -> 1x1 -> ReLU -> 1x1: the middle conv's bias takes the first pair's
+    absorbed bias and gives up its own; the model is unchanged on the samples."""
+    rng = np.random.default_rng(4)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 6, 6), "float32"))
+    consts = [((0.1 * rng.standard_normal((4, 3, 3, 3))).astype(np.float32), np.full((1, 4, 1, 1), 5.0, np.float32)),
+              ((-0.05 * np.abs(rng.standard_normal((5, 4, 1, 1)))).astype(np.float32),
+               np.full((1, 5, 1, 1), 4.0, np.float32)),
+              (rng.standard_normal((2, 5, 1, 1)).astype(np.float32), np.zeros((1, 2, 1, 1), np.float32))]
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for k, (w, b) in enumerate(consts):
+                y = bb.emit(relax.op.nn.conv2d(y, relax.const(w), padding=1 if k == 0 else 0))
+                y = bb.emit(relax.op.add(y, relax.const(b)))
+                if k < 2:
+                    y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    samples = [{"x": rng.random((1, 3, 6, 6), dtype=np.float32)} for _ in range(8)]
+    absorbed, pairs = absorb_high_bias(mod, samples, HOST)
+    assert pairs == ("conv2d_0 -> conv2d_1", "conv2d_1 -> conv2d_2")
+    for sample in samples:
+        np.testing.assert_allclose(run(absorbed, sample["x"]), run(mod, sample["x"]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("conv", [{"stride": 1, "padding": 1, "groups": 1, "bias": True},
                                   {"stride": 2, "padding": 1, "groups": 4, "bias": True},
                                   {"stride": 1, "padding": 0, "groups": 1, "bias": False}],
