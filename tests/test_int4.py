@@ -128,10 +128,11 @@ def test_int4_kernel_multiplies_by_the_dequantized_weight(tmp_path, op):
 
 
 @pytest.mark.parametrize(("m", "k", "n", "lanes"),
-                         [(10, 64, 48, 8), (7, 128, 36, 16), (1, 64, 48, 16), (16, 256, 32, 8)])
-def test_scheduled_kernel_matches_numpy(m, k, n, lanes):
+                         [(10, 64, 48, 8), (7, 128, 36, 16), (1, 64, 48, 16), (16, 256, 32, 8), (6, 64, 40, None)])
+def test_kernel_matches_numpy(m, k, n, lanes):
     """The CPU schedule (row tiles of up to 8, ``lanes``-wide output vectors) on shapes whose
-    rows or channels the tile does not divide."""
+    rows or channels the tile does not divide; ``lanes=None``: the unscheduled one-step-per-k
+    form that GPU targets get."""
     import tvm
 
     from qcompile.quantize.int4 import int4_matmul_func, schedule_cpu
@@ -140,11 +141,37 @@ def test_scheduled_kernel_matches_numpy(m, k, n, lanes):
     x = rng.standard_normal((m, k)).astype(np.float32)
     q, scale = quantize_int4(rng.standard_normal((k, n)).astype(np.float32), 32)
     packed = pack_int4(q)
-    lib = tvm.compile(tvm.IRModule({"main": schedule_cpu(int4_matmul_func(m, k, n, 32), lanes)}), target="llvm")
+    func = int4_matmul_func(m, k, n, 32, per_byte=lanes is not None)
+    lib = tvm.compile(tvm.IRModule({"main": schedule_cpu(func, lanes) if lanes else func}), target="llvm")
     out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
     lib(*(tvm.runtime.tensor(a) for a in (x, packed, scale)), out)
     ref = x.astype(np.float64) @ dequantize_int4(packed, scale).astype(np.float64)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_cuda_build_compiles(tmp_path):
+    """GPU targets get the one-step-per-k kernel, which TVM's GPU schedules (dlight) take;
+    it runs where a GPU is, against numpy."""
+    import shutil
+
+    import tvm
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: no CUDA build")
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    path = tmp_path / "mm.onnx"
+    _save([helper.make_node("MatMul", ["x", "w"], ["y"])],
+          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+          helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32]), {"w": w}, path)
+    artifact = qcompile.compile(path, "cuda-sm80", quantization=qcompile.Int4WeightConfig(), out_dir=tmp_path)
+    assert artifact.manifest.quantization["scheme"] == "int4-weight"
+    if not tvm.cuda(0).exist:
+        return
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    q, scale = quantize_int4(w, 32)
+    ref = x.astype(np.float64) @ dequantize_int4(pack_int4(q), scale).astype(np.float64)
+    np.testing.assert_allclose(_run(artifact.library, {"x": x}), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def test_layer_not_divisible_by_the_group_stays_float(cli, tmp_path):

@@ -16,7 +16,8 @@ rewrite of the float model, with no calibration data (:class:`Int4WeightConfig`)
   as float32 (a separate dequantize of two constants would be folded back into a float32
   constant by the build's FoldConstant).  N is the kernel's vector axis, so the [K/2, N]
   layout makes each unpack a contiguous vector load; on CPUs the kernel comes scheduled
-  (:func:`schedule_cpu`: each unpacked weight vector serves a tile of up to 8 rows).
+  (:func:`schedule_cpu`: each unpacked weight vector serves a tile of up to 8 rows), GPU
+  targets get the form TVM's GPU schedules (dlight) take.
   Activations stay float32, the accumulation float32; a bias stays the float add after it.
 
 It saves size; time only where reading the weights is the bottleneck.  A MiniLM-shaped
@@ -104,29 +105,40 @@ def dequantize_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 # -- the kernel ----------------------------------------------------------------------------------
 
-def int4_matmul_func(m: int, k: int, n: int, group_size: int) -> tirx.PrimFunc:
+def int4_matmul_func(m: int, k: int, n: int, group_size: int, per_byte: bool = True) -> tirx.PrimFunc:
     """(x float32 [M, K], packed uint8 [K/2, N], scales float16 [K/group, N]) -> float32
-    [M, N], the weight dequantized inside the reduction: one step per byte, its low nibble
-    times ``x[..., 2k]`` plus its high nibble times ``x[..., 2k + 1]`` (each byte loaded once,
-    constant shifts), both scaled by the group's float16 scale."""
+    [M, N], the weight dequantized inside the reduction, ``x[m, k] * ((nibble - 8) * s)``.
+
+    ``per_byte``: one reduction step per packed byte, its low nibble times ``x[m, 2k]`` plus
+    its high nibble times ``x[m, 2k + 1]`` (each byte loaded once, constant shifts: the CPU
+    form); else one step per ``k`` (the form TVM's GPU schedules (dlight) analyse)."""
     def dims(*values: int) -> tuple:
         return tuple(tirx.IntImm("int64", v) for v in values)  # int64 like LegalizeOps' kernels
 
     x = te.placeholder(dims(m, k), "float32", name="x")
     w = te.placeholder(dims(k // 2, n), "uint8", name="w_packed")
     s = te.placeholder(dims(k // group_size, n), SCALE_DTYPE, name="w_scale")
-    r = te.reduce_axis(dims(0, k // 2), "k2")
     offset = tirx.const(-QMIN, "int32")
 
-    def nibble(byte, shift: int):
-        bits = tirx.bitwise_and(tirx.shift_right(byte, tirx.const(shift, "uint8")), tirx.const(15, "uint8"))
+    def nibble(byte, shift):
+        bits = tirx.bitwise_and(tirx.shift_right(byte, tirx.Cast("uint8", shift)), tirx.const(15, "uint8"))
         return tirx.Cast("float32", tirx.Cast("int32", bits) - offset)
 
-    def step(row, j):
-        byte = w[r, j]
-        scale = tirx.Cast("float32", s[tirx.floordiv(r, group_size // 2), j])
-        # the weights first (q * s is exact in float32), so that rows of a tile share them
-        return x[row, r * 2] * (nibble(byte, 0) * scale) + x[row, r * 2 + 1] * (nibble(byte, 4) * scale)
+    def scale(kk, j):
+        return tirx.Cast("float32", s[tirx.floordiv(kk, group_size), j])
+
+    if per_byte:
+        r = te.reduce_axis(dims(0, k // 2), "k2")
+
+        def step(row, j):
+            # the weights first (q * s is exact in float32), so that rows of a tile share them
+            byte, sc = w[r, j], scale(r * 2, j)
+            return x[row, r * 2] * (nibble(byte, 0) * sc) + x[row, r * 2 + 1] * (nibble(byte, 4) * sc)
+    else:
+        r = te.reduce_axis(dims(0, k), "k")
+
+        def step(row, j):
+            return x[row, r] * (nibble(w[tirx.floordiv(r, 2), j], tirx.floormod(r, 2) * 4) * scale(r, j))
 
     out = te.compute(dims(m, n), lambda row, j: te.sum(step(row, j), axis=r), name=ANCHOR)
     return te.create_prim_func([x, w, s, out])
@@ -238,7 +250,7 @@ def rewrite_int4(mod: tvm.IRModule, config: Int4WeightConfig,
         xshape = shape_of(value.args[0])
         rows = int(np.prod(xshape[:-1]))
         if (rows, k, n) not in kernels:
-            func = int4_matmul_func(rows, k, n, group)
+            func = int4_matmul_func(rows, k, n, group, per_byte=lanes is not None)
             if lanes is not None:
                 func = schedule_cpu(func, lanes)
             kernels[rows, k, n] = em.bb.add_func(func.without_attr("global_symbol"), f"qc_{ANCHOR}")
