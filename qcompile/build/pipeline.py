@@ -226,14 +226,15 @@ def with_tuning(passes: list) -> list[Phase]:
 
 def default_schedule_passes(target: tvm.target.Target) -> list:
     """Fixed schedules for CPU kernels that no tuning record covered: conv2d/matmul/pool
-    (``ConvMatmulCPU``) and kernels without a reduction (``InjectiveCPU``)."""
+    (``ConvMatmulCPU``), kernels without a reduction (``InjectiveCPU``) and the other
+    reductions: norms, softmax, sums, a tensor's range (``ReductionCPU``)."""
     if target.kind.name != "llvm":
         return []  # GPU targets get dlight's schedules inside the backend's legalize passes
     from tvm.s_tir import dlight as dl
 
-    from qcompile.build.schedules import ConvMatmulCPU, InjectiveCPU
+    from qcompile.build.schedules import ConvMatmulCPU, InjectiveCPU, ReductionCPU
 
-    return [dl.ApplyDefaultSchedule(ConvMatmulCPU(), InjectiveCPU())]
+    return [dl.ApplyDefaultSchedule(ConvMatmulCPU(), InjectiveCPU(), ReductionCPU())]
 
 
 def _cpu_tir_pipeline(argument_checks: bool = True):

@@ -15,8 +15,13 @@ quantize, gathers, elementwise chains that no conv took in): one loop nest with 
 intermediate blocks inlined, instead of TVM's unscheduled form, which writes every
 intermediate to a buffer in loops LLVM then unrolls and versions (squeezenet1_1's int8
 ``concat -> transpose -> quantize -> transpose`` kernel: 23.6 KB of code).
+
+:class:`ReductionCPU` schedules the other reductions (LayerNorm, Softmax, sums, a tensor's
+min/max): rows over the cores, partial results in vectors.
 """
 from __future__ import annotations
+
+import contextlib
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -105,6 +110,11 @@ class ConvMatmulCPU(_CPURule):
             elif kinds == "SSSSRRR" and "conv2d" in name:
                 tile_loop = self._conv(sch, anchor)
             elif kinds.endswith("SSR") and kinds.count("R") == 1 and "matmul" in name:
+                for before in names[:names.index(name)]:
+                    # elementwise producers (an attention mask the epilogue adds): into
+                    # their consumers, so that the epilogue can move into the tile
+                    with contextlib.suppress(s_tir.ScheduleError):
+                        sch.compute_inline(sch.get_sblock(before))
                 tile_loop = self._matmul(sch, anchor)
             elif kinds == "SSSSRR" and name.startswith("pool"):
                 return self._pool_nhwc(sch, anchor, names[:names.index(name)], epilogue)
@@ -181,18 +191,25 @@ class ConvMatmulCPU(_CPURule):
 
     @staticmethod
     def _matmul(sch: s_tir.Schedule, anchor):
+        """A register tile of ``rows`` output rows x ``vectors`` output vectors, accumulated
+        over the whole reduction (independent FMA chains: one chain per output vector runs
+        at the FMA's latency, not its throughput), rows over the cores."""
         loops = sch.get_loops(anchor)
-        spatial, j, k = loops[:-2], loops[-2], loops[-1]
+        spatial, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
         vec = _largest_factor(int(sch.get(j).extent), (16, 8, 4, 2))
-        j_o, j_i = sch.split(j, [None, vec])
-        k_o, k_i = sch.split(k, [None, _largest_factor(int(sch.get(k).extent), (4, 2))])
-        sch.reorder(*spatial, j_o, k_o, k_i, j_i)
-        sch.parallel(sch.fuse(*spatial, j_o))
-        sch.unroll(k_i)
-        sch.vectorize(j_i)
-        init = sch.decompose_reduction(anchor, k_o)
+        j_o, j_v = sch.split(j, [None, vec])
+        vectors = _largest_factor(int(sch.get(j_o).extent), (2,))
+        j_o, j_t = sch.split(j_o, [None, vectors])
+        rows = _largest_factor(int(sch.get(i).extent), (6, 4, 3, 2) if vectors == 2 else (8, 6, 4, 2))
+        i_o, i_t = sch.split(i, [None, rows])
+        sch.reorder(*spatial, i_o, j_o, k, i_t, j_t, j_v)
+        sch.parallel(sch.fuse(*spatial, i_o) if spatial else i_o)
+        sch.unroll(i_t)
+        sch.unroll(j_t)
+        sch.vectorize(j_v)
+        init = sch.decompose_reduction(anchor, k)
         sch.vectorize(sch.get_loops(init)[-1])
-        return sch.get_loops(anchor)[0]
+        return sch.get_loops(anchor)[-5]
 
     @staticmethod
     def _fuse_epilogue(sch: s_tir.Schedule, after: list[str], tile_loop, lanes: int | None = None) -> None:
@@ -252,3 +269,171 @@ class InjectiveCPU(_CPURule):
         except (s_tir.ScheduleError, TypeError, ValueError):
             return None  # symbolic extents or an unusual block: TVM's default lowering
         return sch
+
+
+# Reductions accumulate partial results in vectors of this many lanes (widest first: 16
+# float32 lanes fill a 512-bit register, and a 256-bit target splits them in two).
+REDUCE_LANES = (16, 8, 4)
+# A reduction of a whole tensor to one value is split into this many contiguous parts,
+# reduced on the cores in parallel (the parts, not the threads: the thread count is the
+# loading process's).
+REDUCE_PARTS = (16, 8, 4, 2)
+# Anchors ConvMatmulCPU schedules (or leaves to TVM on purpose).
+_ANCHOR_NAMES = ("conv", "matmul", "dense", "pool")
+
+
+class ReductionCPU(_CPURule):
+    """A dlight rule for CPU kernels whose reductions have no conv/matmul anchor: LayerNorm,
+    Softmax, sums and means over the last axes, a whole tensor's min/max (the range dynamic
+    quantization measures at run time).
+
+    TVM's default lowering runs them on one core, each sum a chain of dependent scalar adds
+    that LLVM may not reorder (a MiniLM encoder's LayerNorm over 128x384 floats: 65 us).
+    Here the rows (the leading spatial axes) go over the cores, every block of a row is
+    computed under its row loop, and each reduction accumulates ``lanes`` partial results in
+    one vector (``rfactor``), added up at the end of the row.  A whole-tensor reduction is
+    split into contiguous parts over the cores first.  Kernels it cannot express that way
+    (symbolic extents, blocks that do not share their rows) are left to TVM's default lowering."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not self.applies(func, target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or all(info.is_injective() for info in infos):
+            return None
+        if any(name in sch.get(info.block_rv).name_hint for info in infos for name in _ANCHOR_NAMES
+               if not info.is_injective()):
+            return None
+        try:
+            for info in infos:  # an elementwise boolean (softmax's isnan mask) into its consumer
+                if info.is_injective() and sch.get(info.block_rv).writes[0].source.dtype == "bool":
+                    sch.compute_inline(info.block_rv)
+            infos = normalize_prim_func(sch)
+            if not infos or _has_bool_buffer(sch, infos):
+                return None
+            if any(_rows_of(sch, info) == 1 for info in infos if not info.is_injective()):
+                return self._whole(sch, infos)
+            return self._rows(sch, infos)
+        except (s_tir.ScheduleError, TypeError, ValueError):
+            return None
+
+    @staticmethod
+    def _whole(sch: s_tir.Schedule, infos) -> s_tir.Schedule | None:
+        """One reduction of every axis (after inlining its elementwise prologue)."""
+        infos = try_inline(sch, infos)
+        reductions = [info for info in infos if not info.is_injective()]
+        if len(reductions) != 1 or any(info.dom_kind() for info in infos if info.is_injective()):
+            return None  # several reductions, or an epilogue over a tensor
+        block = reductions[0].block_rv
+        kind = reductions[0].dom_kind()
+        loops = sch.get_loops(block)[len(kind) - kind.count("R"):]  # after the unit spatial loops
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = int(sch.get(fused).extent)
+        lanes = _largest_factor(extent, REDUCE_LANES)
+        if lanes == 1 or extent == lanes:
+            return None
+        parts = _largest_factor(extent // lanes, REDUCE_PARTS) if extent >= PARALLEL_MIN_ELEMENTS else 1
+        if parts > 1:
+            part, middle, lane = sch.split(fused, [parts, None, lanes])
+            sch.reorder(part, lane, middle)
+            partial = sch.rfactor(sch.fuse(part, lane), factor_axis=0)
+            part_lane, middle = sch.get_loops(partial)[-2:]
+            part, lane = sch.split(part_lane, [parts, lanes])
+            sch.reorder(part, middle, lane)
+            sch.parallel(part)
+        else:
+            middle, lane = sch.split(fused, [None, lanes])
+            partial = sch.rfactor(lane, factor_axis=0)
+            middle = sch.get_loops(partial)[-2]
+        sch.vectorize(sch.get_loops(partial)[-1])
+        init = sch.decompose_reduction(partial, middle)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch
+
+    @staticmethod
+    def _rows(sch: s_tir.Schedule, infos) -> s_tir.Schedule | None:
+        """Blocks that share their leading spatial axes (the rows), each reduction over its
+        trailing axes."""
+        kinds = [info.dom_kind() for info in infos]
+        if any(not kind or kind[0] != "S" for kind in kinds):
+            return None
+        if any("S" in kind.lstrip("S") for kind, info in zip(kinds, infos) if not info.is_injective()):
+            return None  # a reduction over a middle axis
+        rows = min(len(kind) - len(kind.lstrip("S")) for kind in kinds)
+        names = [sch.get(info.block_rv).name_hint for info in infos]
+        partials: list[str] = []
+        for info, kind in zip(infos, kinds):
+            if info.is_injective():
+                continue
+            loops = sch.get_loops(info.block_rv)
+            reduce_loops = loops[len(kind) - kind.count("R"):]
+            fused = sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0]
+            extent = int(sch.get(fused).extent)
+            lanes = _largest_factor(extent, REDUCE_LANES)
+            if lanes == 1 or extent == lanes:
+                continue  # a short row: its scalar chain is cheap
+            _, lane = sch.split(fused, [None, lanes])
+            # the lanes as the partial buffer's last axis: one vector store per row step
+            axis = len(sch.get(info.block_rv).writes[0].source.shape)
+            partials.append(sch.get(sch.rfactor(lane, factor_axis=axis)).name_hint)
+        last = sch.get_sblock(names[-1])
+        loops = sch.get_loops(last)
+        row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        total = 1
+        for loop in sch.get_loops(last):
+            total *= int(sch.get(loop).extent)
+        if total >= PARALLEL_MIN_ELEMENTS // 4:
+            sch.parallel(row)
+        order = list(names[:-1])
+        for name in partials:  # each partial block runs before the block it was factored from
+            order.insert(order.index(name[:-len("_rf")]) if name[:-len("_rf")] in order else len(order), name)
+        for name in reversed(order):
+            sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+        for name in order + [names[-1]]:
+            block = sch.get_sblock(name)
+            if name in partials:
+                # compute_at made one loop per block variable, in their order: the lanes
+                # (rfactor's new variable) first, the row's unit loops, the reduction last
+                below = sch.get_loops(block)[1:]
+                lane, steps = below[0], below[-1]
+                sch.reorder(steps, lane)
+                sch.vectorize(lane)
+                init = sch.decompose_reduction(block, steps)
+                sch.vectorize(sch.get_loops(init)[-1])
+            elif _is_reduction(sch, block):
+                continue  # the sum of a row's partial results, or a short row
+            else:
+                _vectorize_inner(sch, block)
+        return sch
+
+
+def _rows_of(sch: s_tir.Schedule, info) -> int:
+    """How many rows (the product of the spatial loop extents) a reduction block has."""
+    kind = info.dom_kind()
+    rows = 1
+    for loop in sch.get_loops(info.block_rv)[:len(kind) - kind.count("R")]:
+        rows *= int(sch.get(loop).extent)
+    return rows
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block) -> None:
+    """The innermost loop of an elementwise block under a row loop in vectors, where a vector
+    width divides it (never the row loop itself: the row's reductions run under it)."""
+    loops = sch.get_loops(block)
+    if len(loops) < 2:
+        return
+    extent = int(sch.get(loops[-1]).extent)
+    lanes = _largest_factor(extent, REDUCE_LANES)
+    if lanes > 1:
+        sch.vectorize(sch.split(loops[-1], [None, lanes])[1] if extent > lanes else loops[-1])
+
+
+def _has_bool_buffer(sch: s_tir.Schedule, infos) -> bool:
+    """Whether a kernel's blocks read or write booleans (TVM's vectorizer emits stores of
+    i8 vectors to them, which LLVM rejects: such a kernel keeps TVM's default lowering)."""
+    for info in infos:
+        block = sch.get(info.block_rv)
+        if any(region.source.dtype == "bool" for region in list(block.reads) + list(block.writes)):
+            return True
+    return False
