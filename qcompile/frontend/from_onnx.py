@@ -1,7 +1,15 @@
 """ONNX import: fix symbolic shapes, fold shape computations and constant ``If`` conditions,
-unroll recurrent operators, turn QOperator graphs into QDQ, then TVM's Relax ONNX frontend."""
+fuse or unroll recurrent operators, turn QOperator graphs into QDQ, then TVM's Relax ONNX
+frontend.
+
+The frontend runs as :class:`_Importer`, TVM's ``ONNXGraphImporter`` with one operator of
+its own: ``qcompile::RecurrentSequence``, the fused LSTM/GRU recurrence that
+:mod:`qcompile.frontend.onnx_rnn` writes, imported as a call of the hand-scheduled kernel
+(:mod:`qcompile.kernels.recurrent`).  Every other operator goes to TVM's converters.
+"""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from qcompile.errors import MissingDependencyError, ModelImportError, first_line
@@ -25,19 +33,48 @@ def import_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Importe
     # gives the unrolling static sequence lengths.
     proto = onnx_shapes.fold_shape_computations(proto)
     # Before the QDQ rewrite, which refuses com.microsoft operators it does not know.
-    proto = onnx_rnn.unroll_recurrent(proto, f"model file {path}")
+    proto = onnx_rnn.lower_recurrent(proto, f"model file {path}")
     if onnx_qoperator.is_qoperator(proto):  # one QDQ representation for every source
         proto = onnx_qoperator.to_qdq(proto, str(path))
     onnx_shapes.check_reshapes_static(proto, str(path))
     check_supported(proto, f"model file {path}")
-    from tvm.relax.frontend.onnx import from_onnx
-
     try:
-        mod = from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()}, dtype_dict=dtypes)
+        mod = _relax_import(proto, {k: list(v) for k, v in shapes.items()}, dtypes)
     except Exception as exc:
         raise ModelImportError(f"model file {path}: Relax ONNX import failed: {first_line(exc)}") from exc
     source = ModelSource("onnx", path.stem, str(path.resolve()), None, sha256_file(path))
     return finish(mod, source, output_names=[o.name for o in proto.graph.output])
+
+
+def _relax_import(proto, shape_dict: dict[str, list], dtype_dict: dict):
+    """TVM's ``from_onnx`` (the model already checked) through :class:`_Importer`."""
+    if proto.ir_version < 3:
+        raise ValueError(f"ONNX IR version {proto.ir_version} is older than 3 (ONNX 1.1)")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    return _importer_class()(shape_dict, dtype_dict).from_onnx(proto.graph, opset)
+
+
+@functools.cache
+def _importer_class():
+    """TVM's ONNX graph importer with the fused recurrent node added (built on first use:
+    the TVM frontend is imported lazily)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    from qcompile.frontend.onnx_rnn import FUSED_OP, convert_fused
+
+    class _Importer(ONNXGraphImporter):
+        def _check_for_unsupported_ops(self, graph) -> None:
+            known = _frontend_ops()
+            missing = sorted({n.op_type for n in graph.node} - known) if known is not None else []
+            if missing:  # check_supported names them first, with a hint
+                raise ModelImportError(f"operators without a converter: {', '.join(missing)}")
+
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            if op_name == FUSED_OP:
+                return convert_fused(self.bb, list(inputs), attrs)
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+
+    return _Importer
 
 
 def _import_onnx():
@@ -54,8 +91,10 @@ def _frontend_ops() -> set[str] | None:
         from tvm.relax.frontend.onnx import onnx_frontend
 
         # The frontend matches op_type only, whatever the domain; If and Constant it handles itself.
-        return set(onnx_frontend._get_convert_map()) | {"If", "Constant"}
-    except Exception:  # another TVM layout: its own OpNotImplemented is reported instead
+        from qcompile.frontend.onnx_rnn import FUSED_OP
+
+        return set(onnx_frontend._get_convert_map()) | {"If", "Constant", FUSED_OP}
+    except Exception:  # noqa: BLE001 -- another TVM layout: its own OpNotImplemented is reported instead
         return None
 
 

@@ -1,11 +1,26 @@
-"""Unroll ONNX recurrent operators into primitives before import.
+"""Recurrent ONNX operators before import: one fused kernel per node, or unrolled.
 
 TVM's Relax ONNX frontend has no ``LSTM``, ``GRU`` or ``RNN`` converter (nor ONNX Runtime's
-``com.microsoft::DynamicQuantizeLSTM``), and its converter table cannot be extended from
-outside.  Once input shapes are fixed the sequence length is static, so each recurrent node
-is rewritten into its definition over time steps: one MatMul of all steps' inputs with the
-input weights, then per step a MatMul with the recurrent weights, Split into gates,
-Sigmoid/Tanh/Mul/Add, and Concat of the step outputs.
+``com.microsoft::DynamicQuantizeLSTM``).  Once input shapes are fixed the sequence length is
+static, and :func:`lower_recurrent` rewrites each recurrent node in one of two forms.
+:func:`fusion_blocker` makes the choice, per node, in this one place:
+
+* **Fused** (float32 ``LSTM`` and ``GRU``, both ``linear_before_reset`` values, every
+  direction and layout, with or without initial states): the input projection of all steps
+  becomes one ``MatMul`` + ``Add`` (``X W^T + Wb``, both directions' weights side by side),
+  which the build's dense kernels and int8 quantization take like any linear layer; the
+  recurrence becomes one ``qcompile::RecurrentSequence`` node, which the importer
+  (:mod:`qcompile.frontend.from_onnx`) turns into a call of the hand-scheduled kernel
+  :mod:`qcompile.kernels.recurrent`: the time loop inside, ``R h + Rb``, the gates and the
+  state update per step.  The recurrence stays float32 under int8 quantization (as ONNX
+  Runtime's ``quantize_static`` leaves LSTM float).
+* **Unrolled** (everything else: ``RNN``; ``DynamicQuantizeLSTM``, whose per-step integer
+  GEMMs this form reproduces; shorter ``sequence_lens``; peepholes; ``clip``; activations
+  other than the defaults; non-float32 models): the node is rewritten into its definition
+  over time steps: one MatMul of all steps' inputs with the input weights, then per step a
+  MatMul with the recurrent weights, Split into gates, Sigmoid/Tanh/Mul/Add, and Concat of
+  the step outputs.  :func:`unroll_recurrent` unrolls every node (a plain ONNX graph that
+  ONNX Runtime runs too).
 
 DynamicQuantizeLSTM keeps ONNX Runtime's arithmetic: each of its two GEMMs quantizes its
 float operand at run time (uint8, asymmetric, from the operand's own range) and multiplies
@@ -35,6 +50,9 @@ _RECURRENT = {
 # Activations with a parameterless ONNX operator of the same meaning.
 _ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 _DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+# The fused form's node: (xw, R^T, Rb, h0[, c0]) -> (Y, Y_h[, Y_c]), see _Unroller.emit_fused.
+FUSED_DOMAIN = "qcompile"
+FUSED_OP = "RecurrentSequence"
 
 
 def _key(node) -> tuple[str, str]:
@@ -48,6 +66,16 @@ def has_recurrent(proto) -> bool:
 
 def unroll_recurrent(proto, where: str):
     """The model with every top-level LSTM/GRU/RNN/DynamicQuantizeLSTM node unrolled."""
+    return _rewrite(proto, where, fuse=False)
+
+
+def lower_recurrent(proto, where: str):
+    """The model with each top-level recurrent node fused or unrolled, as
+    :func:`fusion_blocker` decides (the module docstring describes both forms)."""
+    return _rewrite(proto, where, fuse=True)
+
+
+def _rewrite(proto, where: str, fuse: bool):
     if not has_recurrent(proto):
         return proto
     import onnx
@@ -56,13 +84,19 @@ def unroll_recurrent(proto, where: str):
         inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 -- best effort: the sequence length may still be known from the inputs
         inferred = proto
+    from onnx import helper
+
     from qcompile.frontend.onnx_shapes import drop_unused_initializers, static_shapes
 
     graph = proto.graph
     builder = _Builder(graph, _opset(proto), static_shapes(inferred.graph), _dtypes(inferred.graph))
     for node in graph.node:
         if _key(node) in _RECURRENT:
-            _Unroller(builder, node, where).emit()
+            unroller = _Unroller(builder, node, where)
+            if fuse and fusion_blocker(node, builder) is None:
+                unroller.emit_fused()
+            else:
+                unroller.emit()
         else:
             builder.nodes.append(node)
     del graph.node[:]
@@ -72,7 +106,51 @@ def unroll_recurrent(proto, where: str):
         kept = [o for o in proto.opset_import if o.domain != _MS]
         del proto.opset_import[:]
         proto.opset_import.extend(kept)
+    if any(n.domain == FUSED_DOMAIN for n in graph.node) and not any(
+            o.domain == FUSED_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
     return proto
+
+
+def fusion_blocker(node, builder: _Builder | None = None) -> str | None:
+    """Why ``node`` is unrolled rather than fused (None: it is fused).
+
+    Fused: ONNX ``LSTM`` and ``GRU`` on float32 with the default activations, no ``clip``,
+    no peepholes, no ``input_forget``, and no ``sequence_lens`` shorter than the sequence
+    (absent, or a constant equal to it)."""
+    from onnx import helper
+
+    domain, op = _key(node)
+    if domain != "" or op not in ("LSTM", "GRU"):
+        return f"{domain + '::' if domain else ''}{op} is always unrolled"
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    names = [n.decode() if isinstance(n, bytes) else n for n in attrs.get("activations", [])]
+    defaults = [a.lower() for a in _DEFAULT_ACTIVATIONS[op]]
+    if names and any(n.lower() != defaults[i % len(defaults)] for i, n in enumerate(names)):
+        return f"activations {names}"
+    if "clip" in attrs:
+        return "clip"
+    if op == "LSTM" and attrs.get("input_forget", 0):
+        return "input_forget"
+    inputs = list(node.input) + [""] * 8
+    if op == "LSTM" and inputs[7]:
+        return "peepholes"
+    if builder is not None:
+        x = inputs[0]
+        elem = builder.dtypes.get(x)
+        if elem not in (None, 1):  # TensorProto.FLOAT
+            return "not float32"
+        shape = builder.shapes.get(x)
+        if shape is None or len(shape) != 3:
+            return "input shape not static"
+        if inputs[4]:
+            seq = shape[1] if int(attrs.get("layout", 0)) else shape[0]
+            lens = builder.consts.get(inputs[4])
+            if lens is None or not np.all(lens == seq):
+                return "sequence_lens"
+        if any(inputs[i] and inputs[i] not in builder.consts for i in (1, 2, 3)):
+            return "run-time weights"
+    return None
 
 
 def _opset(proto) -> int:
@@ -254,6 +332,55 @@ class _Unroller:
             stacked = [self.b.unsqueeze(s, [0], self.base + "_state") for s in states]
             s = stacked[0] if len(stacked) == 1 else self.b.op("Concat", stacked, self.base + "_state", axis=0)
             self._output(s, name, [1, 0, 2] if layout else None)
+
+    def emit_fused(self) -> None:
+        """The input projection of all steps (MatMul + Add, both directions side by side) and
+        one ``qcompile::RecurrentSequence`` node over it (what :func:`fusion_blocker` admits)."""
+        from onnx import TensorProto, helper
+
+        b, a = self.b, self.attrs
+        direction = a.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "reverse", "bidirectional"):
+            raise self.fail(f"unknown direction {direction!r}")
+        reverse = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+        layout = int(a.get("layout", 0))
+        x = self.input(0)
+        shape = self.b.shapes[x]
+        self.seq, self.batch = (shape[1], shape[0]) if layout else (shape[0], shape[1])
+        self.dtype = np.dtype(np.float32)
+        dirs = self._weights(len(reverse))
+        hid, n = self.hidden, len(reverse)
+        if layout:
+            x = b.op("Transpose", [x], self.base + "_x", perm=[1, 0, 2])
+        w_all = np.concatenate([d.w_t for d in dirs], axis=1)  # [input, dirs * G * H]
+        xw = b.op("MatMul", [x, b.const(w_all, self.base + "_W")], self.base + "_xw")
+        xw = b.op("Add", [xw, b.const(np.concatenate([d.wb for d in dirs]), self.base + "_Wb")], self.base + "_xw")
+        r_t = np.stack([d.r_t for d in dirs])  # [dirs, H, G * H]
+        rb = np.stack([d.rb for d in dirs])  # [dirs, G * H]
+        states = []
+        for i in (5, 6) if self.kind == "LSTM" else (5,):
+            name = self.input(i)
+            if not name:
+                name = b.const(np.zeros((n, self.batch, hid), np.float32), self.base + "_zeros")
+            elif layout:  # [batch, dirs, hidden] -> [dirs, batch, hidden]
+                name = b.op("Transpose", [name], self.base + "_state", perm=[1, 0, 2])
+            states.append(name)
+        outs = [b.fresh(self.base + s) for s in ("_y", "_y_h", "_y_c")[:1 + len(states)]]
+        shapes = [[self.seq, n, self.batch, hid]] + [[n, self.batch, hid]] * len(states)
+        for name, dims in zip(outs, shapes):  # for the shape inference of later rewrites
+            b.graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+        b.nodes.append(helper.make_node(
+            FUSED_OP, [xw, b.const(r_t, self.base + "_R"), b.const(rb, self.base + "_Rb"), *states], outs,
+            name=self.node.name, domain=FUSED_DOMAIN, kind=self.kind, hidden_size=hid,
+            reverse=[int(r) for r in reverse],
+            linear_before_reset=int(a.get("linear_before_reset", 0)) if self.kind == "GRU" else 0))
+        wanted = list(self.node.output) + [""] * 3
+        if wanted[0]:
+            self._output(outs[0], wanted[0], [2, 0, 1, 3] if layout else None)
+        for out, name in zip(outs[1:], wanted[1:3]):
+            if name:
+                self._output(out, name, [1, 0, 2] if layout else None)
 
     def _dynamic_quantize(self, x: str, base: str) -> tuple[str, str, str]:
         """(uint8 tensor, scale, zero point) of ``x`` from its own range, as ONNX Runtime's
@@ -497,6 +624,28 @@ class _Unroller:
         steps_y = [b.unsqueeze(ys[t], [0, 1], base + "_yt") for t in range(seq)]
         y = steps_y[0] if seq == 1 else b.op("Concat", steps_y, base + "_y", axis=0)
         return y, h, c
+
+
+def convert_fused(bb, inputs: list, attrs: dict):
+    """The Relax form of a ``qcompile::RecurrentSequence`` node: ``call_tir`` of
+    :func:`qcompile.kernels.recurrent.recurrent_func`, a tuple of its outputs."""
+    from tvm import relax
+
+    from qcompile.kernels.recurrent import RecurrentShape, recurrent_func
+
+    kind = attrs["kind"].decode() if isinstance(attrs["kind"], bytes) else attrs["kind"]
+    reverse = attrs["reverse"]
+    reverse = tuple(bool(r) for r in (reverse if isinstance(reverse, (list, tuple)) else [reverse]))
+    xw = inputs[0]
+    seq, batch = (int(v) for v in xw.ty.shape.values[:2])
+    hidden = int(attrs["hidden_size"])
+    shape = RecurrentShape(kind, seq, batch, hidden, reverse, bool(attrs.get("linear_before_reset", 0)))
+    func = bb.add_func(recurrent_func(shape), f"qc_{kind.lower()}_sequence")
+    dirs = shape.dirs
+    outs = [relax.TensorType((seq, dirs, batch, hidden), "float32")]
+    outs += [relax.TensorType((dirs, batch, hidden), "float32")] * (2 if kind == "LSTM" else 1)
+    call = bb.emit(relax.call_tir(func, list(inputs), out_ty=outs))
+    return relax.Tuple([bb.emit(relax.TupleGetItem(call, i)) for i in range(len(outs))])
 
 
 def _ort_rows_per_gemm(batch: int, hidden: int) -> int:

@@ -1,0 +1,213 @@
+"""LSTM and GRU sequences as one kernel: the time loop inside, the state in local buffers.
+
+A recurrent layer's per-step work is small (hidden 48: a 48 x 192 mat-vec and a few
+elementwise ops), so a graph of per-step operators spends its time in kernel calls and the
+VM's bookkeeping, not in arithmetic (a 100-step bidirectional LSTM: ~1,200 kernel calls per
+run).  This kernel runs a whole sequence in one call.  What it takes is what stays outside
+it: the input projection of every step at once, ``XW = X W^T + Wb`` (one large matmul, which
+the build's dense kernels and int8 quantization serve), as ``[seq, batch, dirs * G * H]``
+(direction ``d``'s ``G * H`` gate columns at ``d * G * H``; ONNX gate orders ``i o f c`` and
+``z r h``).  Per step it computes ``R h + Rb`` (vectorized over the ``G * H`` gate rows, a
+register tile of them accumulated over the hidden units), then the gates and the new state
+as ONNX defines them, with sigmoid and tanh only (the ONNX defaults).
+
+Arguments (``dirs`` 1 or 2, ``G`` 4 for LSTM, 3 for GRU):
+``xw [seq, batch, dirs*G*H]``, ``r [dirs, H, G*H]`` (R transposed), ``rb [dirs, G*H]``,
+``h0 [dirs, batch, H]`` (and ``c0`` for LSTM), then the outputs ``y [seq, dirs, batch, H]``,
+``y_h [dirs, batch, H]`` (and ``y_c``).  Direction ``d`` runs backwards in time when
+``reverse[d]``.
+
+tanh is TVM's ``topi.fast_tanh`` rational approximation (inputs clamped to +-9, a few ULP
+from ``tanh``); sigmoid is ``0.5 + 0.5 tanh(x / 2)``, which cannot overflow.  Both vectorize.
+The kernel runs on one thread, one (direction, batch row) after the other (at these sizes
+waking a second thread cost what it saved); it is marked scheduled and opaque, so the
+build's default schedules and operator fusion leave it as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+OPAQUE = 8  # relax.transform.AnnotateTIROpPattern's kOpaque: FuseOps fuses nothing into the kernel
+# topi.fast_tanh's coefficients (TVM's fast_tanh_float, from Eigen): tanh(x) ~ x p(x^2) / q(x^2)
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+@dataclass(frozen=True)
+class RecurrentShape:
+    """What one kernel is specialized for."""
+
+    kind: str  # "LSTM" or "GRU"
+    seq: int
+    batch: int
+    hidden: int
+    reverse: tuple[bool, ...]  # per direction
+    linear_before_reset: bool = False  # GRU only
+
+    @property
+    def gates(self) -> int:
+        return 4 if self.kind == "LSTM" else 3
+
+    @property
+    def dirs(self) -> int:
+        return len(self.reverse)
+
+
+def fast_tanh(x):
+    """tanh(x) as ``topi.fast_tanh`` computes it, on a float32 PrimExpr (its input and square
+    bound once each)."""
+    v, v2 = tirx.Var("tanh_x", "float32"), tirx.Var("tanh_x2", "float32")
+    p = tirx.const(_TANH_P[0], "float32")
+    for c in _TANH_P[1:]:
+        p = p * v2 + tirx.const(c, "float32")
+    q = tirx.const(_TANH_Q[0], "float32")
+    for c in _TANH_Q[1:]:
+        q = q * v2 + tirx.const(c, "float32")
+    clamped = tirx.max(tirx.const(-9.0, "float32"), tirx.min(tirx.const(9.0, "float32"), x))
+    return tirx.Let(v, clamped, tirx.Let(v2, v * v, v * p / q))
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) as ``0.5 + 0.5 tanh(x / 2)``: no exp to overflow, and it vectorizes."""
+    half = tirx.const(0.5, "float32")
+    return half + half * fast_tanh(x * half)
+
+
+def _mix(z, n, h):
+    """The GRU update ``(1 - z) n + z h`` as ``n + z (h - n)``, ``n`` bound once (a Let
+    expression: the vectorizer keeps it per lane)."""
+    v = tirx.Var("n", "float32")
+    return tirx.Let(v, n, v + z * (h - v))
+
+
+def _tile(extent: int, cap: int = 64) -> int:
+    """The widest power-of-two tile of at most ``cap`` lanes dividing ``extent`` (LLVM
+    splits a 64-lane vector into whole AVX-512, AVX2 or NEON registers; a 48-lane one
+    measured 2x slower than 16-lane ones in the GRU kernel here)."""
+    return next(size for size in (64, 32, 16, 8, 4, 2, 1) if size <= cap and extent % size == 0)
+
+
+def recurrent_func(shape: RecurrentShape) -> tirx.PrimFunc:
+    """The scheduled kernel for ``shape`` (see the module docstring for its arguments)."""
+    if shape.kind not in ("LSTM", "GRU"):
+        raise ValueError(f"recurrent kernel: {shape.kind} is neither LSTM nor GRU")
+    func = _lstm(shape) if shape.kind == "LSTM" else _gru(shape)
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
+
+
+def _common(shape: RecurrentShape):
+    seq, batch, hid, dirs = shape.seq, shape.batch, shape.hidden, shape.dirs
+    gh = shape.gates * hid
+    # (first direction running backwards, or -1) and whether a second one does
+    rev0 = 0 if shape.reverse[0] else -1
+    rev1 = 1 if dirs == 2 and shape.reverse[1] else -1
+    return seq, batch, hid, dirs, gh, rev0, rev1, _tile(gh), _tile(hid, 16)
+
+
+def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
+    seq, batch, hid, dirs, gh, rev0, rev1, jt, vt = _common(shape)
+    rows = dirs * batch
+    tanh, sig = fast_tanh, sigmoid
+
+    @T.prim_func(private=True)
+    def lstm(xw: T.Buffer((seq, batch, dirs * gh), "float32"), r: T.Buffer((dirs, hid, gh), "float32"),
+             rb: T.Buffer((dirs, gh), "float32"), h0: T.Buffer((dirs, batch, hid), "float32"),
+             c0: T.Buffer((dirs, batch, hid), "float32"), y: T.Buffer((seq, dirs, batch, hid), "float32"),
+             y_h: T.Buffer((dirs, batch, hid), "float32"), y_c: T.Buffer((dirs, batch, hid), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for row in T.serial(rows):
+            h = T.decl_buffer((hid,), "float32", scope="local")
+            c = T.decl_buffer((hid,), "float32", scope="local")
+            acc = T.decl_buffer((gh,), "float32", scope="local")
+            d = row // batch
+            b = row % batch
+            for j in T.serial(hid):
+                h[j] = h0[d, b, j]
+                c[j] = c0[d, b, j]
+            for s in T.serial(seq):
+                t = T.Select(T.Or(d == rev0, d == rev1), seq - 1 - s, s)
+                for jo in T.serial(gh // jt):
+                    for ji in T.vectorized(jt):
+                        acc[jo * jt + ji] = rb[d, jo * jt + ji]
+                    for k in T.serial(hid):
+                        for ji in T.vectorized(jt):
+                            acc[jo * jt + ji] = acc[jo * jt + ji] + h[k] * r[d, k, jo * jt + ji]
+                g = d * gh
+                for jo in T.serial(hid // vt):
+                    for j in T.vectorized(jo * vt, jo * vt + vt):
+                        c[j] = (sig(xw[t, b, g + 2 * hid + j] + acc[2 * hid + j]) * c[j]
+                                + sig(xw[t, b, g + j] + acc[j]) * tanh(xw[t, b, g + 3 * hid + j] + acc[3 * hid + j]))
+                        h[j] = sig(xw[t, b, g + hid + j] + acc[hid + j]) * tanh(c[j])
+                        y[t, d, b, j] = h[j]
+            for j in T.serial(hid):
+                y_h[d, b, j] = h[j]
+                y_c[d, b, j] = c[j]
+
+    return lstm
+
+
+def _gru(shape: RecurrentShape) -> tirx.PrimFunc:
+    seq, batch, hid, dirs, gh, rev0, rev1, jt, vt = _common(shape)
+    rows = dirs * batch
+    lbr = shape.linear_before_reset
+    tanh, sig, mix = fast_tanh, sigmoid, _mix
+    # linear_before_reset=0 multiplies r into h before R_h: the z/r gates' product first,
+    # then a second mat-vec of (r * h) with R_h
+    first = gh if lbr else 2 * hid
+    jt = _tile(first)
+    jh = _tile(hid)
+
+    @T.prim_func(private=True)
+    def gru(xw: T.Buffer((seq, batch, dirs * gh), "float32"), r: T.Buffer((dirs, hid, gh), "float32"),
+            rb: T.Buffer((dirs, gh), "float32"), h0: T.Buffer((dirs, batch, hid), "float32"),
+            y: T.Buffer((seq, dirs, batch, hid), "float32"), y_h: T.Buffer((dirs, batch, hid), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for row in T.serial(rows):
+            h = T.decl_buffer((hid,), "float32", scope="local")
+            rh = T.decl_buffer((hid,), "float32", scope="local")
+            acc = T.decl_buffer((gh,), "float32", scope="local")
+            d = row // batch
+            b = row % batch
+            for j in T.serial(hid):
+                h[j] = h0[d, b, j]
+            for s in T.serial(seq):
+                t = T.Select(T.Or(d == rev0, d == rev1), seq - 1 - s, s)
+                g = d * gh
+                for jo in T.serial(first // jt):
+                    for ji in T.vectorized(jt):
+                        acc[jo * jt + ji] = rb[d, jo * jt + ji]
+                    for k in T.serial(hid):
+                        for ji in T.vectorized(jt):
+                            acc[jo * jt + ji] = acc[jo * jt + ji] + h[k] * r[d, k, jo * jt + ji]
+                if lbr:
+                    for jo in T.serial(hid // vt):
+                        for j in T.vectorized(jo * vt, jo * vt + vt):
+                            h[j] = mix(sig(xw[t, b, g + j] + acc[j]),
+                                       tanh(xw[t, b, g + 2 * hid + j]
+                                            + sig(xw[t, b, g + hid + j] + acc[hid + j]) * acc[2 * hid + j]),
+                                       h[j])
+                            y[t, d, b, j] = h[j]
+                else:
+                    for jo in T.serial(hid // vt):
+                        for j in T.vectorized(jo * vt, jo * vt + vt):
+                            rh[j] = sig(xw[t, b, g + hid + j] + acc[hid + j]) * h[j]
+                    for jo in T.serial(hid // jh):
+                        for ji in T.vectorized(jh):
+                            acc[2 * hid + jo * jh + ji] = rb[d, 2 * hid + jo * jh + ji]
+                        for k in T.serial(hid):
+                            for ji in T.vectorized(jh):
+                                acc[2 * hid + jo * jh + ji] = (acc[2 * hid + jo * jh + ji]
+                                                               + rh[k] * r[d, k, 2 * hid + jo * jh + ji])
+                    for jo in T.serial(hid // vt):
+                        for j in T.vectorized(jo * vt, jo * vt + vt):
+                            h[j] = mix(sig(xw[t, b, g + j] + acc[j]), tanh(xw[t, b, g + 2 * hid + j] + acc[2 * hid + j]),
+                                       h[j])
+                            y[t, d, b, j] = h[j]
+            for j in T.serial(hid):
+                y_h[d, b, j] = h[j]
+
+    return gru
