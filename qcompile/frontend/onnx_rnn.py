@@ -641,11 +641,14 @@ def convert_fused(bb, inputs: list, attrs: dict):
     hidden = int(attrs["hidden_size"])
     shape = RecurrentShape(kind, seq, batch, hidden, reverse, bool(attrs.get("linear_before_reset", 0)))
     func = bb.add_func(recurrent_func(shape), f"qc_{kind.lower()}_sequence")
-    dirs = shape.dirs
-    outs = [relax.TensorType((seq, dirs, batch, hidden), "float32")]
-    outs += [relax.TensorType((dirs, batch, hidden), "float32")] * (2 if kind == "LSTM" else 1)
-    call = bb.emit(relax.call_tir(func, list(inputs), out_ty=outs))
-    return relax.Tuple([bb.emit(relax.TupleGetItem(call, i)) for i in range(len(outs))])
+    dirs, states = shape.dirs, 2 if kind == "LSTM" else 1
+    out = bb.emit(relax.call_tir(func, list(inputs), relax.TensorType((seq + states, dirs, batch, hidden), "float32")))
+    # Y, then the final states, from the kernel's one output
+    parts = [bb.emit(relax.op.strided_slice(out, [0], [0], [seq]))]
+    for i in range(states):
+        row = bb.emit(relax.op.strided_slice(out, [0], [seq + i], [seq + i + 1]))
+        parts.append(bb.emit(relax.op.reshape(row, (dirs, batch, hidden))))
+    return relax.Tuple(parts)
 
 
 def _ort_rows_per_gemm(batch: int, hidden: int) -> int:
