@@ -1,5 +1,6 @@
 """The default CPU schedules of kernels that are neither convs nor qcompile's own kernels:
-reductions (LayerNorm, Softmax, a tensor's range) and matmuls between activations.
+reductions (LayerNorm, Softmax, a tensor's range), matmuls between activations, and a
+layout change whose last axis is too short for a vector.
 
 Each case fuses a small Relax function into its kernels, schedules them with the rule under
 test and checks that the rule took the kernel (its blocks and loops are the schedule's) and
@@ -15,7 +16,7 @@ from tvm.s_tir import dlight as dl
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from qcompile.build.schedules import ConvMatmulCPU, ReductionCPU
+from qcompile.build.schedules import ConvMatmulCPU, InjectiveCPU, ReductionCPU
 
 TARGET = tvm.target.Target("llvm")
 
@@ -191,3 +192,25 @@ def test_global_mean_of_channels_last_then_requantize_is_exact():
     expected = run(mod, x)
     assert len(np.unique(expected)) > 20  # the outputs differ by channel: a real check
     np.testing.assert_array_equal(run(scheduled, x), expected)
+
+
+def test_image_to_channels_last_vectorizes_along_width():
+    """The input quantize NCHW -> NHWC of a 3-channel image: the 3 channels are too few for a
+    vector, so the vectors run along the width (contiguous in the input)."""
+    @I.ir_module
+    class Model:
+        @R.function
+        def main(x: R.Tensor((1, 3, 32, 48), "float32")) -> R.Tensor((1, 32, 48, 3), "uint8"):
+            with R.dataflow():
+                lv = R.quantize(x, R.const(0.02, "float32"), R.const(128, "int32"), axis=-1, out_dtype="uint8")
+                gv = R.permute_dims(lv, axes=[0, 2, 3, 1])
+                R.output(gv)
+            return gv
+
+    mod = fused(Model)
+    scheduled = schedule(mod, InjectiveCPU())
+    (kernel,) = kernels(scheduled)
+    _, loops = structure(kernel)
+    assert kernel.attrs["tirx.is_scheduled"] and "vectorized" in loops
+    x = np.random.default_rng(6).standard_normal((1, 3, 32, 48)).astype("float32")
+    np.testing.assert_array_equal(run(scheduled, x), run(mod, x))

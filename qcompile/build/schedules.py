@@ -258,6 +258,14 @@ class InjectiveCPU(_CPURule):
             lanes = _largest_factor(extents[-1], (16, 8, 4))
             if lanes > 1:
                 inner = sch.split(inner, [None, lanes])[1]
+            elif len(loops) > 2 and extents[-1] <= 4 and _largest_factor(extents[-2], (16, 8)) > 1:
+                # a short last axis (the 3 channels of an image going NCHW -> NHWC): vectors
+                # along the axis before it, which the input is contiguous in, the short axis
+                # inside the vector loop's parent
+                lanes = _largest_factor(extents[-2], (16, 8))
+                outer_w, inner = sch.split(loops[-2], [None, lanes])
+                sch.reorder(outer_w, loops[-1], inner)
+                loops = [*loops[:-2], outer_w, loops[-1]]
             outer = loops[:-1] if len(loops) > 1 else []
             total = 1
             for extent in extents:
