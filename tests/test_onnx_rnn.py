@@ -1,10 +1,11 @@
 """ONNX recurrent operators, constant If conditions and unimportable operators.
 
 The unrolled LSTM/GRU/RNN graphs are checked against ONNX Runtime's own operators (no build:
-fast, every attribute combination); torch-exported and quantize_dynamic models are built and
-run with qcompile and compared with ONNX Runtime on the same file.  Results agree to 1e-4
-absolute, the quantized LSTM's too (hidden states are tanh-bounded, so absolute error is the
-meaningful measure).
+fast, every attribute combination); which nodes take the fused kernel and which are unrolled
+is checked per variant, and both forms are built and compared with ONNX Runtime to 1e-5;
+torch-exported and quantize_dynamic models are built and run with qcompile and compared with
+ONNX Runtime on the same file.  Results agree to 1e-4 absolute, the quantized LSTM's too
+(hidden states are tanh-bounded, so absolute error is the meaningful measure).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 import qcompile
 from qcompile.errors import ModelImportError
 from qcompile.frontend import onnx_shapes
-from qcompile.frontend.onnx_rnn import unroll_recurrent
+from qcompile.frontend.onnx_rnn import FUSED_OP, lower_recurrent, unroll_recurrent
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -173,6 +174,67 @@ def test_run_time_weights_are_refused():
     model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(weight.dims)))
     with pytest.raises(ModelImportError, match="W .'W'. is computed at run time"):
         unroll_recurrent(model, "m.onnx")
+
+
+# -- fused or unrolled --------------------------------------------------------------------------
+
+# (model, fused?): what the fused kernel covers, and what is unrolled instead
+FUSION_CASES = {
+    "lstm-bidirectional-states": (lambda: _rnn_model("LSTM", "bidirectional", states=True), True),
+    "lstm-reverse-layout1": (lambda: _rnn_model("LSTM", "reverse", layout=1, states=True), True),
+    "lstm-no-bias-no-states": (lambda: _rnn_model("LSTM", bias=False), True),
+    "lstm-full-sequence-lens": (lambda: _rnn_model("LSTM", states=True, seq_lens=[SEQ, SEQ]), True),
+    "lstm-named-default-activations": (lambda: _rnn_model("LSTM", activations=["sigmoid", "Tanh", "tanh"]), True),
+    "gru-bidirectional-lbr1": (lambda: _rnn_model("GRU", "bidirectional", states=True, linear_before_reset=1), True),
+    "gru-reverse-lbr0-layout1": (lambda: _rnn_model("GRU", "reverse", layout=1, states=True), True),
+    "lstm-peepholes": (lambda: _rnn_model("LSTM", "bidirectional", states=True, peepholes=True), False),
+    "lstm-clip": (lambda: _rnn_model("LSTM", states=True, clip=0.7), False),
+    "gru-shorter-sequence-lens": (lambda: _rnn_model("GRU", states=True, seq_lens=[SEQ, 2]), False),
+    "gru-lens-input": (lambda: _rnn_model("GRU", states=True, seq_lens="input"), False),
+    "gru-relu": (lambda: _rnn_model("GRU", activations=["Relu", "Tanh"], states=True), False),
+    "rnn": (lambda: _rnn_model("RNN", "bidirectional", states=True), False),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSION_CASES))
+def test_fused_or_unrolled(case):
+    """A fused node becomes the input projection and one RecurrentSequence node; the others
+    are unrolled exactly as unroll_recurrent unrolls them."""
+    make, fused = FUSION_CASES[case]
+    lowered = lower_recurrent(make(), "m.onnx")
+    ops = [n.op_type for n in lowered.graph.node]
+    assert set(ops).isdisjoint(GATES)
+    if fused:
+        assert ops.count(FUSED_OP) == 1 and "MatMul" in ops and "Split" not in ops, ops
+    else:
+        assert FUSED_OP not in ops
+        assert ops == [n.op_type for n in unroll_recurrent(make(), "m.onnx").graph.node]
+
+
+def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its outputs' shapes inferred (the ONNX checker wants them)."""
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("case", [
+    "lstm-bidirectional-states", "lstm-reverse-layout1", "lstm-no-bias-no-states", "lstm-full-sequence-lens",
+    "gru-bidirectional-lbr1", "gru-reverse-lbr0-layout1", "lstm-peepholes", "lstm-clip", "gru-shorter-sequence-lens",
+])
+def test_fused_and_unrolled_builds_match_onnxruntime(tmp_path, case):
+    model = _typed(FUSION_CASES[case][0]())
+    path = tmp_path / "rnn.onnx"
+    onnx.save(model, str(path))
+    feeds = _feeds(model)
+    artifact = qcompile.compile(path, "x86-avx2", out_dir=tmp_path / "out", tuning_logs=False)
+    compiled = qcompile.load(artifact.library)
+    got = list(compiled.run(feeds).values())
+    want = _reference(model, feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+    kernels = {k.name: k.calls for k in compiled.profile(feeds, runs=1, warmup=0)}
+    fused = [name for name in kernels if name.endswith("_sequence")]
+    assert fused == ([f"qc_{model.graph.node[0].op_type.lower()}_sequence"] if FUSION_CASES[case][1] else []), kernels
 
 
 # -- torch-exported models, built and run ------------------------------------------------------
