@@ -69,6 +69,9 @@ def test_keep_float_leaves_named_layer(tiny_pt2):
     info = qmodel.quantization
     assert info.float_layers == ("conv2d_0",)
     assert float_anchor_ops(qmodel.mod) == ["relax.nn.conv2d(float32)"]
+    # the integer layers keep PTQ's names: conv2d_0 is not among them
+    names = [layer["name"] for layer in info.layers]
+    assert "conv2d_0" not in names and names[0] == "conv2d_1"
     with pytest.raises(ConfigError, match="no layer named conv2d_99"):
         quantize_model(model, calib(2), Int8Config(keep_float=("conv2d_99",)), TARGET.to_tvm())
 

@@ -117,13 +117,27 @@ def quantize_model(
         config=config,
         activation_dtype=config.activation_dtype,
         weight_range=(-config.weight_qmax, config.weight_qmax),
-        layers=tuple(report.layers),
+        layers=_with_ptq_names(report.layers, plan.regions),
         float_layers=tuple(plan.kept_float),
         float_ops=dict(plan.skipped),
         embeddings=tables,
         corrections=corrections,
     )
     return replace(model, mod=int_mod, quantization=info)
+
+
+def _with_ptq_names(layers: list[dict], regions) -> tuple[dict, ...]:
+    """Realize's report entries under PTQ's layer names (the names ``keep_float`` and
+    ``qcompile info --layers`` use): realize numbers only the layers it made integer, so
+    with a layer kept float its ``conv2d_2`` would be PTQ's ``conv2d_3``.  Both list the
+    layers in program order; where the two lists do not pair up op by op, realize's names
+    stay.  (Integer adds, pools and concats keep realize's names: PTQ does not name them.)"""
+    kinds = set(ANCHORS.values())
+    anchors = [layer for layer in layers if layer["op"] in kinds]
+    if len(anchors) != len(regions) or any(a["op"] != r.kind for a, r in zip(anchors, regions)):
+        return tuple(layers)
+    names = iter(region.name for region in regions)
+    return tuple({**layer, "name": next(names)} if layer["op"] in kinds else layer for layer in layers)
 
 
 def quantize_dynamic_model(
