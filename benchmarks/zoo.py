@@ -717,9 +717,12 @@ def agreement(metric: str, ours: list[list[np.ndarray]], ref: list[list[np.ndarr
 
 
 def integer_share(quantization: dict) -> tuple[int, int]:
-    """(integer conv/matmul layers, all conv/linear/matmul layers) from a manifest's quantization."""
+    """(integer conv/matmul layers, all conv/linear/matmul layers) from a manifest's quantization.
+    A float ``relax.call_tir`` is the fused LSTM/GRU recurrence (qcompile.kernels.recurrent, the
+    only kernel call an import writes): its recurrent matmul counts as a float layer."""
     integer = sum(1 for layer in quantization.get("layers", []) if layer.get("op") in CONV_MATMUL)
-    left = sum(n for op, n in quantization.get("float_ops", {}).items() if op.split(".")[-1] in CONV_MATMUL)
+    left = sum(n for op, n in quantization.get("float_ops", {}).items()
+               if op.split(".")[-1] in CONV_MATMUL or op == "relax.call_tir")
     return integer, integer + left
 
 
