@@ -60,7 +60,7 @@ def _key(node) -> tuple[str, str]:
 
 
 def has_recurrent(proto) -> bool:
-    """Whether the top-level graph holds an operator this module unrolls."""
+    """Whether the top-level graph holds an operator this module rewrites."""
     return any(_key(n) in _RECURRENT for n in proto.graph.node)
 
 

@@ -101,17 +101,18 @@ def recurrent_func(shape: RecurrentShape) -> tirx.PrimFunc:
 
 
 def _common(shape: RecurrentShape):
+    """(seq, batch, hidden, dirs, gate rows G*H, the directions running backwards as indices
+    (-1: none), the elementwise vector tile)."""
     seq, batch, hid, dirs = shape.seq, shape.batch, shape.hidden, shape.dirs
-    gh = shape.gates * hid
-    # (first direction running backwards, or -1) and whether a second one does
     rev0 = 0 if shape.reverse[0] else -1
     rev1 = 1 if dirs == 2 and shape.reverse[1] else -1
-    return seq, batch, hid, dirs, gh, rev0, rev1, _tile(gh), _tile(hid, 16)
+    return seq, batch, hid, dirs, shape.gates * hid, rev0, rev1, _tile(hid, 16)
 
 
 def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
-    seq, batch, hid, dirs, gh, rev0, rev1, jt, vt = _common(shape)
+    seq, batch, hid, dirs, gh, rev0, rev1, vt = _common(shape)
     rows = dirs * batch
+    jt = _tile(gh)  # the mat-vec's register tile of gate rows
     tanh, sig = fast_tanh, sigmoid
 
     @T.prim_func(private=True)
@@ -151,15 +152,14 @@ def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
 
 
 def _gru(shape: RecurrentShape) -> tirx.PrimFunc:
-    seq, batch, hid, dirs, gh, rev0, rev1, jt, vt = _common(shape)
+    seq, batch, hid, dirs, gh, rev0, rev1, vt = _common(shape)
     rows = dirs * batch
     lbr = shape.linear_before_reset
     tanh, sig, mix = fast_tanh, sigmoid, _mix
-    # linear_before_reset=0 multiplies r into h before R_h: the z/r gates' product first,
-    # then a second mat-vec of (r * h) with R_h
+    # linear_before_reset=0 multiplies r into h before R_h: the z/r gates' mat-vec first,
+    # then a second one of (r * h) with R_h
     first = gh if lbr else 2 * hid
-    jt = _tile(first)
-    jh = _tile(hid)
+    jt, jh = _tile(first), _tile(hid)
 
     @T.prim_func(private=True)
     def gru(xw: T.Buffer((seq, batch, dirs * gh), "float32"), r: T.Buffer((dirs, hid, gh), "float32"),
