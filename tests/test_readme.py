@@ -1,4 +1,4 @@
-"""The README's ``## Python`` example runs as written.
+"""The README's ``## Python`` example runs as written; its performance table is generated.
 
 Contract with README.md: a ``## Python`` heading followed by one ```python fenced block that
 uses ``model.onnx`` (one input named ``input``, 1x3x32x32 float32) and ``calib.npz`` in the
@@ -92,3 +92,16 @@ def test_python_example_runs(tmp_path):
         schemes = [json.loads(m.read_text()).get("quantization", {}).get("scheme", "none") for m in manifests]
         assert any(s != "none" for s in schemes), schemes
 
+
+
+def test_performance_table_is_the_scripts_output():
+    """The README's performance table is what benchmarks/readme_table.py renders from the
+    committed results (regenerate it with ``--write`` after a ``--save``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_table", REPO / "benchmarks" / "readme_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    block = table.readme_block((REPO / "README.md").read_text())
+    assert block is not None, "README.md has no generated performance table"
+    assert block == table.render()
