@@ -59,17 +59,18 @@ class RecurrentShape:
 
 
 def fast_tanh(x):
-    """tanh(x) as ``topi.fast_tanh`` computes it, on a float32 PrimExpr (its input and square
-    bound once each)."""
-    v, v2 = tirx.Var("tanh_x", "float32"), tirx.Var("tanh_x2", "float32")
+    """tanh(x) as ``topi.fast_tanh`` computes it, on a float32 PrimExpr.  The clamped input
+    appears in the expression once per use (no Let: MetaSchedule's analyses reject it); LLVM
+    computes it once."""
+    x = tirx.max(tirx.const(-9.0, "float32"), tirx.min(tirx.const(9.0, "float32"), x))
+    x2 = x * x
     p = tirx.const(_TANH_P[0], "float32")
     for c in _TANH_P[1:]:
-        p = p * v2 + tirx.const(c, "float32")
+        p = p * x2 + tirx.const(c, "float32")
     q = tirx.const(_TANH_Q[0], "float32")
     for c in _TANH_Q[1:]:
-        q = q * v2 + tirx.const(c, "float32")
-    clamped = tirx.max(tirx.const(-9.0, "float32"), tirx.min(tirx.const(9.0, "float32"), x))
-    return tirx.Let(v, clamped, tirx.Let(v2, v * v, v * p / q))
+        q = q * x2 + tirx.const(c, "float32")
+    return x * p / q
 
 
 def sigmoid(x):
@@ -79,10 +80,8 @@ def sigmoid(x):
 
 
 def _mix(z, n, h):
-    """The GRU update ``(1 - z) n + z h`` as ``n + z (h - n)``, ``n`` bound once (a Let
-    expression: the vectorizer keeps it per lane)."""
-    v = tirx.Var("n", "float32")
-    return tirx.Let(v, n, v + z * (h - v))
+    """The GRU update ``(1 - z) n + z h`` as ``n + z (h - n)``."""
+    return n + z * (h - n)
 
 
 def _tile(extent: int, cap: int = 64) -> int:
