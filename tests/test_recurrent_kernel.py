@@ -38,7 +38,7 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _definition(shape: RecurrentShape, xw, r, rb, h0, c0):
+def _definition(shape: RecurrentShape, xw, r, wb, rb, h0, c0):
     """ONNX's LSTM/GRU recurrence in float64 over the kernel's arguments: its one output."""
     hid, g = shape.hidden, shape.gates
     out = np.zeros((shape.seq + (2 if c0 is not None else 1), shape.dirs, shape.batch, hid))
@@ -46,7 +46,7 @@ def _definition(shape: RecurrentShape, xw, r, rb, h0, c0):
         h = h0[d].astype(np.float64)
         c = None if c0 is None else c0[d].astype(np.float64)
         for t in range(shape.seq - 1, -1, -1) if rev else range(shape.seq):
-            x = xw[t][:, d * g * hid:(d + 1) * g * hid]
+            x = xw[t][:, d * g * hid:(d + 1) * g * hid] + wb[d]
             a = h @ r[d] + rb[d]
             if shape.kind == "LSTM":
                 i, o, f, cc = (x[:, k * hid:(k + 1) * hid] + a[:, k * hid:(k + 1) * hid] for k in range(4))
@@ -87,11 +87,11 @@ def test_kernel_matches_definition(kind, seq, batch, hidden, reverse, lbr):
     dirs, g = shape.dirs, shape.gates
     xw = rng.standard_normal((seq, batch, dirs * g * hidden)).astype(np.float32)
     r = (rng.standard_normal((dirs, hidden, g * hidden)) * 0.3).astype(np.float32)
-    rb = rng.standard_normal((dirs, g * hidden)).astype(np.float32)
+    wb, rb = (rng.standard_normal((dirs, g * hidden)).astype(np.float32) for _ in range(2))
     h0 = rng.standard_normal((dirs, batch, hidden)).astype(np.float32)
     c0 = rng.standard_normal((dirs, batch, hidden)).astype(np.float32) if kind == "LSTM" else None
-    want = _definition(shape, xw, r, rb, h0, c0)
-    args = [tvm.runtime.tensor(a) for a in (xw, r, rb, h0, c0) if a is not None]
+    want = _definition(shape, xw, r, wb, rb, h0, c0)
+    args = [tvm.runtime.tensor(a) for a in (xw, r, wb, rb, h0, c0) if a is not None]
     out = tvm.runtime.tensor(np.zeros(want.shape, np.float32))
     _compile(recurrent_func(shape))(*args, out)
     np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=ATOL)

@@ -7,12 +7,12 @@ static, and :func:`lower_recurrent` rewrites each recurrent node in one of two f
 
 * **Fused** (float32 ``LSTM`` and ``GRU``, both ``linear_before_reset`` values, every
   direction and layout, with or without initial states): the input projection of all steps
-  becomes one ``MatMul`` + ``Add`` (``X W^T + Wb``, both directions' weights side by side),
-  which the build's dense kernels and int8 quantization take like any linear layer; the
-  recurrence becomes one ``qcompile::RecurrentSequence`` node, which the importer
+  becomes one ``MatMul`` (``X W^T``, both directions' weights side by side), which the
+  build's dense kernels and int8 quantization take like any linear layer; the recurrence
+  becomes one ``qcompile::RecurrentSequence`` node, which the importer
   (:mod:`qcompile.frontend.from_onnx`) turns into a call of the hand-scheduled kernel
-  :mod:`qcompile.kernels.recurrent`: the time loop inside, ``R h + Rb``, the gates and the
-  state update per step.  The recurrence stays float32 under int8 quantization (as ONNX
+  :mod:`qcompile.kernels.recurrent`: the time loop inside, per step ``R h + Rb``, the biased
+  gates and the state update.  The recurrence stays float32 under int8 quantization (as ONNX
   Runtime's ``quantize_static`` leaves LSTM float).
 * **Unrolled** (everything else: ``RNN``; ``DynamicQuantizeLSTM``, whose per-step integer
   GEMMs this form reproduces; shorter ``sequence_lens``; peepholes; ``clip``; activations
@@ -50,7 +50,7 @@ _RECURRENT = {
 # Activations with a parameterless ONNX operator of the same meaning.
 _ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 _DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
-# The fused form's node: (xw, R^T, Rb, h0[, c0]) -> (Y, Y_h[, Y_c]), see _Unroller.emit_fused.
+# The fused form's node: (X W^T, R^T, Wb, Rb, h0[, c0]) -> (Y, Y_h[, Y_c]), see _Unroller.emit_fused.
 FUSED_DOMAIN = "qcompile"
 FUSED_OP = "RecurrentSequence"
 
@@ -334,8 +334,9 @@ class _Unroller:
             self._output(s, name, [1, 0, 2] if layout else None)
 
     def emit_fused(self) -> None:
-        """The input projection of all steps (MatMul + Add, both directions side by side) and
-        one ``qcompile::RecurrentSequence`` node over it (what :func:`fusion_blocker` admits)."""
+        """The input projection of all steps (one MatMul, both directions side by side) and
+        one ``qcompile::RecurrentSequence`` node over it, which adds the biases (what
+        :func:`fusion_blocker` admits)."""
         from onnx import TensorProto, helper
 
         b, a = self.b, self.attrs
@@ -355,9 +356,8 @@ class _Unroller:
             x = b.op("Transpose", [x], self.base + "_x", perm=[1, 0, 2])
         w_all = np.concatenate([d.w_t for d in dirs], axis=1)  # [input, dirs * G * H]
         xw = b.op("MatMul", [x, b.const(w_all, self.base + "_W")], self.base + "_xw")
-        xw = b.op("Add", [xw, b.const(np.concatenate([d.wb for d in dirs]), self.base + "_Wb")], self.base + "_xw")
         r_t = np.stack([d.r_t for d in dirs])  # [dirs, H, G * H]
-        rb = np.stack([d.rb for d in dirs])  # [dirs, G * H]
+        wb, rb = np.stack([d.wb for d in dirs]), np.stack([d.rb for d in dirs])  # [dirs, G * H]
         states = []
         for i in (5, 6) if self.kind == "LSTM" else (5,):
             name = self.input(i)
@@ -371,7 +371,8 @@ class _Unroller:
         for name, dims in zip(outs, shapes):  # for the shape inference of later rewrites
             b.graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
         b.nodes.append(helper.make_node(
-            FUSED_OP, [xw, b.const(r_t, self.base + "_R"), b.const(rb, self.base + "_Rb"), *states], outs,
+            FUSED_OP, [xw, b.const(r_t, self.base + "_R"), b.const(wb, self.base + "_Wb"),
+                       b.const(rb, self.base + "_Rb"), *states], outs,
             name=self.node.name, domain=FUSED_DOMAIN, kind=self.kind, hidden_size=hid,
             reverse=[int(r) for r in reverse],
             linear_before_reset=int(a.get("linear_before_reset", 0)) if self.kind == "GRU" else 0))
