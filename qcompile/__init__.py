@@ -40,9 +40,12 @@ _EXPORTS = {
     "QuantizationInfo": "qcompile.quantize.config", "ImagePreprocess": "qcompile.quantize.data",
     "TuneResult": "qcompile.tune.search",
     "evaluate": "qcompile.accuracy", "EvalResult": "qcompile.accuracy",
+    "fit_budget": "qcompile.accuracy.budget", "AccuracyBudget": "qcompile.accuracy.budget",
+    "BudgetResult": "qcompile.accuracy.budget",
     **{name: "qcompile.errors" for name in (
         "QcompileError", "ConfigError", "ModelImportError", "BuildError", "RuntimeInputError", "ArtifactError",
-        "MissingDependencyError", "MismatchError", "CalibrationError", "TuningError", "RpcError")},
+        "MissingDependencyError", "MismatchError", "CalibrationError", "TuningError", "RpcError",
+        "AccuracyBudgetError")},
 }
 # Stage packages that are also called as functions (qcompile.stage): qcompile.build(...), qcompile.quantize(...), qcompile.tune(...).
 _CALLABLE_PACKAGES = ("build", "quantize", "tune")

@@ -19,6 +19,7 @@ code   class                        cause
 9      CalibrationError             calibration data empty, non-finite or misshapen
 10     TuningError                  tuning failed
 11     RpcError                     an RPC server/tracker unreachable or failing
+12     AccuracyBudgetError          no int8/float mix meets ``--accuracy-budget``
 130    (KeyboardInterrupt)          interrupted with Ctrl-C
 =====  ===========================  ==============================================
 """
@@ -94,9 +95,15 @@ class RpcError(QcompileError):
     exit_code = 11
 
 
+class AccuracyBudgetError(QcompileError):
+    """``--accuracy-budget``: no mix of int8 and float layers meets the budget."""
+
+    exit_code = 12
+
+
 EXIT_CODES: dict[str, int] = {cls.__name__: cls.exit_code for cls in (
     QcompileError, ConfigError, ModelImportError, BuildError, RuntimeInputError, ArtifactError,
-    MissingDependencyError, MismatchError, CalibrationError, TuningError, RpcError)}
+    MissingDependencyError, MismatchError, CalibrationError, TuningError, RpcError, AccuracyBudgetError)}
 
 # Lines of TVM's error text that are not the message: traceback frames, TVMScript dumps.
 _NOISE = re.compile(r"^(File \"|Traceback|\d+: |  |# from tvm|# Metadata omitted|@|class |def |R\.|T\.|return )")

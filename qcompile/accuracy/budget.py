@@ -1,0 +1,479 @@
+"""Mixed precision under an accuracy budget: the fastest int8/float mix that keeps accuracy.
+
+:func:`fit_budget` builds the float model and the all-int8 model (one calibration), and
+evaluates both (:func:`qcompile.accuracy.evaluate`, the float build as the reference).  If
+int8 misses the :class:`AccuracyBudget`, it measures for every quantizable layer (PTQ's
+``conv2d_N``/``matmul_N``):
+
+* its **sensitivity**: the loss of the model with *only that layer* int8, every other layer
+  float -- a build and an evaluation per layer, not a proxy.  (Only-this-layer-int8, not
+  only-this-layer-float: where two layers each break the model on their own, keeping either
+  one float alone buys nothing, and the ranking would be blind);
+* its **cost**: the time of its kernel in the float build minus in the int8 build, from the
+  per-kernel profiles of both builds matched to the layers (:mod:`qcompile.runtime.explain`),
+  on this machine.
+
+It then falls layers back to float one at a time, the highest loss per millisecond of cost
+first (layers whose float kernel is no slower first of all), rebuilding and re-evaluating the
+model after each, until the budget holds; every step's accuracy and end-to-end latency are
+measured, not added up.  The fastest model within the budget wins: the mix, or the float
+build where that is faster still.  Losses are in the budget's terms, 0 for the float model:
+top-1 points lost, agreement points lost, ``1 - cosine``, or the noise-to-signal power ratio
+``10^(-SQNR/10)`` (which adds up over independent errors).
+
+Every candidate runs here: the target must be this machine's (latency over RPC is not
+measured: the kernel profile is a hook in this process).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import AccuracyBudgetError, ConfigError
+
+Progress = Callable[[str], None]
+
+# --accuracy-metric -> (AccuracyBudget field, what the value means)
+METRICS = {
+    "top1": ("max_top1_drop", "largest top-1 drop vs the float model, in points (needs labels)"),
+    "agreement": ("min_agreement", "lowest share of samples (%) whose top-1 class is the float model's"),
+    "cosine": ("min_cosine", "lowest mean cosine similarity of the outputs to the float model's"),
+    "sqnr": ("min_sqnr_db", "lowest SQNR (dB) of the outputs against the float model's"),
+}
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """How much accuracy the int8 model may lose: exactly one of
+
+    max_top1_drop: top-1 points below the float build on labelled data;
+    min_agreement: the percentage of samples whose top-1 class the float build's must be;
+    min_cosine: the lowest mean (over samples) cosine similarity to the float build's output;
+    min_sqnr_db: the lowest SQNR of the output against the float build's, in dB.
+
+    The last three need no labels.  All are measured on the first output."""
+
+    max_top1_drop: float | None = None
+    min_agreement: float | None = None
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, v) for k, v in self._fields() if v is not None]
+        if len(given) != 1:
+            raise ConfigError("AccuracyBudget: expected exactly one of max_top1_drop, min_agreement, min_cosine, "
+                              f"min_sqnr_db, but got {dict(given) or 'none'}")
+        key, value = given[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"AccuracyBudget.{key}: expected a number, but got {value!r}")
+        limits = {"max_top1_drop": (0.0, 100.0), "min_agreement": (0.0, 100.0), "min_cosine": (-1.0, 1.0)}
+        lo, hi = limits.get(key, (-math.inf, math.inf))
+        if not lo <= value <= hi:
+            raise ConfigError(f"AccuracyBudget.{key}: expected a value in [{lo:g}, {hi:g}], but got {value!r}")
+
+    @classmethod
+    def from_metric(cls, metric: str, value: float) -> AccuracyBudget:
+        """The budget ``qcompile build --accuracy-metric METRIC --accuracy-budget VALUE`` means."""
+        if metric not in METRICS:
+            raise ConfigError(f"accuracy metric: expected one of {', '.join(METRICS)}, but got {metric!r}")
+        return cls(**{METRICS[metric][0]: value})
+
+    def _fields(self) -> list[tuple[str, float | None]]:
+        return [("max_top1_drop", self.max_top1_drop), ("min_agreement", self.min_agreement),
+                ("min_cosine", self.min_cosine), ("min_sqnr_db", self.min_sqnr_db)]
+
+    @property
+    def metric(self) -> str:
+        """``top1``, ``agreement``, ``cosine`` or ``sqnr``."""
+        key = next(k for k, v in self._fields() if v is not None)
+        return next(m for m, (f, _) in METRICS.items() if f == key)
+
+    @property
+    def limit(self) -> float:
+        return next(v for _, v in self._fields() if v is not None)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.metric == "top1"
+
+    def value(self, result, float_top1: float | None) -> float:
+        """The budget's figure for ``result`` (an :class:`EvalResult` against the float build):
+        the top-1 drop in points, or the agreement, cosine or SQNR."""
+        if self.metric == "top1":
+            return float_top1 - result.top1
+        agreement = result.agreement[result.output]
+        key = {"agreement": "top1_agreement", "cosine": "cosine_mean", "sqnr": "sqnr_db"}[self.metric]
+        if agreement.get(key) is None:
+            raise ConfigError(f"accuracy metric {self.metric}: output {result.output!r} has no {key} (a top-1 "
+                              "agreement needs a class axis): choose another --accuracy-metric")
+        return float(agreement[key])
+
+    def holds(self, value: float) -> bool:
+        return value <= self.limit if self.metric == "top1" else value >= self.limit
+
+    def loss(self, value: float) -> float:
+        """What ``value`` lost against the float model (0 for the float model itself), in units
+        that add up roughly over independent errors."""
+        if self.metric == "top1":
+            return max(0.0, value)
+        if self.metric == "agreement":
+            return max(0.0, 100.0 - value)
+        if self.metric == "cosine":
+            return max(0.0, 1.0 - value)
+        return 0.0 if value == math.inf else 10.0 ** (-value / 10.0)
+
+    def gain(self, before: float, after: float) -> float:
+        """How much better ``after`` is than ``before``, in the metric's units (top-1 points
+        regained, agreement points, cosine, dB)."""
+        if before == after:
+            return 0.0
+        return before - after if self.metric == "top1" else after - before
+
+    def describe(self) -> str:
+        return {"top1": f"top-1 drop <= {self.limit:g} points", "agreement": f"top-1 agreement >= {self.limit:g}%",
+                "cosine": f"mean cosine >= {self.limit:g}", "sqnr": f"SQNR >= {self.limit:g} dB"}[self.metric]
+
+    def unit(self) -> str:
+        return {"top1": "top-1 drop (points)", "agreement": "agreement %", "cosine": "cosine",
+                "sqnr": "SQNR dB"}[self.metric]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "limit": self.limit}
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One quantizable layer: the budget's figure and loss with only it int8 (the rest float),
+    its kernel time in the int8 and float builds (ms, None where unmatched), and the cost of
+    keeping it float (``cost_ms``: float minus int8)."""
+
+    name: str
+    op: str
+    value: float
+    loss: float
+    int8_ms: float | None
+    float_ms: float | None
+    cost_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op, "value": _num(self.value), "loss": _num(self.loss),
+                "int8_ms": _ms(self.int8_ms), "float_ms": _ms(self.float_ms), "cost_ms": _ms(self.cost_ms)}
+
+
+@dataclass(frozen=True)
+class BudgetStep:
+    """One measured model of the search: its float layers (``added`` the one this step fell
+    back, and ``why``), the budget's figure, its end-to-end latency and whether it holds."""
+
+    float_layers: tuple[str, ...]
+    added: str | None
+    value: float
+    latency_ms: float
+    holds: bool
+    why: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"float_layers": list(self.float_layers), "added": self.added, "value": _num(self.value),
+                "latency_ms": _ms(self.latency_ms), "holds": self.holds, "why": self.why}
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """What :func:`fit_budget` found: the chosen ``artifact`` (``chosen``: ``int8``, ``mixed``
+    or ``float``), its float layers, the float and all-int8 builds' figures and latencies, the
+    layers' sensitivities and costs, and the steps (the all-int8 model first)."""
+
+    budget: AccuracyBudget
+    artifact: Any  # qcompile.build.Artifact
+    chosen: str
+    float_layers: tuple[str, ...]
+    value: float
+    latency_ms: float
+    float_value: float
+    float_latency_ms: float
+    int8_value: float
+    int8_latency_ms: float
+    layers: tuple[LayerCost, ...] = ()
+    steps: tuple[BudgetStep, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"budget": self.budget.to_json(), "chosen": self.chosen, "float_layers": list(self.float_layers),
+                "value": _num(self.value), "latency_ms": _ms(self.latency_ms),
+                "float": {"value": _num(self.float_value), "latency_ms": _ms(self.float_latency_ms)},
+                "int8": {"value": _num(self.int8_value), "latency_ms": _ms(self.int8_latency_ms)},
+                "layers": [la.to_json() for la in self.layers], "steps": [s.to_json() for s in self.steps],
+                "notes": list(self.notes)}
+
+    def to_text(self) -> str:
+        unit = self.budget.unit()
+        lines = [(f"budget: {self.budget.describe()}; float build: {unit} {self.float_value:.4g}, "
+                  f"{self.float_latency_ms:.4f} ms; all-int8: {self.int8_value:.4g}, {self.int8_latency_ms:.4f} ms")]
+        if self.layers:
+            lines += ["", ("layer sensitivity (the model with only this layer int8) and the cost of keeping it "
+                           "float (its kernel: float ms - int8 ms):"),
+                      f"| layer | {unit} | loss | int8 ms | float ms | cost ms |", "|---|---|---|---|---|---|"]
+            lines += [f"| {la.name} | {la.value:.4g} | {la.loss:.4g} | {_fmt(la.int8_ms)} | {_fmt(la.float_ms)} | "
+                      f"{la.cost_ms:+.4f} |" for la in self.layers]
+        lines += ["", f"| step | float layers | {unit} | bought | ms | cost ms | holds | why |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, step in enumerate(self.steps):
+            before = self.steps[k - 1] if k else None
+            bought = "" if before is None else _signed(self.budget.gain(before.value, step.value))
+            cost = "" if before is None else f"{step.latency_ms - before.latency_ms:+.4f}"
+            lines.append(f"| {k} | {', '.join(step.float_layers) or '(none)'} | {step.value:.4g} | {bought} | "
+                         f"{step.latency_ms:.4f} | {cost} | {'yes' if step.holds else 'no'} | {step.why} |")
+        what = ("the float build" if self.chosen == "float"
+                else f"{self.chosen} ({', '.join(self.float_layers) or 'no layer'} float)")
+        lines += ["", (f"chosen: {what}: {unit} {self.value:.4g}, {self.latency_ms:.4f} ms vs float "
+                       f"{self.float_latency_ms:.4f} ms ({self.float_latency_ms / self.latency_ms:.2f}x)")]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudget, config=None, *,
+               labels=None, out_dir: str | Path = "out", name: str | None = None, preprocess=None,
+               limit: int | None = None, repeat: int = 50, rounds: int = 3, tuning_logs=None,
+               progress: Progress | None = None) -> BudgetResult:
+    """The fastest model within ``budget``: int8 with the fewest, cheapest layers float (module docstring).
+
+    model: a path or torchvision name (imported here), or an :class:`~qcompile.model.ImportedModel`.
+    calibration_data: as for :func:`qcompile.quantize` (read once, used for every candidate).
+    eval_data: an ``.npz``/image folder (``labels`` overrides its labels) or an :class:`EvalData`;
+      ``limit`` samples at most.
+    config: the :class:`Int8Config` every candidate uses (its ``keep_float`` stays float throughout).
+    repeat, rounds: each latency is the median over ``rounds`` benchmarks of ``repeat`` runs.
+    The winner is written to ``out_dir/NAME.so`` (NAME: the model's name, with ``-int8`` unless the
+    float build wins) with its
+    manifest, which records the search under ``quantization.budget``.  Raises
+    :class:`~qcompile.errors.AccuracyBudgetError` when no mix of int8 and float layers holds."""
+    from qcompile.accuracy.dataset import EvalData, load_eval_data
+    from qcompile.api import import_model, prepare
+    from qcompile.quantize.config import Int8Config
+    from qcompile.quantize.data import ImagePreprocess, as_batches
+    from qcompile.target import as_target
+
+    say = progress or (lambda _m: None)
+    config = config or Int8Config()
+    if not isinstance(config, Int8Config):
+        raise ConfigError(f"an accuracy budget applies to static int8 (Int8Config), but got {type(config).__name__}")
+    if not isinstance(budget, AccuracyBudget):
+        raise ConfigError(f"budget: expected an AccuracyBudget, but got {type(budget).__name__}")
+    spec = as_target(target)
+    if not hasattr(model, "mod"):
+        say(f"importing {model} ...")
+        model = import_model(model)
+    pre = preprocess or ImagePreprocess()
+    calib = list(itertools.islice(as_batches(calibration_data, model.inputs, pre), config.num_samples))
+    data = eval_data if isinstance(eval_data, EvalData) else load_eval_data(eval_data, model.inputs, labels, pre, limit)
+    if budget.needs_labels and data.labels is None:
+        raise ConfigError(f"a top-1 budget needs labels: {data.source} has none; add 'labels' to the .npz, give "
+                          "--labels, or budget agreement/cosine/sqnr with the float model (--accuracy-metric)")
+    feeds = next(iter(data.iter_batches()))
+    work = Path(tempfile.mkdtemp(prefix=".budget-", dir=_made(Path(out_dir))))
+    try:
+        search = _Search(model, spec, calib, config, data, budget, feeds, work, repeat, rounds, tuning_logs, say,
+                         prepare)
+        result = search.run()
+        if name is None:
+            name = model.source.name if result.chosen == "float" else f"{model.source.name}-int8"
+        return _publish(result, Path(out_dir), name, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _Search:
+    """The builds, evaluations and timings of one :func:`fit_budget` (each build its own file:
+    a library path loaded once stays loaded in the process)."""
+
+    def __init__(self, model, spec, calib, config, data, budget, feeds, work, repeat, rounds, tuning_logs, say,
+                 prepare) -> None:
+        self.model, self.spec, self.calib, self.config, self.data = model, spec, calib, config, data
+        self.budget, self.feeds, self.work, self.repeat, self.rounds = budget, feeds, work, repeat, rounds
+        self.tuning_logs, self.say, self.prepare = tuning_logs, say, prepare
+        self.count = 0
+        self.float_top1: float | None = None
+        self.notes: list[str] = []
+
+    def build(self, keep: tuple[str, ...] | None):
+        """The model with ``keep`` float (None: not quantized at all), built under a new name."""
+        from qcompile.build import build
+
+        self.count += 1
+        quantization = None if keep is None else replace(self.config, keep_float=tuple(keep))
+        prepared = self.prepare(self.model, self.spec, quantization=quantization,
+                                calibration_data=None if keep is None else self.calib)
+        return build(prepared, self.spec, self.work, name=f"candidate-{self.count}", tuning_logs=self.tuning_logs)
+
+    def evaluate(self, artifact) -> float:
+        from qcompile.accuracy.evaluate import evaluate
+
+        result = evaluate(artifact.library, self.data, reference=self.float_artifact.library)
+        return self.budget.value(result, self.float_top1)
+
+    def latency(self, *artifacts) -> list[float]:
+        """Median latency (ms) of each, benchmarked in turn ``rounds`` times (sharing the
+        machine's noise alike)."""
+        from qcompile.runtime import CompiledModel
+
+        models = [CompiledModel.load(a.library) for a in artifacts]
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(self.rounds):
+            for k, m in enumerate(models):
+                times[k].append(statistics.median(m.benchmark(self.feeds, repeat=self.repeat).times_ms))
+        return [sorted(t)[len(t) // 2] for t in times]
+
+    def run(self) -> BudgetResult:
+        from qcompile.accuracy.evaluate import evaluate
+
+        say, budget = self.say, self.budget
+        say("budget: building the float and the all-int8 model ...")
+        self.float_artifact = self.build(None)
+        reference = evaluate(self.float_artifact.library, self.data, reference=self.float_artifact.library)
+        self.float_top1 = reference.top1
+        float_value = budget.value(reference, self.float_top1)
+        int8 = self.build(tuple(self.config.keep_float))
+        int8_value = self.evaluate(int8)
+        float_ms, int8_ms = self.latency(self.float_artifact, int8)
+        say(f"budget {budget.describe()}: float {float_value:.4g} ({float_ms:.4f} ms), "
+            f"int8 {int8_value:.4g} ({int8_ms:.4f} ms)")
+        kept = tuple(int8.manifest.quantization.get("float_layers", []))
+        start = BudgetStep(kept, None, int8_value, int8_ms, budget.holds(int8_value), "all layers int8")
+        common = {"budget": budget, "float_value": float_value, "float_latency_ms": float_ms,
+                  "int8_value": int8_value, "int8_latency_ms": int8_ms}
+        if start.holds:
+            return self._winner(BudgetResult(artifact=int8, chosen="int8", float_layers=kept, value=int8_value,
+                                             latency_ms=int8_ms, steps=(start,), **common))
+        layers = self.layer_costs(int8, kept)
+        steps = [start]
+        floated = list(kept)
+        for layer, why in _order(layers):
+            floated.append(layer.name)
+            candidate = self.build(tuple(floated))
+            value = self.evaluate(candidate)
+            (ms,) = self.latency(candidate)
+            step = BudgetStep(tuple(floated), layer.name, value, ms, budget.holds(value), why)
+            steps.append(step)
+            say(f"budget step {len(steps) - 1}: {layer.name} float ({why}): {value:.4g}, {ms:.4f} ms"
+                f"{' -- holds' if step.holds else ''}")
+            if step.holds:
+                return self._winner(BudgetResult(artifact=candidate, chosen="mixed", float_layers=tuple(floated),
+                                                 value=value, latency_ms=ms, layers=tuple(layers), steps=tuple(steps),
+                                                 **common))
+        raise AccuracyBudgetError(
+            f"no mix of int8 and float layers holds {budget.describe()}: with every quantizable layer float "
+            f"({len(floated)}) the model reaches {steps[-1].value:.4g} ({budget.unit()}); relax the budget or "
+            "build in float32 (without --quantize)")
+
+    def layer_costs(self, int8, kept: tuple[str, ...]) -> list[LayerCost]:
+        """Each quantizable layer's sensitivity (only it int8) and float-minus-int8 kernel time."""
+        from qcompile.quantize.op_tables import ANCHORS
+
+        kinds = set(ANCHORS.values())
+        names = [(la["name"], la["op"]) for la in int8.manifest.quantization.get("layers", [])
+                 if la["op"] in kinds and la["name"] not in kept]
+        int8_times, note_a = _kernel_times(int8.library, self.feeds)
+        float_times, note_b = _kernel_times(self.float_artifact.library, self.feeds)
+        self.notes += [n for n in (note_a, note_b) if n]
+        whole = self.latency(self.float_artifact, int8)
+        macs = {la["name"]: la["macs"] for la in int8.manifest.build.get("macs", {}).get("layers", [])}
+        total_macs = sum(macs.values()) or 1
+        out = []
+        for k, (name, op) in enumerate(names):
+            self.say(f"budget: sensitivity of {name} ({k + 1}/{len(names)}): only it int8 ...")
+            only = self.build(tuple(n for n, _ in names if n != name) + kept)
+            value = self.evaluate(only)
+            a, b = int8_times.get(name), float_times.get(name)
+            if a is not None and b is not None:
+                cost = b - a
+            else:  # kernels not matched to layers: the model's float-int8 difference by MAC share
+                cost = (whole[0] - whole[1]) * macs.get(name, 0) / total_macs
+            out.append(LayerCost(name, op, value, self.budget.loss(value), a, b, cost))
+        if any(la.int8_ms is None or la.float_ms is None for la in out):
+            self.notes.append("some layers' kernels were not matched: their cost is the float-int8 latency "
+                              "difference shared by MACs")
+        return out
+
+    def _winner(self, result: BudgetResult) -> BudgetResult:
+        """The result, or the float build where it is measured faster (re-timed side by side)."""
+        if result.chosen == "int8":
+            return result
+        mixed_ms, float_ms = self.latency(result.artifact, self.float_artifact)
+        result = replace(result, latency_ms=mixed_ms, float_latency_ms=float_ms)
+        if float_ms <= mixed_ms:
+            everything = tuple(dict.fromkeys((*result.float_layers, *(la.name for la in result.layers))))
+            return replace(result, artifact=self.float_artifact, chosen="float", float_layers=everything,
+                           value=result.float_value, latency_ms=float_ms,
+                           notes=(*self.notes, (f"the mix within the budget ({mixed_ms:.4f} ms) is not faster than "
+                                                f"the float build ({float_ms:.4f} ms): the float build wins")))
+        return replace(result, notes=tuple(self.notes))
+
+
+def _order(layers: list[LayerCost]) -> list[tuple[LayerCost, str]]:
+    """The fallback order: layers whose float kernel costs nothing more and that lose accuracy
+    int8 first (most loss first), then loss per ms of cost, then layers that lose nothing
+    measurable, cheapest first; each with why."""
+    free = sorted((la for la in layers if la.loss > 0 and la.cost_ms <= 0), key=lambda la: -la.loss)
+    paid = sorted((la for la in layers if la.loss > 0 and la.cost_ms > 0), key=lambda la: -la.loss / la.cost_ms)
+    rest = sorted((la for la in layers if la.loss <= 0), key=lambda la: la.cost_ms)
+    out = [(la, f"loss {la.loss:.4g} int8, float no slower ({la.cost_ms:+.4f} ms)") for la in free]
+    out += [(la, f"loss {la.loss:.4g} int8 for {la.cost_ms:.4f} ms: {la.loss / la.cost_ms:.4g}/ms") for la in paid]
+    out += [(la, f"no measured loss alone; {la.cost_ms:+.4f} ms") for la in rest]
+    return out
+
+
+def _kernel_times(library: Path, feeds) -> tuple[dict[str, float], str | None]:
+    """{layer name: ms} of the conv/matmul kernels of ``library`` (median over 50 profiled runs)."""
+    from qcompile.runtime import CompiledModel
+    from qcompile.runtime.explain import _macs_of, match_layers, profile_calls
+
+    model = CompiledModel.load(library)
+    calls, note = match_layers(profile_calls(model, feeds, runs=50), _macs_of(model.manifest))
+    return {c.layer.name: c.ms for c in calls if c.layer is not None}, note
+
+
+def _publish(result: BudgetResult, out_dir: Path, name: str, say: Progress) -> BudgetResult:
+    """Copy the winner to ``out_dir/NAME.so`` with its manifest, the search recorded in it."""
+    from qcompile.build import Artifact
+    from qcompile.manifest import manifest_path
+
+    library = out_dir / f"{name}.so"
+    shutil.copyfile(result.artifact.library, library)
+    manifest = result.artifact.manifest
+    record = {k: v for k, v in result.to_json().items() if k != "notes"}
+    manifest = replace(manifest, library={**manifest.library, "file": library.name},
+                       quantization={**manifest.quantization, "budget": record})
+    manifest.write(manifest_path(library))
+    say(f"wrote {library} ({result.chosen}: {', '.join(result.float_layers) or 'no layer'} float)")
+    return replace(result, artifact=Artifact(library=library, manifest=manifest))
+
+
+def _made(folder: Path) -> Path:
+    from qcompile.build import check_writable
+
+    check_writable(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _num(v: float) -> float | str:
+    return round(v, 6) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v, 5)
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.4g}" if math.isfinite(v) else ("+inf" if v > 0 else "-inf")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
