@@ -22,8 +22,8 @@ left in float32.  Direction ``d`` runs backwards in time when ``reverse[d]``.
 
 tanh is TVM's ``topi.fast_tanh`` rational approximation (inputs clamped to +-9, a few ULP
 from ``tanh``); sigmoid is ``0.5 + 0.5 tanh(x / 2)``, which cannot overflow.  Both vectorize.
-The kernel runs on one thread, one (direction, batch row) after the other (at these sizes
-waking a second thread cost what it saved); it is marked scheduled and opaque, so the
+The (direction, batch row) sequences are independent and run in parallel over the cores
+(each its own time loop on one core); the kernel is marked scheduled and opaque, so the
 build's default schedules and operator fusion leave it as it is.
 """
 from __future__ import annotations
@@ -110,9 +110,14 @@ def _common(shape: RecurrentShape):
     return seq, batch, hid, dirs, shape.gates * hid, rev0, rev1, _tile(hid, 16)
 
 
+def _rows_loop(shape: RecurrentShape):
+    """The (direction, batch row) loop: over the cores where there are several rows."""
+    return T.parallel if shape.dirs * shape.batch > 1 else T.serial
+
+
 def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
     seq, batch, hid, dirs, gh, rev0, rev1, vt = _common(shape)
-    rows = dirs * batch
+    rows, rows_loop = dirs * batch, _rows_loop(shape)
     jt = _tile(gh)  # the mat-vec's register tile of gate rows
     tanh, sig = fast_tanh, sigmoid
 
@@ -126,7 +131,7 @@ def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
              h0: T.Buffer((dirs, batch, hid), "float32"), c0: T.Buffer((dirs, batch, hid), "float32"),
              y: T.Buffer((seq + 2, dirs, batch, hid), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for row in T.serial(rows):
+        for row in rows_loop(rows):
             h = T.decl_buffer((hid,), "float32", scope="local")
             c = T.decl_buffer((hid,), "float32", scope="local")
             acc = T.decl_buffer((gh,), "float32", scope="local")
@@ -158,7 +163,7 @@ def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
 
 def _gru(shape: RecurrentShape) -> tirx.PrimFunc:
     seq, batch, hid, dirs, gh, rev0, rev1, vt = _common(shape)
-    rows = dirs * batch
+    rows, rows_loop = dirs * batch, _rows_loop(shape)
     lbr = shape.linear_before_reset
     tanh, sig, mix = fast_tanh, sigmoid, _mix
     # linear_before_reset=0 multiplies r into h before R_h: the z/r gates' mat-vec first,
@@ -175,7 +180,7 @@ def _gru(shape: RecurrentShape) -> tirx.PrimFunc:
             wb: T.Buffer((dirs, gh), "float32"), rb: T.Buffer((dirs, gh), "float32"),
             h0: T.Buffer((dirs, batch, hid), "float32"), y: T.Buffer((seq + 1, dirs, batch, hid), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for row in T.serial(rows):
+        for row in rows_loop(rows):
             h = T.decl_buffer((hid,), "float32", scope="local")
             rh = T.decl_buffer((hid,), "float32", scope="local")
             acc = T.decl_buffer((gh,), "float32", scope="local")
