@@ -112,7 +112,7 @@ def _rewrite(proto, where: str, fuse: bool):
     return proto
 
 
-def fusion_blocker(node, builder: _Builder | None = None) -> str | None:
+def fusion_blocker(node, builder: _Builder) -> str | None:
     """Why ``node`` is unrolled rather than fused (None: it is fused).
 
     Fused: ONNX ``LSTM`` and ``GRU`` on float32 with the default activations, no ``clip``,
@@ -135,21 +135,20 @@ def fusion_blocker(node, builder: _Builder | None = None) -> str | None:
     inputs = list(node.input) + [""] * 8
     if op == "LSTM" and inputs[7]:
         return "peepholes"
-    if builder is not None:
-        x = inputs[0]
-        elem = builder.dtypes.get(x)
-        if elem not in (None, 1):  # TensorProto.FLOAT
-            return "not float32"
-        shape = builder.shapes.get(x)
-        if shape is None or len(shape) != 3:
-            return "input shape not static"
-        if inputs[4]:
-            seq = shape[1] if int(attrs.get("layout", 0)) else shape[0]
-            lens = builder.consts.get(inputs[4])
-            if lens is None or not np.all(lens == seq):
-                return "sequence_lens"
-        if any(inputs[i] and inputs[i] not in builder.consts for i in (1, 2, 3)):
-            return "run-time weights"
+    x = inputs[0]
+    elem = builder.dtypes.get(x)
+    if elem not in (None, 1):  # TensorProto.FLOAT
+        return "not float32"
+    shape = builder.shapes.get(x)
+    if shape is None or len(shape) != 3:
+        return "input shape not static"
+    if inputs[4]:
+        seq = shape[1] if int(attrs.get("layout", 0)) else shape[0]
+        lens = builder.consts.get(inputs[4])
+        if lens is None or not np.all(lens == seq):
+            return "sequence_lens"
+    if any(inputs[i] and inputs[i] not in builder.consts for i in (1, 2, 3)):
+        return "run-time weights"
     return None
 
 
