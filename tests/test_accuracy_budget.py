@@ -1,8 +1,9 @@
 """Mixed precision under an accuracy budget (qcompile.accuracy.budget, build --accuracy-budget).
 
-The model: a depthwise-separable CNN (benchmarks/digits_accuracy.py's layer pattern, wider,
-on the real scikit-learn digits upsampled to 16x16 so that int8 is measurably faster than
-float32), trained for 3 epochs.  Two of its layers are then broken for per-tensor int8, the
+The model: a depthwise-separable CNN (benchmarks/digits_accuracy.py's layer pattern, wider)
+on the real scikit-learn digits upsampled to 16x16, trained for 3 epochs, built for batches of
+8 (at batch 1 a model this small spends most of a run in the VM's fixed per-call work, and
+int8's advantage would be within the noise of a shared machine; at batch 8 int8 is ~1.7x).  Two of its layers are then broken for per-tensor int8, the
 function unchanged: one output channel of the first conv and one input channel of the linear
 head carry weights 1000x the others' on a channel that is always zero (a dead ReLU channel).
 One weight scale per layer (``Int8Config(weights=PerTensor(), equalize=False,
@@ -28,7 +29,7 @@ from qcompile.errors import AccuracyBudgetError, ConfigError
 
 pytestmark = pytest.mark.slow
 
-SIZE, WIDTH = 16, 48
+SIZE, WIDTH, BATCH = 16, 48, 8
 CONFIG = qcompile.Int8Config(weights=qcompile.PerTensor(), equalize=False, bias_correction=False, num_samples=64)
 
 
@@ -79,11 +80,11 @@ def case(tmp_path_factory):
     net = break_for_per_tensor(bench.train(xtr, ytr, epochs=3, make=SeparableNet))
     work = tmp_path_factory.mktemp("budget")
     onnx = work / "separable.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 1, SIZE, SIZE),), str(onnx), input_names=["x"], output_names=["y"],
+    torch.onnx.export(net, (torch.zeros(BATCH, 1, SIZE, SIZE),), str(onnx), input_names=["x"], output_names=["y"],
                       dynamo=False)
     labelled, unlabelled = work / "val.npz", work / "val-nolabels.npz"
-    np.savez(labelled, x=xte[:300], labels=yte[:300])
-    np.savez(unlabelled, x=xte[:300])
+    np.savez(labelled, x=xte[:296], labels=yte[:296])  # 37 batches of 8
+    np.savez(unlabelled, x=xte[:296])
     fp32 = qcompile.compile(str(onnx), out_dir=work, name="fp32", tuning_logs=False)
     return onnx, xtr[:64], labelled, unlabelled, fp32, work
 
@@ -102,11 +103,11 @@ def _median_latencies(libraries, rounds: int = 9, repeat: int = 100) -> list[flo
 def test_budget_falls_back_the_broken_layers_and_beats_float(case, tmp_path):
     """The chosen model meets the budget (re-evaluated here), keeps fewer layers float than
     the float model has, and is measured faster than the float build: medians of 9
-    interleaved rounds of 100 runs each, the mix at least 5% faster (all-int8 is ~1.4x)."""
+    interleaved rounds of 100 runs each, the mix at least 10% faster (all-int8 is ~1.7x)."""
     onnx, calib, labelled, _, fp32, _ = case
     budget = AccuracyBudget(max_top1_drop=0.5)
     result = fit_budget(str(onnx), "native", {"x": calib}, labelled, budget, CONFIG, out_dir=tmp_path,
-                        name="mixed", tuning_logs=False)
+                        name="mixed", rounds=5, tuning_logs=False)
     print(result.to_text())
 
     # int8 alone misses the budget: the case forces fallbacks
@@ -126,7 +127,7 @@ def test_budget_falls_back_the_broken_layers_and_beats_float(case, tmp_path):
     assert len(names) == 6 and len(result.float_layers) < len(names)
     assert {"conv2d_0", "matmul_0"} <= set(result.float_layers)
     manifest = json.loads(result.artifact.manifest_file.read_text())
-    assert manifest["quantization"]["float_layers"] == list(result.float_layers)
+    assert sorted(manifest["quantization"]["float_layers"]) == sorted(result.float_layers)  # program order there
     assert manifest["quantization"]["budget"]["chosen"] == "mixed"
     assert [s["added"] for s in manifest["quantization"]["budget"]["steps"][1:]] == list(result.float_layers)
 
@@ -140,9 +141,9 @@ def test_budget_falls_back_the_broken_layers_and_beats_float(case, tmp_path):
         assert by_name[name].loss > 10.0 and by_name[name].int8_ms is not None and by_name[name].float_ms is not None
     assert all(by_name[n].loss < 10.0 for n in names if n not in ("conv2d_0", "matmul_0"))
 
-    # measured faster than the float build (and no faster than all-int8 by much: a sanity bound)
+    # measured faster than the float build
     mixed_ms, float_ms = _median_latencies([result.artifact.library, fp32.library])
-    assert mixed_ms < 0.95 * float_ms, (mixed_ms, float_ms)
+    assert mixed_ms < 0.9 * float_ms, (mixed_ms, float_ms)
 
 
 def test_budget_without_labels_on_the_cli(case, tmp_path, cli):
