@@ -15,8 +15,9 @@ int8 misses the :class:`AccuracyBudget`, it measures for every quantizable layer
 
 It then falls layers back to float one at a time, the highest loss per millisecond of cost
 first (layers whose float kernel is no slower first of all), rebuilding and re-evaluating the
-model after each, until the budget holds; every step's accuracy and end-to-end latency are
-measured, not added up.  The fastest model within the budget wins: the mix, or the float
+model after each, until the budget holds; then it tries each fallen-back layer int8 again, the
+costliest first, and keeps it int8 where the budget still holds.  Every step's accuracy and
+end-to-end latency are measured, not added up.  The fastest model within the budget wins: the mix, or the float
 build where that is faster still.  Losses are in the budget's terms, 0 for the float model:
 top-1 points lost, agreement points lost, ``1 - cosine``, or the noise-to-signal power ratio
 ``10^(-SQNR/10)`` (which adds up over independent errors).
@@ -169,8 +170,9 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class BudgetStep:
-    """One measured model of the search: its float layers (``added`` the one this step fell
-    back, and ``why``), the budget's figure, its end-to-end latency and whether it holds."""
+    """One measured model of the search: its float layers (``added``: the one this step fell
+    back; ``removed``: the one a pruning step tried int8 again, kept int8 where the step
+    holds), why, the budget's figure, its end-to-end latency and whether it holds."""
 
     float_layers: tuple[str, ...]
     added: str | None
@@ -178,10 +180,11 @@ class BudgetStep:
     latency_ms: float
     holds: bool
     why: str = ""
+    removed: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"float_layers": list(self.float_layers), "added": self.added, "value": _num(self.value),
-                "latency_ms": _ms(self.latency_ms), "holds": self.holds, "why": self.why}
+        return {"float_layers": list(self.float_layers), "added": self.added, "removed": self.removed,
+                "value": _num(self.value), "latency_ms": _ms(self.latency_ms), "holds": self.holds, "why": self.why}
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,11 @@ class BudgetResult:
                       f"{la.cost_ms:+.4f} |" for la in self.layers]
         lines += ["", f"| step | float layers | {unit} | bought | ms | cost ms | holds | why |",
                   "|---|---|---|---|---|---|---|---|"]
+        base = None  # the model a step changes: the previous step, or for a pruning step the last that held
         for k, step in enumerate(self.steps):
-            before = self.steps[k - 1] if k else None
+            before = base if step.removed is not None else (self.steps[k - 1] if k else None)
+            if step.holds or step.removed is None:
+                base = step
             bought = "" if before is None else _signed(self.budget.gain(before.value, step.value))
             cost = "" if before is None else f"{step.latency_ms - before.latency_ms:+.4f}"
             lines.append(f"| {k} | {', '.join(step.float_layers) or '(none)'} | {step.value:.4g} | {bought} | "
@@ -240,8 +246,8 @@ class BudgetResult:
 
 def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudget, config=None, *,
                labels=None, out_dir: str | Path = "out", name: str | None = None, preprocess=None,
-               limit: int | None = None, repeat: int = 50, rounds: int = 3, tuning_logs=None,
-               progress: Progress | None = None) -> BudgetResult:
+               limit: int | None = None, repeat: int = 50, rounds: int = 3, prune: bool = True,
+               tuning_logs=None, progress: Progress | None = None) -> BudgetResult:
     """The fastest model within ``budget``: int8 with the fewest, cheapest layers float (module docstring).
 
     model: a path or torchvision name (imported here), or an :class:`~qcompile.model.ImportedModel`.
@@ -250,6 +256,7 @@ def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudge
       ``limit`` samples at most.
     config: the :class:`Int8Config` every candidate uses (its ``keep_float`` stays float throughout).
     repeat, rounds: each latency is the median over ``rounds`` benchmarks of ``repeat`` runs.
+    prune: once the budget holds, try each fallen-back layer int8 again (one build each).
     The winner is written to ``out_dir/NAME.so`` (NAME: the model's name, with ``-int8`` unless the
     float build wins) with its
     manifest, which records the search under ``quantization.budget``.  Raises
@@ -280,7 +287,7 @@ def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudge
     work = Path(tempfile.mkdtemp(prefix=".budget-", dir=_made(Path(out_dir))))
     try:
         search = _Search(model, spec, calib, config, data, budget, feeds, work, repeat, rounds, tuning_logs, say,
-                         prepare)
+                         prepare, prune)
         result = search.run()
         if name is None:
             name = model.source.name if result.chosen == "float" else f"{model.source.name}-int8"
@@ -294,11 +301,12 @@ class _Search:
     a library path loaded once stays loaded in the process)."""
 
     def __init__(self, model, spec, calib, config, data, budget, feeds, work, repeat, rounds, tuning_logs, say,
-                 prepare) -> None:
+                 prepare, prune) -> None:
         self.model, self.spec, self.calib, self.config, self.data = model, spec, calib, config, data
         self.budget, self.feeds, self.work, self.repeat, self.rounds = budget, feeds, work, repeat, rounds
         self.tuning_logs, self.say, self.prepare = tuning_logs, say, prepare
         self.count = 0
+        self.prune_steps = prune
         self.float_top1: float | None = None
         self.notes: list[str] = []
 
@@ -364,13 +372,38 @@ class _Search:
             say(f"budget step {len(steps) - 1}: {layer.name} float ({why}): {value:.4g}, {ms:.4f} ms"
                 f"{' -- holds' if step.holds else ''}")
             if step.holds:
-                return self._winner(BudgetResult(artifact=candidate, chosen="mixed", float_layers=tuple(floated),
-                                                 value=value, latency_ms=ms, layers=tuple(layers), steps=tuple(steps),
-                                                 **common))
+                best = self.prune(step, candidate, layers, kept, steps) if self.prune_steps else (step, candidate)
+                return self._winner(BudgetResult(artifact=best[1], chosen="mixed", float_layers=best[0].float_layers,
+                                                 value=best[0].value, latency_ms=best[0].latency_ms,
+                                                 layers=tuple(layers), steps=tuple(steps), **common))
         raise AccuracyBudgetError(
             f"no mix of int8 and float layers holds {budget.describe()}: with every quantizable layer float "
             f"({len(floated)}) the model reaches {steps[-1].value:.4g} ({budget.unit()}); relax the budget or "
             "build in float32 (without --quantize)")
+
+    def prune(self, step: BudgetStep, artifact, layers: list[LayerCost], kept: tuple[str, ...],
+              steps: list[BudgetStep]) -> tuple[BudgetStep, Any]:
+        """Try each fallen-back layer int8 again, the costliest float first; keep it int8 where
+        the budget still holds (a layer fallen back early may be needed no more).  Appends the
+        trials to ``steps``; returns the holding step with the fewest float layers, and its build."""
+        cost = {la.name: la.cost_ms for la in layers}
+        fallen = [n for n in step.float_layers if n not in kept]
+        if len(fallen) < 2:
+            return step, artifact
+        best = (step, artifact)
+        for name in sorted(fallen, key=lambda n: -cost.get(n, 0.0)):
+            trial = tuple(n for n in best[0].float_layers if n != name)
+            candidate = self.build(trial)
+            value = self.evaluate(candidate)
+            (ms,) = self.latency(candidate)
+            tried = BudgetStep(trial, None, value, ms, self.budget.holds(value),
+                               f"int8 again (float costs {cost.get(name, 0.0):+.4f} ms)", removed=name)
+            steps.append(tried)
+            self.say(f"budget step {len(steps) - 1}: {name} int8 again: {value:.4g}, {ms:.4f} ms"
+                     f"{' -- holds: stays int8' if tried.holds else ' -- misses: stays float'}")
+            if tried.holds:
+                best = (tried, candidate)
+        return best
 
     def layer_costs(self, int8, kept: tuple[str, ...]) -> list[LayerCost]:
         """Each quantizable layer's sensitivity (only it int8) and float-minus-int8 kernel time."""
