@@ -181,3 +181,16 @@ def test_wrong_runtime_inputs(cli, built, tmp_path):
     _one_line_error(cli("run", built, "--inputs", tmp_path / "nope.npz"), RuntimeInputError.exit_code,
                     "nope.npz does not exist")
     _one_line_error(cli("run", tmp_path / "gone.so"), ArtifactError.exit_code, "gone.so does not exist")
+
+
+def test_help_of_every_command_renders(cli):
+    """``qcompile --help`` and each command's ``--help`` print and exit 0 (argparse formats
+    help strings with %: a bare % in one of them breaks the whole listing)."""
+    from qcompile.cli.main import make_parser
+
+    result = cli("--help")
+    assert result.code == 0 and "explain" in result.out, result.err
+    commands = next(a for a in make_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name in commands:
+        result = cli(name, "--help")
+        assert result.code == 0, (name, result.err)

@@ -8,7 +8,7 @@ from qcompile.cli.common import add_input_option, load_inputs
 
 
 def register(sub) -> None:
-    p = sub.add_parser("explain", help="why an int8 .so is not faster: float fallbacks, slow kernels, Q/DQ, % of peak")
+    p = sub.add_parser("explain", help="why an int8 .so is not faster: float fallbacks, slow kernels, Q/DQ, %% of peak")
     p.add_argument("library", help="built .so (int8; its manifest must lie beside it)")
     p.add_argument("--float", dest="float_library", metavar="FLOAT.so",
                    help="the float build of the same model: its latency and each layer's time beside the int8 one's")
