@@ -49,10 +49,12 @@ _EXPORTS = {
 }
 # Stage packages that are also called as functions (qcompile.stage): qcompile.build(...), qcompile.quantize(...), qcompile.tune(...).
 _CALLABLE_PACKAGES = ("build", "quantize", "tune")
-__all__ = sorted([*_EXPORTS, *_CALLABLE_PACKAGES]) + ["__version__"]
+# Modules reached as qcompile.<name> without importing them first: qcompile.qat.prepare(...).
+_SUBMODULES = ("qat",)
+__all__ = sorted([*_EXPORTS, *_CALLABLE_PACKAGES, *_SUBMODULES]) + ["__version__"]
 
 if TYPE_CHECKING:
-    from qcompile import build, quantize, tune
+    from qcompile import build, qat, quantize, tune
     from qcompile.accuracy import EvalResult, evaluate
     from qcompile.api import compile, import_model, load, prepare  # noqa: A004
     from qcompile.build import Artifact
@@ -88,7 +90,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    if name in _CALLABLE_PACKAGES:
+    if name in _CALLABLE_PACKAGES or name in _SUBMODULES:
         return importlib.import_module(f"qcompile.{name}")
     module = _EXPORTS.get(name)
     if module is None:

@@ -16,9 +16,12 @@ from qcompile.errors import ModelImportError
 _DTYPES = {"torch.uint8": ("uint8", 0, 255), "torch.int8": ("int8", -128, 127)}
 
 
-def _qdtype(node, dtype, qmin, qmax) -> str:
+def _qdtype(node, dtype, qmin, qmax, within: bool = False) -> str:
+    """The Relax dtype of a PT2E quantized dtype whose range is the full one, or with
+    ``within`` (a dequantize, which reads values its range does not change) inside it."""
     name, lo, hi = _DTYPES.get(str(dtype), (None, None, None))
-    if name is None or (qmin, qmax) != (lo, hi):
+    full = (qmin, qmax) == (lo, hi)
+    if name is None or not (full or (within and lo <= qmin <= qmax <= hi)):
         raise ModelImportError(
             f"PT2E node {node.name}: {dtype} with range [{qmin}, {qmax}] is not supported "
             "(qcompile realizes full-range int8/uint8)"
@@ -45,7 +48,7 @@ def _quantize(node, importer):
 
 def _dequantize(node, importer):
     q, scale, zp, qmin, qmax, dtype = importer.retrieve_args(node)[:6]
-    _qdtype(node, dtype, qmin, qmax)
+    _qdtype(node, dtype, qmin, qmax, within=True)  # e.g. symmetric int8 weights in [-127, 127]
     return importer.block_builder.emit(
         relax.op.dequantize(q, _scalar(scale, "float32"), _zero_point(zp), axis=-1, out_dtype="float32"))
 
@@ -58,7 +61,7 @@ def _quantize_per_channel(node, importer):
 
 def _dequantize_per_channel(node, importer):
     q, scale, zp, axis, qmin, qmax, dtype = importer.retrieve_args(node)[:7]
-    _qdtype(node, dtype, qmin, qmax)
+    _qdtype(node, dtype, qmin, qmax, within=True)
     return importer.block_builder.emit(
         relax.op.dequantize(q, scale, _zero_point(zp), axis=int(axis), out_dtype="float32"))
 
