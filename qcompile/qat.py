@@ -136,8 +136,8 @@ def convert(prepared, example_inputs: tuple | None = None):
 def save(program, path: str | Path) -> Path:
     """Write ``program`` (from :func:`convert`) as a ``.pt2`` that ``qcompile build`` takes.
 
-    The archive holds the program and its tensors only, nothing pickled beyond tensors, so
-    qcompile loads it without ``--trust-pt2``."""
+    A program from :func:`convert` holds tensors only (no custom objects), so its archive
+    pickles nothing beyond tensors and qcompile loads it without ``--trust-pt2``."""
     torch, _, _, _ = _torchao()
     path = Path(path)
     if path.suffix != ".pt2":
