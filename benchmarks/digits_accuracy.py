@@ -5,7 +5,8 @@ scans shipped with the package; nothing is downloaded), holds out a test split, 
 quantizes the same model with the same calibration samples three ways.  A second table is the
 per-tensor case: a depthwise-separable CNN whose folded depthwise channel ranges are far apart
 (:func:`imbalance_depthwise`), through qcompile PTQ with one weight scale per layer without and
-with cross-layer equalization and bias correction, and ONNX Runtime quantize_static.  Prints a table
+with cross-layer equalization and bias correction, ONNX Runtime quantize_static, and
+quantization-aware training (:mod:`qcompile.qat`, per-tensor) built by qcompile.  Prints a table
 and writes out/benchmarks/digits_accuracy.{json,md} (benchmarks/results/ with ``--save``); the
 JSON records the machine (CPU, flags, threads), the git commit and the date.
 
@@ -25,6 +26,7 @@ from torch import nn
 
 CALIB_SAMPLES = 200
 THREADS = 2
+QAT_EPOCHS = 10
 
 
 class DigitsNet(nn.Module):
@@ -243,6 +245,29 @@ def depthwise_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> di
     return result
 
 
+def qat_predictor(net: nn.Module, x: np.ndarray, y: np.ndarray, workdir: Path, epochs: int = QAT_EPOCHS) -> dict:
+    """Quantization-aware training with :mod:`qcompile.qat` (per-tensor weights, as the
+    per-tensor PTQ rows), ``epochs`` from the float weights, built by qcompile."""
+    import qcompile
+    import qcompile.qat
+
+    prepared = qcompile.qat.prepare(net, (torch.zeros(1, 1, 8, 8),), per_channel=False)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(prepared.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(prepared(xt[idx]), yt[idx]).backward()
+            opt.step()
+    path = qcompile.qat.save(qcompile.qat.convert(prepared), workdir / "depthwise-qat.pt2")
+    art = qcompile.compile(str(path), out_dir=workdir, tuning_logs=False)
+    runner = qcompile.load(art.library)
+    name_in, name_out = runner.inputs[0].name, runner.outputs[0].name
+    return {f"qcompile int8 per-tensor QAT ({epochs} epochs, qcompile.qat)":
+            (lambda x, r=runner: r.run({name_in: x})[name_out], art.library.stat().st_size)}
+
+
 def run() -> dict:
     torch.set_num_threads(THREADS)
     xtr, ytr, xte, yte = load_digits()
@@ -260,6 +285,7 @@ def run() -> dict:
         dw_net = imbalance_depthwise(train(xtr, ytr, epochs=20, make=DepthwiseNet))
         dw_rows = {"PyTorch fp32 (reference)": (lambda x: dw_net(torch.from_numpy(x)).detach().numpy(), None)}
         dw_rows.update(depthwise_predictors(dw_net, calib, work))
+        dw_rows.update(qat_predictor(dw_net, xtr, ytr, work))
         dw_table = _table(dw_rows, xte, yte)
     return {"dataset": "scikit-learn digits 8x8: 1297 train / 500 test", "calibration_samples": CALIB_SAMPLES,
             "train_seconds": round(train_s, 1), "results": table,
@@ -290,7 +316,7 @@ def to_markdown(report: dict) -> str:
     if "depthwise_per_tensor" in report:
         case = report["depthwise_per_tensor"]
         title = ("Per-tensor weights on a depthwise-separable CNN with uneven depthwise channels: "
-                 "cross-layer equalization (CLE) and bias correction (BC).")
+                 "cross-layer equalization (CLE), bias correction (BC) and quantization-aware training (QAT).")
         lines += ["", title, "", case["model"], ""]
         lines += _markdown_rows(case["results"])
     return "\n".join(lines) + "\n"
