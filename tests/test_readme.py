@@ -94,14 +94,18 @@ def test_python_example_runs(tmp_path):
 
 
 
-def test_performance_table_is_the_scripts_output():
-    """The README's performance table is what benchmarks/readme_table.py renders from the
-    committed results (regenerate it with ``--write`` after a ``--save``)."""
+def test_performance_and_accuracy_tables_are_the_scripts_output():
+    """The README's performance and accuracy tables are what benchmarks/readme_table.py
+    renders from the committed results (regenerate them with ``--write`` after a ``--save``)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("readme_table", REPO / "benchmarks" / "readme_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    block = table.readme_block((REPO / "README.md").read_text())
+    text = (REPO / "README.md").read_text()
+    block = table.readme_block(text)
     assert block is not None, "README.md has no generated performance table"
     assert block == table.render()
+    accuracy = table.readme_block(text, table.ACC_BEGIN, table.ACC_END)
+    assert accuracy is not None, "README.md has no generated accuracy table"
+    assert accuracy == table.render_accuracy()
