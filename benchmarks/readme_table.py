@@ -112,9 +112,9 @@ def rows() -> tuple[list[str], list[tuple[str, str]]]:
 
 def render() -> str:
     body, machines = rows()
-    lines = [BEGIN,
-             "| workload | unit | qcompile fp32 | ONNX Runtime fp32 | ratio | qcompile int8 | ONNX Runtime int8 "
-             "| ratio | qcompile int8, % of int8 peak |",
+    header = ("| workload | unit | qcompile fp32 | ONNX Runtime fp32 | ratio | qcompile int8 | ONNX Runtime int8 "
+              "| ratio | qcompile int8, % of int8 peak |")
+    lines = [BEGIN, header,
              "|---|---|---|---|---|---|---|---|---|", *body, "",
              "Ratios: qcompile's time over ONNX Runtime's (below 1: qcompile is faster; for images/s, ONNX "
              "Runtime's throughput over qcompile's, read the same way). ONNX Runtime int8: `quantize_static` "

@@ -43,7 +43,12 @@ PEER = {"qcompile fp32": "ONNX Runtime fp32", "qcompile int8": "ONNX Runtime int
 def prepare(model: str, batch: int, calib: int, work: Path, target: str) -> dict[str, Path]:
     """The four artifacts of ``model`` at ``batch``: {contender: file}."""
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     import qcompile
@@ -85,14 +90,14 @@ def worker(contender: str, path: str, batch: int, threads: int, seconds: float) 
         import qcompile
 
         compiled = qcompile.load(path)
-        run = lambda: compiled.run({compiled.inputs[0].name: x})  # noqa: E731
+        run = lambda: compiled.run({compiled.inputs[0].name: x})
     else:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        run = lambda: session.run(None, {"x": x})  # noqa: E731
+        run = lambda: session.run(None, {"x": x})
     for _ in range(3):
         run()
     from latency import wait_for_idle_cpus
@@ -114,7 +119,7 @@ def measure(files: dict[str, Path], batch: int, threads: int, seconds: float) ->
         env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
         proc = subprocess.run([sys.executable, __file__, "--worker", contender, str(path), "--batch", str(batch),
                                "--threads", str(threads), "--seconds", str(seconds)],
-                              capture_output=True, text=True, env=env, timeout=600)
+                              capture_output=True, text=True, env=env, timeout=600, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{contender} ({path.name}, {threads} threads) failed: {proc.stderr.strip()[-400:]}")
         out[contender] = json.loads(proc.stdout.strip().splitlines()[-1])["ms"]
@@ -164,9 +169,10 @@ def main() -> None:
 def render(results: dict, args, machine: dict) -> str:
     first, last = str(args.threads[0]), str(args.threads[-1])
     unit = "images/s" if args.batch > 1 else "ms"
-    head = [f"batch {args.batch}, {unit}; each contender standalone in its own process, {args.rounds} "
-            f"interleaved rounds of {args.seconds:g} s (median over rounds); qcompile target {args.target}, "
-            "untuned unless records exist for it", "", describe(machine), ""]
+    title = (f"batch {args.batch}, {unit}; each contender standalone in its own process, {args.rounds} "
+             f"interleaved rounds of {args.seconds:g} s (median over rounds); qcompile target {args.target}, "
+             "untuned unless records exist for it")
+    head = [title, "", describe(machine), ""]
     cols = [f"{t} thread{'s' if t != 1 else ''}" for t in args.threads]
     scaling = len(args.threads) > 1
     head.append("| model | contender | " + " | ".join(cols) + (f" | {first}->{last} scaling" if scaling else "")
@@ -175,8 +181,8 @@ def render(results: dict, args, machine: dict) -> str:
     for model, per in results.items():
         for contender, by_threads in per.items():
             ms = {t: float(np.median(v)) for t, v in by_threads.items()}
-            value = (lambda t: f"{1000.0 * args.batch / ms[t]:.1f}") if args.batch > 1 else (lambda t: f"{ms[t]:.2f}")
-            cells = [value(str(t)) for t in args.threads]
+            cells = [f"{1000.0 * args.batch / ms[str(t)]:.1f}" if args.batch > 1 else f"{ms[str(t)]:.2f}"
+                     for t in args.threads]
             if scaling:
                 cells.append(f"{ms[first] / ms[last]:.2f}x")
             peer = PEER.get(contender)
