@@ -193,15 +193,23 @@ def ort_predictors(net: nn.Module, calib: np.ndarray, workdir: Path, variants=((
     return result
 
 
-def pt2e_predictor(net: nn.Module, calib: np.ndarray) -> dict:
-    """PyTorch PT2E with torchao's X86InductorQuantizer (static, per-channel weights)."""
+def pt2e_predictor(net: nn.Module, calib: np.ndarray, per_tensor: bool = False) -> dict:
+    """PyTorch PT2E post-training quantization: torchao's X86InductorQuantizer (static,
+    per-channel weights), or with ``per_tensor`` the same quantizer with one weight scale per
+    layer (``qcompile.qat.quantizer(per_channel=False)``: X86InductorQuantizer's default has
+    no per-tensor weights)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    if per_tensor:
+        import qcompile.qat
+
+        quantizer = qcompile.qat.quantizer(per_channel=False)
+    else:
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     exported = torch.export.export(net, (torch.zeros(1, 1, 8, 8),), strict=True).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
@@ -213,7 +221,8 @@ def pt2e_predictor(net: nn.Module, calib: np.ndarray) -> dict:
         with torch.no_grad():
             return converted(torch.from_numpy(x)).numpy()
 
-    return {"PyTorch int8 (PT2E, X86InductorQuantizer)": (predict, None)}
+    name = "PyTorch int8 (PT2E, per-tensor weights)" if per_tensor else "PyTorch int8 (PT2E, X86InductorQuantizer)"
+    return {name: (predict, None)}
 
 
 def depthwise_predictors(net: nn.Module, calib: np.ndarray, workdir: Path) -> dict:
@@ -285,6 +294,8 @@ def run() -> dict:
         dw_net = imbalance_depthwise(train(xtr, ytr, epochs=20, make=DepthwiseNet))
         dw_rows = {"PyTorch fp32 (reference)": (lambda x: dw_net(torch.from_numpy(x)).detach().numpy(), None)}
         dw_rows.update(depthwise_predictors(dw_net, calib, work))
+        dw_rows.update(pt2e_predictor(dw_net, calib, per_tensor=True))
+        dw_rows.update(pt2e_predictor(dw_net, calib))
         dw_rows.update(qat_predictor(dw_net, xtr, ytr, work))
         dw_table = _table(dw_rows, xte, yte)
     return {"dataset": "scikit-learn digits 8x8: 1297 train / 500 test", "calibration_samples": CALIB_SAMPLES,
