@@ -346,3 +346,12 @@ def with_main(mod: tvm.IRModule, main) -> tvm.IRModule:
         if gv.name_hint != "main":
             new[gv] = fn
     return new
+
+
+def output_vars(expr) -> list:
+    """The variables a function's output names (through nested tuples)."""
+    if isinstance(expr, relax.Var):
+        return [expr]
+    if isinstance(expr, relax.Tuple):
+        return [v for f in expr.fields for v in output_vars(f)]
+    return []

@@ -20,7 +20,14 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from qcompile.passes.bindings import Graph, const_value, rebuild, shape_of, with_main
+from qcompile.passes.bindings import (
+    Graph,
+    const_value,
+    output_vars,
+    rebuild,
+    shape_of,
+    with_main,
+)
 from qcompile.quantize.config import Int8Config
 from qcompile.quantize.op_tables import CONV_LAYOUTS
 from qcompile.quantize.probe import probe
@@ -34,7 +41,7 @@ def correct_bias(mod: tvm.IRModule, batches: Iterable[dict[str, np.ndarray]], co
     machine).  Returns the module and the layers corrected."""
     func = mod["main"]
     plan = annotate(func, config)
-    outputs = set(_output_vars(func.body.body))
+    outputs = set(output_vars(func.body.body))
     layers = [r for r in plan.regions if r.weight is not None and r.kind in ("conv2d", "matmul")
               and r.data not in outputs and _plain(r)]
     if not layers:
@@ -139,10 +146,3 @@ def _with_biases(mod: tvm.IRModule, shifts: dict) -> tvm.IRModule:
 
     return with_main(mod, rebuild(mod["main"], rewrite))
 
-
-def _output_vars(expr) -> list:
-    if isinstance(expr, relax.Var):
-        return [expr]
-    if isinstance(expr, relax.Tuple):
-        return [v for f in expr.fields for v in _output_vars(f)]
-    return []

@@ -38,9 +38,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from qcompile.passes.bindings import Graph, const_value, op_name, rebuild, with_main
+from qcompile.passes.bindings import (
+    Graph,
+    const_value,
+    op_name,
+    output_vars,
+    rebuild,
+    with_main,
+)
 from qcompile.quantize.probe import probe
-from qcompile.quantize.ptq import _anchor
+from qcompile.quantize.ptq import named_anchors
 
 SWEEPS = 50  # sweeps over a chain of pairs at most
 TOLERANCE = 1e-8  # a sweep whose scales all lie within 1 +- TOLERANCE ends equalization
@@ -115,7 +122,7 @@ def absorb_high_bias(mod: tvm.IRModule, batches: Iterable[dict[str, np.ndarray]]
     wanted = set(pairs) if pairs is not None else None
     candidates = [p for p in found if p.activation == "relu" and p.first.bias is not None
                   and p.second.bias is not None and not p.second.padded and (wanted is None or p.name in wanted)]
-    outputs = set(_output_vars(mod["main"].body.body))
+    outputs = set(output_vars(mod["main"].body.body))
     candidates = [p for p in candidates if p.preact not in outputs]
     if not candidates:
         return mod, ()
@@ -163,14 +170,7 @@ def _find_pairs(func) -> tuple[list[_Pair], list[str]]:
             if isinstance(arg, relax.Var):
                 users.setdefault(arg, []).append(var)
     convs: dict = {}
-    counters: dict[str, int] = {}
-    for var, value in graph.bindings:
-        found = _anchor(graph, value)
-        if found is None:
-            continue
-        kind, weight = found
-        name = f"{kind}_{counters.get(kind, 0)}"
-        counters[kind] = counters.get(kind, 0) + 1
+    for name, kind, weight, var, value in named_anchors(graph):
         if kind != "conv2d":
             continue
         conv = _Conv(name, var, weight.astype(np.float64), int(value.attrs.groups),
@@ -262,10 +262,3 @@ def _with_params(mod: tvm.IRModule, convs: dict) -> tvm.IRModule:
 
     return with_main(mod, rebuild(mod["main"], rewrite))
 
-
-def _output_vars(expr) -> list:
-    if isinstance(expr, relax.Var):
-        return [expr]
-    if isinstance(expr, relax.Tuple):
-        return [v for f in expr.fields for v in _output_vars(f)]
-    return []

@@ -15,7 +15,7 @@
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +28,7 @@ from qcompile.passes.bindings import (
     Graph,
     const_value,
     op_name,
+    output_vars,
     rebuild,
     shape_of,
     with_main,
@@ -77,15 +78,8 @@ def annotate(func, config: Int8Config) -> Plan:
     graph = Graph.from_main(func)
     users = _users(graph)
     keep = _resolve_keep_float(graph, config.keep_float)
-    counters: dict[str, int] = {}
     regions, kept = [], []
-    for var, value in graph.bindings:
-        found = _anchor(graph, value)
-        if found is None:
-            continue
-        kind, weight = found
-        name = f"{kind}_{counters.get(kind, 0)}"
-        counters[kind] = counters.get(kind, 0) + 1
+    for name, kind, weight, var, value in named_anchors(graph):
         if name in keep or kind in keep:
             kept.append(name)
             continue
@@ -151,7 +145,7 @@ def annotate(func, config: Int8Config) -> Plan:
 
     # Requantize only what an integer op reads: walking back from the regions' inputs and
     # the model's outputs, a quantized op's inputs are wanted when its result is.
-    wanted = roots | {v for v in _output_vars(graph.output) if v in quantized}
+    wanted = roots | {v for v in output_vars(graph.output) if v in quantized}
     for var, _ in reversed(graph.bindings):
         if var in wanted:
             wanted.update(int8_inputs.get(var, ()))
@@ -169,6 +163,20 @@ def annotate(func, config: Int8Config) -> Plan:
             continue
         skipped[name] = skipped.get(name, 0) + 1
     return Plan(regions, observed, alias, kept, skipped, integer)
+
+
+def named_anchors(graph: Graph) -> Iterator[tuple[str, str, np.ndarray | None, relax.Var, relax.Call]]:
+    """Every quantizable layer of ``main`` in program order as (name, kind, constant weight
+    or None, bound var, call): named ``<kind>_<n>``, the names ``keep_float``, the manifest
+    and every pass that refers to a layer use."""
+    counters: dict[str, int] = {}
+    for var, value in graph.bindings:
+        found = _anchor(graph, value)
+        if found is None:
+            continue
+        kind, weight = found
+        yield f"{kind}_{counters.get(kind, 0)}", kind, weight, var, value
+        counters[kind] = counters.get(kind, 0) + 1
 
 
 def _anchor(graph: Graph, value) -> tuple[str, np.ndarray | None] | None:
@@ -233,13 +241,6 @@ def _users(graph: Graph) -> dict:
                         out.setdefault(f, []).append(var)
     return out
 
-
-def _output_vars(expr) -> list:
-    if isinstance(expr, relax.Var):
-        return [expr]
-    if isinstance(expr, relax.Tuple):
-        return [v for f in expr.fields for v in _output_vars(f)]
-    return []
 
 
 def _resolve_keep_float(graph: Graph, names: tuple[str, ...]) -> set[str]:
