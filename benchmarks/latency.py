@@ -62,13 +62,6 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
                target_name: str = "native") -> tuple[dict[str, Callable[[np.ndarray], object]], int]:
     """The runners by contender name, and the model's multiply-accumulates per run."""
     import torch
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from qcompile.build import build
     from qcompile.build.macs import count_macs
@@ -99,19 +92,7 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
             built[f"qcompile {label} ({how})"] = CompiledModel.load(artifact.library)
 
     onnx_path = export_onnx(net, samples[0], work / f"{model}.onnx")
-    pre = work / f"{model}-pre.onnx"
-    quant_pre_process(str(onnx_path), str(pre))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"x": s} for s in samples])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    ort_int8_path = work / f"{model}-ort-int8.onnx"
-    quantize_static(str(pre), str(ort_int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ort_int8_path = ort_quantize_qdq(onnx_path, samples, work / f"{model}-ort-int8.onnx")
     ort_fp32, ort_int8 = ort_session(onnx_path, threads), ort_session(ort_int8_path, threads)
 
     def torch_fp32(x):
@@ -133,6 +114,32 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
         ORT_INT8: lambda x: ort_int8.run(None, {"x": x}),
         **extra,
     }, count_macs(imported.mod).total
+
+
+def ort_quantize_qdq(fp32: Path, samples: list[np.ndarray], out: Path, input_name: str = "x") -> Path:
+    """ONNX Runtime's static int8 of ``fp32`` as its users run it: ``quant_pre_process``, then
+    ``quantize_static`` (QDQ, U8S8, per-channel weights) calibrated on ``samples``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_name(out.stem + "-pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{input_name: s} for s in samples])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 def _torch_pt2e_int8(net, samples):

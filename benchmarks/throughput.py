@@ -43,13 +43,7 @@ PEER = {"qcompile fp32": "ONNX Runtime fp32", "qcompile int8": "ONNX Runtime int
 def prepare(model: str, batch: int, calib: int, work: Path, target: str) -> dict[str, Path]:
     """The four artifacts of ``model`` at ``batch``: {contender: file}."""
     import torch
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from latency import ort_quantize_qdq
 
     import qcompile
     from qcompile.frontend.from_torch import torchvision_module
@@ -61,19 +55,7 @@ def prepare(model: str, batch: int, calib: int, work: Path, target: str) -> dict
     fp32 = work / f"{model}-b{batch}.onnx"
     with torch.no_grad():
         torch.onnx.export(net, (torch.from_numpy(samples[0]),), str(fp32), input_names=["x"], dynamo=False)
-    pre = work / f"{model}-b{batch}-pre.onnx"
-    quant_pre_process(str(fp32), str(pre))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"x": s} for s in samples])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    ort_int8 = work / f"{model}-b{batch}-ort-int8.onnx"
-    quantize_static(str(pre), str(ort_int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ort_int8 = ort_quantize_qdq(fp32, samples, work / f"{model}-b{batch}-ort-int8.onnx")
     imported = qcompile.import_model(str(fp32))
     ours_fp32 = qcompile.compile(imported, target, out_dir=work, name=f"{model}-b{batch}-fp32").library
     ours_int8 = qcompile.compile(imported, target, out_dir=work, name=f"{model}-b{batch}-int8",
