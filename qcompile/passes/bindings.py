@@ -17,7 +17,8 @@ the new variables substituted, never rewritten.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -355,3 +356,15 @@ def output_vars(expr) -> list:
     if isinstance(expr, relax.Tuple):
         return [v for f in expr.fields for v in output_vars(f)]
     return []
+
+
+@contextlib.contextmanager
+def readable(model_name: str) -> Iterator[None]:
+    """A model whose ``main`` the quantization passes cannot read or rebuild
+    (:class:`UnsupportedForm`) is a ConfigError naming it."""
+    from qcompile.errors import ConfigError
+
+    try:
+        yield
+    except UnsupportedForm as exc:
+        raise ConfigError(f"model {model_name} cannot be quantized: {exc}; build it in float32") from exc

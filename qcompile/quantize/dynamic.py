@@ -23,9 +23,8 @@ what ONNX Runtime's DynamicQuantizeLinear + MatMulInteger/ConvInteger become at 
 """
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -40,6 +39,7 @@ from qcompile.passes.bindings import (
     const_value,
     dtype_of,
     op_name,
+    readable,
     rebuild,
     shape_of,
     with_main,
@@ -83,7 +83,7 @@ def quantize_dynamic(model: ImportedModel, config: DynamicInt8Config, target: tv
                           "quantize the float model")
     say = progress or (lambda _m: None)
     config = config.for_target(target)
-    with _readable(model):
+    with readable(model.source.name):
         # batch-norm folded and constants folded first: weights behind permute_dims become constants
         mod = run_phases(model.mod, target, phases=phases_through("inference"))
         mod, report = rewrite_dynamic(mod, config)
@@ -427,7 +427,7 @@ def realize_dynamic_prequantized(model: ImportedModel) -> ImportedModel:
     dynamic-quantization patterns on integer kernels; unchanged where there are none."""
     info = model.quantization or QuantizationInfo(source=f"{model.source.kind}-qdq", activation_dtype=None,
                                                   layers=())
-    with _readable(model):
+    with readable(model.source.name):
         mod, layers = realize_dynamic(model.mod, Counter(layer["op"] for layer in info.layers))
     if not layers:
         return model
@@ -455,13 +455,3 @@ def float_anchors(mod: tvm.IRModule, quantized_only: bool = False) -> list[tuple
             if op_name(value) in ANCHORS and dtype_of(value.args[0]) == "float32"
             and (not quantized_only or any(graph.call_of(a, "relax.dequantize") is not None for a in value.args[:2]))]
 
-
-@contextlib.contextmanager
-def _readable(model: ImportedModel) -> Iterator[None]:
-    """A ``main`` the binding helpers cannot read or rebuild is a ConfigError naming the model."""
-    from qcompile.passes.bindings import UnsupportedForm
-
-    try:
-        yield
-    except UnsupportedForm as exc:
-        raise ConfigError(f"model {model.source.name} cannot be quantized: {exc}; build it in float32") from exc

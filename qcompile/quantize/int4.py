@@ -28,9 +28,8 @@ layers run on the faster packed conv kernel (:mod:`qcompile.passes.pack_conv`).
 """
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -44,6 +43,7 @@ from qcompile.passes.bindings import (
     const_value,
     dtype_of,
     op_name,
+    readable,
     rebuild_module,
     shape_of,
 )
@@ -181,7 +181,7 @@ def quantize_int4_model(model: ImportedModel, config: Int4WeightConfig, target: 
         raise ConfigError(f"model {model.source.name} is already quantized ({model.quantization.source}); "
                           "quantize the float model")
     say = progress or (lambda _m: None)
-    with _readable(model):
+    with readable(model.source.name):
         # constants folded first: weights behind permute_dims (torch's Linear, Gemm) become constants
         mod = run_phases(model.mod, target, phases=phases_through("inference"))
         mod, report = rewrite_int4(mod, config, target)
@@ -283,13 +283,3 @@ def _eligible(value) -> bool:
     except (AttributeError, TypeError):  # a symbolic shape
         return False
 
-
-@contextlib.contextmanager
-def _readable(model: ImportedModel) -> Iterator[None]:
-    """A ``main`` the binding helpers cannot read or rebuild is a ConfigError naming the model."""
-    from qcompile.passes.bindings import UnsupportedForm
-
-    try:
-        yield
-    except UnsupportedForm as exc:
-        raise ConfigError(f"model {model.source.name} cannot be quantized: {exc}; build it in float32") from exc

@@ -2,10 +2,9 @@
 realize (integer kernels), for a float model or a pre-quantized import."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +13,7 @@ import tvm
 from qcompile.build.pipeline import phases_through, run_phases
 from qcompile.errors import ConfigError
 from qcompile.model import ImportedModel
+from qcompile.passes.bindings import readable
 from qcompile.quantize.canonicalize import canonicalize_qdq
 from qcompile.quantize.config import (
     DynamicInt8Config,
@@ -105,7 +105,7 @@ def quantize_model(
                           "quantize the float model")
     say = progress or (lambda _m: None)
     config = config.for_target(target)
-    with _readable(model):
+    with readable(model.source.name):
         host = resolve_target("native").to_tvm()
         mod, batches, corrections = prepare_float(model, batches, config, host, progress)
         qdq_mod, plan, _ = _calibrated_qdq(mod, batches, config, host, progress)
@@ -151,7 +151,7 @@ def quantize_dynamic_model(
     from qcompile.quantize.dynamic import quantize_dynamic
 
     quantized = quantize_dynamic(model, config, target, progress)
-    with _readable(model):
+    with readable(model.source.name):
         mod, tables = _int8_embeddings(quantized.mod, progress or (lambda _m: None))
     return replace(quantized, mod=mod, quantization=replace(quantized.quantization, embeddings=tables))
 
@@ -167,7 +167,7 @@ def quantize_int4_weights(
     from qcompile.quantize.int4 import quantize_int4_model
 
     quantized = quantize_int4_model(model, config, target, progress)
-    with _readable(model):
+    with readable(model.source.name):
         mod, tables = _int8_embeddings(quantized.mod, progress or (lambda _m: None))
     return replace(quantized, mod=mod, quantization=replace(quantized.quantization, embeddings=tables))
 
@@ -184,7 +184,7 @@ def _int8_embeddings(mod: tvm.IRModule, say: Callable[[str], None]) -> tuple[tvm
 
 def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
     """Integer kernels for a model imported in QDQ form (ONNX QDQ/QOperator, PT2E)."""
-    with _readable(model):
+    with readable(model.source.name):
         mod = canonicalize_qdq(model.mod)
         int_mod, report = realize(mod)
     float_anchors = _float_anchors(int_mod)
@@ -198,17 +198,6 @@ def realize_prequantized(model: ImportedModel, source: str) -> ImportedModel:
     )
     return replace(model, mod=int_mod, quantization=info)
 
-
-@contextlib.contextmanager
-def _readable(model: ImportedModel) -> Iterator[None]:
-    """A model whose ``main`` the quantization passes cannot read or rebuild
-    (:class:`qcompile.passes.bindings.UnsupportedForm`) is a ConfigError naming it."""
-    from qcompile.passes.bindings import UnsupportedForm
-
-    try:
-        yield
-    except UnsupportedForm as exc:
-        raise ConfigError(f"model {model.source.name} cannot be quantized: {exc}; build it in float32") from exc
 
 
 def _float_anchors(mod) -> list[tuple[str, str]]:
