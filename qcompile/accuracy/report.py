@@ -5,8 +5,9 @@ samples (:func:`qcompile.accuracy.evaluate`), times both on this machine (TVM's 
 evaluator, the same input), and writes ``report.md`` with three bar charts
 (``accuracy.png``, ``size.png``, ``latency.png``, drawn by matplotlib), the per-layer table
 from the quantized library's manifest (dtypes, scales; with a :class:`DebugReport`, each
-layer's SQNR and cause), what stayed float and why, and the target and versions; and
-``report.json`` with every number the page shows.
+layer's SQNR and cause), for a build made under ``--accuracy-budget`` the search's steps
+(from the manifest's ``quantization.budget``), what stayed float and why, and the target and
+versions; and ``report.json`` with every number the page shows.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def write_report(float_library: str | Path, quant_library: str | Path, data, out
         "float_layers": quant.get("float_layers", []),
         "float_ops": quant.get("float_ops", {}),
         "float_nodes": quant.get("float_nodes", []),
+        "budget": quant.get("budget"),
         "target": manifest.target,
         "versions": manifest.to_json().get("versions", {}),
         "machine": {"cpu": _cpu_name(), "python": platform.python_version()},
@@ -124,17 +126,17 @@ def _markdown(r: dict, charts: list[Path]) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     lines = [f"# Quantization report: {Path(r['quantized_library']).name}", "",
-             f"{r['samples']} samples of {r['data']}; target `{r['target'].get('name')}`; "
+             (f"{r['samples']} samples of {r['data']}; target `{r['target'].get('name')}`; "
              f"qcompile {r['versions'].get('qcompile', '?')}, TVM {r['versions'].get('tvm', '?')}; "
-             f"measured on {r['machine']['cpu']}.", "",
+             f"measured on {r['machine']['cpu']}."), "",
              "| | float32 | quantized | change |", "|---|---|---|---|",
              f"| top-1 % | {pct(acc['float32']['top1'])} | {pct(acc['quantized']['top1'])} | "
              + (f"{acc['quantized']['top1'] - acc['float32']['top1']:+.2f} points |"
                 if acc["float32"]["top1"] is not None else "- |"),
              f"| top-5 % | {pct(acc['float32']['top5'])} | {pct(acc['quantized']['top5'])} | |",
              f"| size (bytes) | {size['float32']} | {size['quantized']} | {size['quantized'] / size['float32']:.2f}x |",
-             f"| latency (ms) | {ms['float32']:.3f} | {ms['quantized']:.3f} | "
-             f"{ms['float32'] / ms['quantized']:.2f}x faster |", ""]
+             (f"| latency (ms) | {ms['float32']:.3f} | {ms['quantized']:.3f} | "
+             f"{ms['float32'] / ms['quantized']:.2f}x faster |"), ""]
     lines += [f"![{c.stem}]({c.name})" for c in charts] + [""]
     if r["agreement"]:
         lines += ["## Agreement with float32", "", "| output | SQNR dB | cosine min | max abs diff | top-1 agreement % |",
@@ -143,6 +145,8 @@ def _markdown(r: dict, charts: list[Path]) -> str:
             lines.append(f"| {name} | {a['sqnr_db']} | {a['cosine_min']} | {a['max_abs_diff']:.3g} | "
                          f"{a.get('top1_agreement', '-')} |")
         lines.append("")
+    if r.get("budget"):
+        lines += _budget_section(r["budget"])
     debug = {la["name"]: la for la in r.get("debug", {}).get("layers", [])}
     lines += ["## Layers", "", "| layer | op | dtypes | input scale | weight scales | output scale | SQNR dB | cause |",
               "|---|---|---|---|---|---|---|---|"]
@@ -154,13 +158,83 @@ def _markdown(r: dict, charts: list[Path]) -> str:
                      f"{_num(layer.get('input_scale'))} | {weights} | {_num(layer.get('output_scale'))} | "
                      f"{d.get('sqnr_db', '-')} | {d.get('cause', '-')} |")
     lines += ["", "## Kept in float", ""]
-    kept = [f"- `{name}`: listed in keep_float" for name in r["float_layers"]]
+    fallbacks = _budget_fallbacks(r.get("budget"))
+    kept = [f"- `{name}`: accuracy budget ({why})" for name, why in fallbacks.items()]
+    kept += [f"- `{name}`: listed in keep_float" for name in r["float_layers"] if name not in fallbacks]
     kept += [f"- {count} x `{op}`: no integer kernel for this op (runs in float32 between quantized layers)"
              for op, count in sorted(r["float_ops"].items())]
     kept += [f"- `{node}`: the model's QDQ pattern around it is not one realize turns into an integer kernel"
              for node in r["float_nodes"]]
     lines += kept or ["nothing: every conv/linear/matmul layer runs on integer kernels"]
     return "\n".join(lines) + "\n"
+
+
+def _budget_section(b: dict[str, Any]) -> list[str]:
+    """The accuracy-budget search of the manifest's ``quantization.budget``: the budget, the
+    float / all-int8 / chosen models, each layer's measured sensitivity and cost, the steps in
+    order, and what the chosen model keeps float.  Every number is the manifest's as written."""
+    from qcompile.accuracy.budget import AccuracyBudget
+
+    budget = AccuracyBudget.from_metric(b["budget"]["metric"], b["budget"]["limit"])
+    unit = budget.unit()
+    first = b["steps"][0]["float_layers"] if b.get("steps") else []
+    lines = ["## Accuracy budget", "",
+             (f"Built with `--accuracy-budget`: {budget.describe()} (metric `{b['budget']['metric']}`, limit "
+              f"{b['budget']['limit']}), measured against the float build on the evaluation data of the build, "
+              "latencies on the machine that built it."), "",
+             f"| model | {unit} | latency (ms) |", "|---|---|---|",
+             f"| float32 | {b['float']['value']} | {b['float']['latency_ms']} |",
+             f"| all int8 | {b['int8']['value']} | {b['int8']['latency_ms']} |",
+             f"| chosen ({b['chosen']}) | {b['value']} | {b['latency_ms']} |", ""]
+    layers = {la["name"]: la for la in b.get("layers", [])}
+    if layers:
+        lines += [("Sensitivity of each layer (the model with only this layer int8, every other float) and the "
+                   "cost of keeping it float (its kernel's float ms - int8 ms):"), "",
+                  f"| layer | op | {unit} | loss | int8 ms | float ms | cost ms |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {la['name']} | {la['op']} | {la['value']} | {la['loss']} | {_or_dash(la['int8_ms'])} | "
+                  f"{_or_dash(la['float_ms'])} | {la['cost_ms']} |" for la in layers.values()]
+        lines.append("")
+    lines += ["Steps, in order:", "",
+              (f"| step | change | float layers | its {unit} alone int8 | its loss | its cost ms | {unit} after | "
+               "latency (ms) | holds | why |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, step in enumerate(b.get("steps", [])):
+        layer = step.get("added") or step.get("removed")
+        change = (f"`{step['added']}` to float" if step.get("added")
+                  else f"`{step['removed']}` int8 again" if step.get("removed") else "start")
+        la = layers.get(layer, {})
+        lines.append(f"| {k} | {change} | {', '.join(step['float_layers']) or '(none)'} | "
+                     f"{_or_dash(la.get('value'))} | {_or_dash(la.get('loss'))} | {_or_dash(la.get('cost_ms'))} | "
+                     f"{step['value']} | {step['latency_ms']} | {'yes' if step['holds'] else 'no'} | {step['why']} |")
+    fell_back = [n for n in b["float_layers"] if n not in first]
+    speedup = b["float"]["latency_ms"] / b["latency_ms"] if b["latency_ms"] else None
+    lines += ["", (f"Chosen: {b['chosen']}; kept float by the budget: "
+                   f"{', '.join(f'`{n}`' for n in fell_back) or 'no layer'}"
+                   + (f" (also float, from keep_float: {', '.join(f'`{n}`' for n in first)})" if first else "")
+                   + "."),
+              (f"Latency: {b['latency_ms']} ms vs all-float {b['float']['latency_ms']} ms"
+               + (f" ({speedup:.2f}x)" if speedup else "") + f"; {unit} {b['value']}."), ""]
+    return lines
+
+
+def _budget_fallbacks(b: dict[str, Any] | None) -> dict[str, str]:
+    """{layer: why} of the layers the accuracy budget left float (not those keep_float named)."""
+    if not b:
+        return {}
+    steps = b.get("steps", [])
+    first = set(steps[0]["float_layers"]) if steps else set()
+    if b["chosen"] == "float":
+        return {name: "the float build was measured faster than any mix within the budget"
+                for name in b["float_layers"]}
+    out = {}
+    for name in b["float_layers"]:
+        if name not in first:
+            k = next((k for k, s in enumerate(steps) if s.get("added") == name), None)
+            out[name] = f"step {k}: {steps[k]['why']}" if k is not None else "chosen by the search"
+    return out
+
+
+def _or_dash(v) -> str:
+    return "-" if v is None else str(v)
 
 
 def _num(v) -> str:

@@ -1,9 +1,11 @@
-"""``qcompile report``: a float and a quantized build side by side: accuracy, size, latency."""
+"""``qcompile report``: a float and a quantized build side by side: accuracy, size, latency;
+for a build made under ``--accuracy-budget``, the search's steps from its manifest."""
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="before/after page (Markdown + PNG charts) of a quantized build vs its float one")
+    p = sub.add_parser("report", help="before/after page (Markdown + PNG charts) of a quantized build vs its float one, "
+                                           "with the accuracy-budget steps when it was built with --accuracy-budget")
     p.add_argument("float_library", help="the float32 .so")
     p.add_argument("quant_library", help="the quantized .so of the same model")
     p.add_argument("--data", required=True, metavar="PATH",
