@@ -193,29 +193,44 @@ def ort_predictors(net: nn.Module, calib: np.ndarray, workdir: Path, variants=((
     return result
 
 
-def pt2e_predictor(net: nn.Module, calib: np.ndarray, per_tensor: bool = False) -> dict:
-    """PyTorch PT2E post-training quantization: torchao's X86InductorQuantizer (static,
-    per-channel weights), or with ``per_tensor`` the same quantizer with one weight scale per
-    layer (``qcompile.qat.quantizer(per_channel=False)``: X86InductorQuantizer's default has
-    no per-tensor weights)."""
+def pt2e_quantize(net: nn.Module, example: tuple, calib: np.ndarray, quantizer):
+    """PyTorch PT2E post-training quantization of ``net`` as a PyTorch user does it: export
+    (strict) at ``example``, ``prepare_pt2e`` with ``quantizer``, one calibration sample at a
+    time, ``convert_pt2e``; returns the converted ``torch.fx.GraphModule``."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(net, example, strict=True).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            prepared(torch.from_numpy(calib[i:i + 1]))
+    return convert_pt2e(prepared)
+
+
+def x86_quantizer(is_dynamic: bool = False):
+    """torchao's X86InductorQuantizer with its default config for the whole model (int8
+    weights per channel; activations uint8 per tensor, calibrated or with ``is_dynamic``
+    computed from each input at run time)."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
+    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_dynamic=is_dynamic))
+
+
+def pt2e_predictor(net: nn.Module, calib: np.ndarray, per_tensor: bool = False) -> dict:
+    """PyTorch PT2E post-training quantization (:func:`pt2e_quantize`): torchao's
+    X86InductorQuantizer (static, per-channel weights), or with ``per_tensor`` the same
+    quantizer with one weight scale per layer (``qcompile.qat.quantizer(per_channel=False)``:
+    X86InductorQuantizer's default has no per-tensor weights)."""
     if per_tensor:
         import qcompile.qat
 
         quantizer = qcompile.qat.quantizer(per_channel=False)
     else:
-        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    exported = torch.export.export(net, (torch.zeros(1, 1, 8, 8),), strict=True).module()
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for i in range(len(calib)):
-            prepared(torch.from_numpy(calib[i:i + 1]))
-    converted = convert_pt2e(prepared)
+        quantizer = x86_quantizer()
+    converted = pt2e_quantize(net, (torch.zeros(1, 1, 8, 8),), calib, quantizer)
 
     def predict(x):
         with torch.no_grad():

@@ -1,14 +1,17 @@
-"""int8 of a trained transformer encoder: embedding cosine and top-1, qcompile vs ONNX Runtime.
+"""int8 of a trained transformer encoder: embedding cosine and top-1, qcompile vs ONNX Runtime vs PyTorch PT2E.
 
 Trains a small ViT-style encoder (2x2 patches of scikit-learn's 8x8 handwritten digits as 16
 tokens, 2 pre-norm layers, hidden 64, 4 heads, GELU MLP, mean-pooled embedding, linear
 classifier) on real scans shipped with scikit-learn (nothing is downloaded), exports it to ONNX
 with two outputs (logits, embedding) and quantizes that file: qcompile static int8 (MinMax and
 MSE calibration), dynamic int8 and int4 weight-only (groups of 32 and 64, float activations),
-ONNX Runtime ``quantize_static`` (QDQ, U8S8, per-channel) and ``quantize_dynamic``, the same
-calibration samples for the static ones.  For each: test top-1, and the lowest / mean cosine
-similarity of the embedding to PyTorch float32's over the test set (what a sentence-embedding
-user checks); for int4, the dense-layer weight bytes vs float32 (from the manifest).  Writes
+ONNX Runtime ``quantize_static`` (QDQ, U8S8, per-channel) and ``quantize_dynamic``.  The same
+network also goes through PyTorch PT2E (torchao's X86InductorQuantizer, default config: static
+and dynamic), run in PyTorch, and each converted model exported as a ``.pt2`` and built by
+qcompile.  The same calibration samples for all the static ones.  For each: test top-1, and the
+lowest / mean cosine similarity of the embedding to PyTorch float32's over the test set (what a
+sentence-embedding user checks); for int4, the dense-layer weight bytes vs float32 (from the
+manifest); for the PT2E builds, how many layers qcompile runs as int8 kernels.  Writes
 out/benchmarks/encoder_accuracy.{json,md} (benchmarks/results/ with ``--save``).
 
     .venv/bin/python benchmarks/encoder_accuracy.py
@@ -154,6 +157,50 @@ def ort_predictors(onnx_path: Path, calib: np.ndarray, work: Path) -> dict[str, 
     return out
 
 
+def pt2e_predictors(net: nn.Module, calib: np.ndarray,
+                    work: Path) -> tuple[dict[str, tuple[Predict, int | None] | str], dict[str, dict]]:
+    """PyTorch PT2E int8 with X86InductorQuantizer's default config (static, calibrated on
+    ``calib``, and dynamic), run in PyTorch; then each converted model exported as a ``.pt2``
+    and built by qcompile (a failed import or build is its row's one-line message).  Returns
+    the predictors, and for each qcompile build how many of the dense layers PT2E quantized
+    it runs as int8 kernels."""
+    from digits_accuracy import pt2e_quantize, x86_quantizer
+
+    import qcompile
+    import qcompile.qat
+    from qcompile.errors import first_line
+
+    example = (torch.zeros(1, 1, 8, 8),)
+    out: dict[str, tuple[Predict, int | None] | str] = {}
+    builds = {}
+    for kind in ("static", "dynamic"):
+        converted = pt2e_quantize(net, example, calib, x86_quantizer(is_dynamic=kind == "dynamic"))
+        out[f"PyTorch int8 {kind} (PT2E, X86InductorQuantizer)"] = (
+            lambda x, m=converted: tuple(t.numpy() for t in m(torch.from_numpy(x))), None)
+        name = f"qcompile build of the PT2E {kind} .pt2"
+        try:
+            path = qcompile.qat.save(torch.export.export(converted, example), work / f"encoder-pt2e-{kind}.pt2")
+            artifact = qcompile.compile(str(path), out_dir=work, name=f"pt2e-{kind}", tuning_logs=False)
+        except qcompile.QcompileError as exc:
+            out[name] = f"failed: {first_line(exc)}"
+            continue
+        runner = qcompile.load(artifact.library)
+        inputs, names = runner.inputs[0].name, [o.name for o in runner.outputs]
+
+        def predict(x: np.ndarray, r=runner, i=inputs, names=names) -> tuple[np.ndarray, np.ndarray]:
+            result = r.run({i: x})
+            return result[names[0]], result[names[1]]
+
+        out[name] = (predict, artifact.library.stat().st_size)
+        quantized = sum(1 for node in converted.graph.nodes if node.target == torch.ops.aten.linear.default
+                        and "dequantize" in str(getattr(node.args[1], "target", "")))
+        int8_layers = len(artifact.manifest.quantization["layers"])
+        builds[name] = {"dense_layers": quantized, "int8_layers": int8_layers,
+                        "float_ops": artifact.manifest.quantization.get("float_ops", {}),
+                        "note": pt2e_note(quantized, int8_layers)}
+    return out, builds
+
+
 def score(predict: Predict, x: np.ndarray, y: np.ndarray, ref_emb: np.ndarray) -> dict[str, float]:
     """Top-1 and embedding cosine to float32, one sample at a time (batch 1, as deployed)."""
     hits, cosines = 0, []
@@ -175,7 +222,7 @@ def run() -> dict:
     calib = xtr[:CALIB_SAMPLES]
     with torch.no_grad():
         ref_emb = net(torch.from_numpy(xte))[1].numpy()
-    rows: dict[str, tuple[Predict, int | None]] = {
+    rows: dict[str, tuple[Predict, int | None] | str] = {
         "PyTorch fp32 (reference)": (lambda x: tuple(t.numpy() for t in net(torch.from_numpy(x))), None)}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         work = Path(tmp)
@@ -185,11 +232,14 @@ def run() -> dict:
         ours, int4_dense = qcompile_predictors(onnx_path, calib, work)
         rows.update(ours)
         rows.update(ort_predictors(onnx_path, calib, work))
-        table = {name: {**score(pred, xte, yte, ref_emb), "bytes": size} for name, (pred, size) in rows.items()}
+        pt2e, pt2e_builds = pt2e_predictors(net, calib, work)
+        rows.update(pt2e)
+        table = {name: {"failed": row} if isinstance(row, str)
+                 else {**score(row[0], xte, yte, ref_emb), "bytes": row[1]} for name, row in rows.items()}
     return {"dataset": "scikit-learn digits 8x8 as 16 tokens of 2x2 patches: 1297 train / 500 test",
             "model": "2-layer pre-norm encoder, hidden 64, 4 heads, mean-pooled embedding",
             "calibration_samples": CALIB_SAMPLES, "train_seconds": round(train_s, 1), "results": table,
-            "int4_dense_weights": int4_dense}
+            "int4_dense_weights": int4_dense, "pt2e_builds": pt2e_builds}
 
 
 def to_markdown(report: dict) -> str:
@@ -201,13 +251,25 @@ def to_markdown(report: dict) -> str:
         lines += [describe(report["machine"]), ""]
     lines += ["| model | top-1 % | embedding cosine to fp32: min | mean | file bytes |", "|---|---|---|---|---|"]
     for name, row in report["results"].items():
+        if "failed" in row:
+            lines.append(f"| {name} | {row['failed']} | - | - | - |")
+            continue
         size = row["bytes"] if row["bytes"] is not None else "-"
         lines.append(f"| {name} | {row['top1']:.2f} | {row['min_cosine']:.5f} | {row['mean_cosine']:.6f} | {size} |")
     for name, dense in report.get("int4_dense_weights", {}).items():
         lines += ["", f"{name}: {dense['layers']} dense layers, weights {dense['int4_bytes']} bytes vs "
                       f"{dense['bytes']} float32 ({dense['int4_bytes'] / dense['bytes']:.3f}x)"
                       + (f"; left float: {'; '.join(dense['left_float'])}" if dense["left_float"] else "")]
+    for name, build in report.get("pt2e_builds", {}).items():
+        lines += ["", f"{name}: {build['note']}"]
     return "\n".join(lines) + "\n"
+
+
+def pt2e_note(dense_layers: int, int8_layers: int) -> str:
+    """How much of a PT2E model qcompile runs as integer kernels."""
+    rest = dense_layers - int8_layers
+    return (f"int8 kernels for {int8_layers} of the {dense_layers} dense layers PT2E quantized"
+            + (f", the other {rest} as dequantize then float matmul" if rest else ""))
 
 
 def main() -> None:

@@ -138,16 +138,24 @@ def render_accuracy() -> str:
     encoder = _load("encoder_accuracy.json")
     if encoder:
         ref = encoder["results"].get("PyTorch fp32 (reference)", {}).get("top1")
+        notes = {name: build["note"] for name, build in encoder.get("pt2e_builds", {}).items()}
         for name, r in encoder["results"].items():
+            label = f"{name} ({notes[name]})" if name in notes else name
+            if "failed" in r:
+                lines.append(f"| digits encoder | {label} | {r['failed']} | - | - |")
+                continue
             if name in FLOAT_BUILDS and r["top1"] == ref and r["min_cosine"] >= 0.99999:
                 continue
             drop = f"{ref - r['top1']:+.2f}" if ref is not None else "-"
-            lines.append(f"| digits encoder | {name} | {r['top1']:.2f} | {drop} | {r['min_cosine']:.4f} / "
+            lines.append(f"| digits encoder | {label} | {r['top1']:.2f} | {drop} | {r['min_cosine']:.4f} / "
                          f"{r['mean_cosine']:.5f} |")
     machines = [(n, _where(d)) for n, d in (("digits", digits), ("encoder", encoder)) if d]
     lines += ["", "500 held-out scikit-learn digits; qcompile's and ONNX Runtime's float32 builds are listed "
               "where they differ from the PyTorch reference; drop: points of top-1 below the float32 reference "
-              "(negative: above it); cosine: of the encoder's embedding to PyTorch fp32's. Measured on "
+              "(negative: above it); cosine: of the encoder's embedding to PyTorch fp32's. PyTorch PT2E: "
+              "torchao's X86InductorQuantizer (default config: int8 weights per channel, uint8 activations), "
+              "run in PyTorch; \"qcompile build of the PT2E ... .pt2\": that converted model exported "
+              "(`torch.export`) and built by qcompile. Measured on "
               + _machines(machines) + ".", ACC_END]
     return "\n".join(lines) + "\n"
 
