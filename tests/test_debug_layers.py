@@ -2,16 +2,23 @@
 
 A deliberately broken layer (its calibrated output range shrunk 30x, so most of its
 output clips) must rank first with the cause "output range (clipping)", whichever layer it
-is; the layers after it show the error as accumulated, not as their own.
+is; the layers after it show the error as accumulated, not as their own.  On a depthwise-separable
+digits CNN whose depthwise channel ranges are made ~1000x apart (tests/test_equalize.py's case),
+per-tensor int8 collapses: the debugger, preparing the model as a build does (cross-layer
+equalization and bias correction), reports the recovered model, and says which corrections it applied.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
 import numpy as np
 import pytest
+import torch
+from conftest import REPO
 
+import qcompile
 from qcompile.accuracy.debug import debug_layers
 
 CALIB = np.random.default_rng(2).standard_normal((8, 3, 32, 32)).astype("float32")
@@ -67,3 +74,57 @@ def test_layer_whose_output_is_the_model_output(tiny_onnx):
     last = next(la for la in report.layers if la.kind == "matmul")
     assert math.isfinite(last.sqnr_db) and last.sqnr_db > 20
     assert last.sqnr_db == pytest.approx(report.outputs["logits"]["sqnr_db"], abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def depthwise_case(tmp_path_factory):
+    """(onnx path, calibration .npz, data .npz): benchmarks/digits_accuracy.py's DepthwiseNet,
+    trained 3 epochs on the digits, depthwise channels rescaled over three decades (the same
+    function); 64 training digits to calibrate, 16 held-out digits to measure on."""
+    spec = importlib.util.spec_from_file_location("digits_accuracy", REPO / "benchmarks" / "digits_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.set_num_threads(2)
+    xtr, ytr, xte, _ = bench.load_digits()
+    net = bench.imbalance_depthwise(bench.train(xtr, ytr, epochs=3, make=bench.DepthwiseNet))
+    work = tmp_path_factory.mktemp("debug_depthwise")
+    path = work / "dw.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    np.savez(work / "calib.npz", x=xtr[:64])
+    np.savez(work / "data.npz", x=xte[:16])
+    return path, work / "calib.npz", work / "data.npz"
+
+
+def test_corrections_the_build_applies_are_measured(depthwise_case):
+    """Per-tensor weights: with equalization and bias correction (the default) every layer's
+    error is at most that without them, the deep layers' and the output's far smaller."""
+    path, calib, data = depthwise_case
+    per_tensor = {"weights": qcompile.PerTensor(), "num_samples": 64}
+    on = debug_layers(str(path), calib, qcompile.Int8Config(**per_tensor), data, limit=16)
+    off = debug_layers(str(path), calib, qcompile.Int8Config(**per_tensor, equalize=False, bias_correction=False),
+                       data, limit=16)
+    print(on.to_markdown(), off.to_markdown(), sep="\n")
+    assert len(on.corrections["equalized"]) == 4 and len(on.corrections["bias_corrected"]) == 6
+    assert off.corrections == {}
+    assert on.to_markdown().splitlines()[1] == ("corrections applied: cross-layer equalization (4 conv pairs, "
+                                                "high-bias absorption in 0); bias correction (6 layers)")
+    assert off.to_markdown().splitlines()[1] == "corrections applied: none"
+    assert on.to_json()["corrections"] == on.corrections
+    assert off.int8_outputs["y"]["sqnr_db"] < 10 and on.int8_outputs["y"]["sqnr_db"] > 30  # collapse, recovered
+    before = {la.name: la for la in off.layers}
+    for la in on.layers:
+        assert la.sqnr_db >= before[la.name].sqnr_db - 0.5 and la.int8_sqnr_db >= before[la.name].int8_sqnr_db - 0.5, la
+    assert min(la.sqnr_db for la in on.layers) > min(la.sqnr_db for la in off.layers) + 20
+
+
+def test_cli_debug_correction_flags(cli, depthwise_case):
+    """--per-tensor turns both corrections on unless --no-equalize / --no-bias-correction say
+    otherwise (the flags of `qcompile build`); the output states what was applied."""
+    path, calib, data = depthwise_case
+    flags = ["debug", path, "--calib-data", calib, "--data", data, "--per-tensor", "--limit", "4"]
+    text = cli(*flags, "--no-bias-correction")
+    assert text.code == 0, text.err
+    assert "corrections applied: cross-layer equalization (4 conv pairs, high-bias absorption in 0)\n" in text.out
+    off = cli(*flags, "--no-equalize", "--no-bias-correction", "--json")
+    assert off.code == 0, off.err
+    assert json.loads(off.out)["corrections"] == {}

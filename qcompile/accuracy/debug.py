@@ -15,6 +15,10 @@ roundings) run on the same samples, each returning the layer's input and output.
   resolution``, ``output range (clipping)``, ``output resolution``, or ``accumulated`` when
   the error arriving at the input outweighs everything the layer adds.
 
+The model is the one a build makes: cross-layer equalization and bias correction are applied
+as :func:`qcompile.quantize.pipeline.prepare_float` applies them for ``config`` (on by default
+for per-tensor weights), and the report says which were.
+
 Layers come out worst ``local_sqnr_db`` first: a layer with a bad scale ranks first even
 when the layers after it inherit its error.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -101,20 +105,34 @@ class LayerError:
 
 @dataclass(frozen=True)
 class DebugReport:
-    """Layers worst first, and the model outputs' agreement (QDQ vs float)."""
+    """Layers worst first, the model outputs' agreement (QDQ vs float), and the corrections
+    applied before calibration, as :attr:`QuantizationInfo.corrections` lists them (``equalized``,
+    ``high_bias_absorbed``, ``equalize_skipped``: conv pairs; ``bias_corrected``: layers)."""
 
     layers: list[LayerError]
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     int8_outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: int = 0
+    corrections: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"samples": self.samples, "outputs": self.outputs, "int8_outputs": self.int8_outputs,
-                "layers": [la.to_json() for la in self.layers]}
+        return {"samples": self.samples, "corrections": self.corrections, "outputs": self.outputs,
+                "int8_outputs": self.int8_outputs, "layers": [la.to_json() for la in self.layers]}
+
+    def describe_corrections(self) -> str:
+        """One line: which PTQ corrections the measured model has."""
+        c = self.corrections
+        done = []
+        if "equalized" in c:
+            done.append(f"cross-layer equalization ({len(c['equalized'])} conv pairs, high-bias absorption in "
+                        f"{len(c.get('high_bias_absorbed', []))})")
+        if "bias_corrected" in c:
+            done.append(f"bias correction ({len(c['bias_corrected'])} layers)")
+        return "corrections applied: " + ("; ".join(done) or "none")
 
     def to_markdown(self, top: int | None = None) -> str:
         lines = [(f"{len(self.layers)} quantized layers on {self.samples} samples, worst first "
-                 "(SQNR in dB: higher is better)"), "",
+                 "(SQNR in dB: higher is better)"), self.describe_corrections(), "",
                  ("| layer | SQNR (QDQ) | cosine | SQNR (int8 kernels) | arriving at input | layer's own | weights "
                  "| cause |"), "|---|---|---|---|---|---|---|---|"]
         for la in self.layers[:top]:
@@ -130,14 +148,24 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
     with ``config`` calibrated on ``calibration_data``, measured on ``data`` (default: the
     calibration samples), at most ``limit`` samples; ``preprocess`` for image folders
     (:class:`~qcompile.quantize.data.ImagePreprocess`).  ``ranges_hook(plan, ranges)`` may change
-    the calibrated ranges before the QDQ model is written (to try a scale)."""
+    the calibrated ranges before the QDQ model is written (to try a scale).
+
+    The model is prepared as a build prepares it (:func:`qcompile.quantize.pipeline.prepare_float`:
+    cross-layer equalization and bias correction where ``config`` asks for them; listed in
+    :attr:`DebugReport.corrections`).  Each layer is compared with the same layer of the float
+    model as equalized (equalization rescales channels between layers, so the imported model's
+    tensors are not the equalized layers'), without bias correction (which is there to undo the
+    int8 weights' mean shift: against its own float biases that would count as error); the
+    model outputs are compared with the imported float model's, as ``qcompile eval`` compares
+    the builds."""
     import tvm
     from tvm import relax
 
     from qcompile.api import import_model
-    from qcompile.build.pipeline import compile_module, phases_through, run_phases
+    from qcompile.build.pipeline import compile_module
     from qcompile.passes.bindings import Graph, rebuild, with_main
     from qcompile.quantize.data import ImagePreprocess, as_batches
+    from qcompile.quantize.pipeline import prepare_float
     from qcompile.quantize.ptq import annotate, calibrate, emit_qdq
     from qcompile.quantize.realize import realize
     from qcompile.target import resolve_target
@@ -145,56 +173,70 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
     if not hasattr(model, "mod"):
         model = import_model(model)
     config = (config or Int8Config()).for_target(resolve_target(target).to_tvm())
-    host = resolve_target("native").to_tvm()  # both models run here
-    mod = run_phases(model.mod, host, phases=phases_through("inference"))
-    func = mod["main"]
-    plan = annotate(func, config)
+    host = resolve_target("native").to_tvm()  # all models run here
     pre = preprocess or ImagePreprocess()
-    ranges = calibrate(mod, plan, as_batches(calibration_data, model.inputs, pre), config, host)
+    mod, batches, corrections = prepare_float(model, as_batches(calibration_data, model.inputs, pre), config, host)
+    imported = reference = mod  # the float model as imported; the one each layer is compared with
+    if config.equalizes or config.corrects_bias:
+        imported = prepare_float(model, batches, replace(config, equalize=False, bias_correction=False), host)[0]
+    if config.corrects_bias:
+        reference = (prepare_float(model, batches, replace(config, bias_correction=False), host)[0]
+                     if config.equalizes else imported)
+    func, ref_func = mod["main"], reference["main"]
+    plan = annotate(func, config)
+    ranges = calibrate(mod, plan, batches, config, host)
     if ranges_hook is not None:
         ranges = ranges_hook(plan, ranges)
     regions = list(plan.regions)
-    probes = [(r, r.data, r.out) for r in regions]  # (region, input var, output var)
-    probed = list(dict.fromkeys(v for _, a, b in probes for v in (a, b)))
+    ref_regions = {r.name: r for r in (plan if ref_func is func else annotate(ref_func, config)).regions}
+    # each probed tensor as (var of the quantized model's function, var of the reference's)
+    probes = [(r, (r.data, ref_regions[r.name].data), (r.out, ref_regions[r.name].out)) for r in regions]
+    probed = list(dict.fromkeys(p for _, a, b in probes for p in (a, b)))
     # a model output is read from the outputs, not returned twice (the VM cannot bind one
     # var as both the result and a field of it)
-    graph = Graph.from_main(func)
-    results = _output_vars(graph.output, dict(graph.bindings))
-    watched = [v for v in probed if v not in results]
-    qdq_main, qparams, wscales = emit_qdq(func, plan, ranges, config, extra_outputs=watched)
-    float_main = rebuild(func, lambda em, v, val: None, extra_outputs=watched)
-    runs = []
+    index, extra, n_out = [], [], 0
+    for f, side in ((func, 0), (ref_func, 1)):
+        graph = Graph.from_main(f)
+        results = _output_vars(graph.output, dict(graph.bindings))
+        n_out = n_out or len(results)
+        watched = list(dict.fromkeys(p[side] for p in probed if p[side] not in results))
+        extra.append(watched)
+        index.append({p: results.index(p[side]) if p[side] in results else len(results) + watched.index(p[side])
+                      for p in probed})
+    qdq_main, qparams, wscales = emit_qdq(func, plan, ranges, config, extra_outputs=extra[0])
+    float_main = rebuild(ref_func, lambda em, v, val: None, extra_outputs=extra[1])
     int8_mod, _ = realize(with_main(mod, qdq_main))  # the integer kernels, the same probes returned
-    for module in (with_main(mod, float_main), with_main(mod, qdq_main), int8_mod):
-        runs.append(relax.VirtualMachine(compile_module(module, host), tvm.cpu()))
-    n_out = len(results)
+    modules = [with_main(reference, float_main), with_main(mod, qdq_main), int8_mod]
+    if imported is not reference:
+        modules.append(imported)
+    runs = [relax.VirtualMachine(compile_module(m, host), tvm.cpu()) for m in modules]
     params = [p.name for p in func.params]
 
-    index = {v: n_out + k for k, v in enumerate(watched)}
-    index.update({v: results.index(v) for v in probed if v in results})
-    cumulative = {v: _Noise() for v in probed}
-    cosines: dict = {v: [] for v in probed}
-    seen_range = {v: [math.inf, -math.inf] for v in probed}
-    quant = {v: {"clip": _Noise(), "round": _Noise(), "clipped": 0, "count": 0} for v in probed if v in qparams}
-    compiled = {v: _Noise() for v in probed}
+    cumulative = {p: _Noise() for p in probed}
+    cosines: dict = {p: [] for p in probed}
+    seen_range = {p: [math.inf, -math.inf] for p in probed}
+    quant = {p: {"clip": _Noise(), "round": _Noise(), "clipped": 0, "count": 0} for p in probed if p[0] in qparams}
+    compiled = {p: _Noise() for p in probed}
     outputs = [Agreement() for _ in range(n_out)]
     int8_outputs = [Agreement() for _ in range(n_out)]
     source = data if data is not None else calibration_data
     samples = 0
     for batch in _take(as_batches(source, model.inputs, pre), limit):
         args = [tvm.runtime.tensor(np.ascontiguousarray(batch[n])) for n in params]
-        fl, qd, i8 = ([t.numpy() for t in _flat(run["main"](*args))] for run in runs)
+        fl, qd, i8, *rest = ([t.numpy() for t in _flat(run["main"](*args))] for run in runs)
+        base = rest[0] if rest else fl
         for k in range(n_out):
-            outputs[k].update(qd[k], fl[k])
-            int8_outputs[k].update(i8[k], fl[k])
-        for v, k in index.items():
-            f, q = fl[k].astype(np.float64), qd[k].astype(np.float64)
-            cumulative[v].add(float(np.sum(f * f)), float(np.sum((q - f) ** 2)))
-            compiled[v].add(float(np.sum(f * f)), float(np.sum((i8[k].astype(np.float64) - f) ** 2)))
-            cosines[v].append(_cos(q, f))
-            seen_range[v] = [min(seen_range[v][0], float(f.min())), max(seen_range[v][1], float(f.max()))]
-            if v in quant:
-                _quantization_noise(quant[v], f, qparams[v])
+            outputs[k].update(qd[k], base[k])
+            int8_outputs[k].update(i8[k], base[k])
+        for p in probed:
+            f = fl[index[1][p]].astype(np.float64)
+            q, i = qd[index[0][p]].astype(np.float64), i8[index[0][p]].astype(np.float64)
+            cumulative[p].add(float(np.sum(f * f)), float(np.sum((q - f) ** 2)))
+            compiled[p].add(float(np.sum(f * f)), float(np.sum((i - f) ** 2)))
+            cosines[p].append(_cos(q, f))
+            seen_range[p] = [min(seen_range[p][0], float(f.min())), max(seen_range[p][1], float(f.max()))]
+            if p in quant:
+                _quantization_noise(quant[p], f, qparams[p[0]])
         samples += 1
     names = [o.name for o in model.outputs] if len(model.outputs) == n_out else [f"output{k}" for k in range(n_out)]
     layers = []
@@ -202,10 +244,10 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
     for r, x, y in probes:
         weight_ratio = _weight_noise(r, wscales, config) if r.weight is not None else 0.0
         parts = {"weights": weight_ratio}
-        for label, v in (("input", x), ("output", y)):
-            if v in quant and (label == "output" or v not in produced):
-                parts[f"{label} range (clipping)"] = quant[v]["clip"].ratio
-                parts[f"{label} resolution"] = quant[v]["round"].ratio
+        for label, p in (("input", x), ("output", y)):
+            if p in quant and (label == "output" or p[0] not in produced):
+                parts[f"{label} range (clipping)"] = quant[p]["clip"].ratio
+                parts[f"{label} resolution"] = quant[p]["round"].ratio
         local = sum(parts.values())
         # what reached the input from earlier layers, without the input's own quantization
         own_input = parts.get("input range (clipping)", 0.0) + parts.get("input resolution", 0.0)
@@ -217,11 +259,11 @@ def debug_layers(model, calibration_data, config: Int8Config | None = None, data
             r.name, r.kind, _db(cumulative[y].ratio), float(min(cosines[y])) if cosines[y] else 1.0,
             _db(compiled[y].ratio), _db(inherited), _db(local), _db(weight_ratio),
             {k: _db(v) for k, v in parts.items()}, cause,
-            _stats(quant.get(x), seen_range[x], ranges.get(x), qparams.get(x)),
-            _stats(quant.get(y), seen_range[y], ranges.get(y), qparams.get(y))))
+            _stats(quant.get(x), seen_range[x], ranges.get(x[0]), qparams.get(x[0])),
+            _stats(quant.get(y), seen_range[y], ranges.get(y[0]), qparams.get(y[0]))))
     layers.sort(key=lambda la: (la.local_sqnr_db, la.sqnr_db))
     return DebugReport(layers, {n: a.to_json() for n, a in zip(names, outputs)},
-                       {n: a.to_json() for n, a in zip(names, int8_outputs)}, samples)
+                       {n: a.to_json() for n, a in zip(names, int8_outputs)}, samples, corrections)
 
 
 def _output_vars(expr, bound: dict) -> list:

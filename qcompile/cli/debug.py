@@ -1,4 +1,6 @@
-"""``qcompile debug``: per-layer int8 errors of a model, worst first, with their cause."""
+"""``qcompile debug``: per-layer int8 errors of a model, worst first, with their cause; the model
+prepared as ``qcompile build`` prepares it (the same quantization flags, ``--[no-]equalize`` and
+``--[no-]bias-correction`` included, declared once in :func:`add_model_options`)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,8 @@ from qcompile.cli.common import add_model_options, config_errors_as_flags, model
 
 
 def register(sub) -> None:
-    p = sub.add_parser("debug", help="per-layer int8 quantization errors (SQNR, cosine), worst first, with the cause")
+    p = sub.add_parser("debug", help="per-layer int8 quantization errors (SQNR, cosine), worst first, with the cause, "
+                                          "of the model as built (equalization / bias correction as build applies them)")
     add_model_options(p)
     p.set_defaults(quantize="int8")
     p.add_argument("--data", metavar="PATH", help="samples to measure on (default: the calibration data)")
