@@ -180,16 +180,20 @@ def _budget_section(b: dict[str, Any]) -> list[str]:
     first = b["steps"][0]["float_layers"] if b.get("steps") else []
     lines = ["## Accuracy budget", "",
              (f"Built with `--accuracy-budget`: {budget.describe()} (metric `{b['budget']['metric']}`, limit "
-              f"{b['budget']['limit']}), measured against the float build on the evaluation data of the build, "
-              "latencies on the machine that built it."), "",
+              f"{b['budget']['limit']}), measured against the float build on the evaluation data of the build "
+              f"(evaluated on {b.get('evaluated_on', 'local')}, timed on {b.get('timed_on', 'local')}: "
+              "`local` is the machine that built it)."), "",
              f"| model | {unit} | latency (ms) |", "|---|---|---|",
              f"| float32 | {b['float']['value']} | {b['float']['latency_ms']} |",
              f"| all int8 | {b['int8']['value']} | {b['int8']['latency_ms']} |",
              f"| chosen ({b['chosen']}) | {b['value']} | {b['latency_ms']} |", ""]
     layers = {la["name"]: la for la in b.get("layers", [])}
     if layers:
+        whole = any(la.get("timed") == "model" for la in layers.values())
         lines += [("Sensitivity of each layer (the model with only this layer int8, every other float) and the "
-                   "cost of keeping it float (its kernel's float ms - int8 ms):"), "",
+                   "cost of keeping it float ("
+                   + ("the all-float model's latency - the only-this-layer-int8 model's: the float ms and int8 ms columns"
+                      if whole else "its kernel's float ms - int8 ms") + "):"), "",
                   f"| layer | op | {unit} | loss | int8 ms | float ms | cost ms |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {la['name']} | {la['op']} | {la['value']} | {la['loss']} | {_or_dash(la['int8_ms'])} | "
                   f"{_or_dash(la['float_ms'])} | {la['cost_ms']} |" for la in layers.values()]
