@@ -173,12 +173,13 @@ def test_masked_attention_matmul_gets_a_register_tile():
 
 
 def test_global_mean_of_channels_last_then_requantize_is_exact():
-    """A global average pool over NHWC (rows are the channels, each a short strided
-    reduction) followed by a quantize to uint8: the same integers as TVM's kernel."""
+    """A global average pool over NHWC followed by a quantize to uint8: the reduction runs
+    over H and W with a vector of contiguous channels per step (blocks of channels over the
+    cores, the quantize under each block), and gives the same integers as TVM's kernel."""
     @I.ir_module
     class Model:
         @R.function
-        def main(x: R.Tensor((1, 7, 7, 512), "float32")) -> R.Tensor((1, 1, 1, 512), "uint8"):
+        def main(x: R.Tensor((4, 7, 7, 512), "float32")) -> R.Tensor((4, 1, 1, 512), "uint8"):
             with R.dataflow():
                 lv = R.mean(x, axis=[1, 2], keepdims=True)
                 gv = R.quantize(lv, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1, out_dtype="uint8")
@@ -187,8 +188,11 @@ def test_global_mean_of_channels_last_then_requantize_is_exact():
 
     mod = fused(Model)
     scheduled = schedule(mod, ReductionCPU())
-    assert all(k.attrs["tirx.is_scheduled"] for k in kernels(scheduled))
-    x = (np.random.default_rng(5).random((1, 7, 7, 512)) * 20).astype("float32")
+    (kernel,) = kernels(scheduled)
+    assert kernel.attrs["tirx.is_scheduled"]
+    _, loops = structure(kernel)
+    assert {"parallel", "vectorized"} <= loops
+    x = (np.random.default_rng(5).random((4, 7, 7, 512)) * 20).astype("float32")
     expected = run(mod, x)
     assert len(np.unique(expected)) > 20  # the outputs differ by channel: a real check
     np.testing.assert_array_equal(run(scheduled, x), expected)

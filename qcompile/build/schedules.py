@@ -322,6 +322,8 @@ class ReductionCPU(_CPURule):
                 return None
             if any(_rows_of(sch, info) == 1 for info in infos if not info.is_injective()):
                 return self._whole(sch, infos)
+            if _column_axis(sch, infos) is not None:
+                return self._columns(sch, infos)
             return self._rows(sch, infos)
         except (s_tir.ScheduleError, TypeError, ValueError):
             return None
@@ -357,6 +359,43 @@ class ReductionCPU(_CPURule):
         sch.vectorize(sch.get_loops(partial)[-1])
         init = sch.decompose_reduction(partial, middle)
         sch.vectorize(sch.get_loops(init)[-1])
+        return sch
+
+    @staticmethod
+    def _columns(sch: s_tir.Schedule, infos) -> s_tir.Schedule | None:
+        """One reduction whose input's innermost axis is a spatial one (a global pooling in
+        NHWC: the mean over H and W, channels last).  As rows, each channel would be one
+        scalar chain reading elements a row apart; here the leading axes and blocks of
+        ``lanes`` channels go over the cores and every reduction step adds one vector of
+        contiguous channels.  The elementwise epilogue follows each block of channels."""
+        axis = _column_axis(sch, infos)
+        infos = try_inline(sch, infos)
+        if not infos or infos[0].is_injective() or any(not info.is_injective() for info in infos[1:]):
+            return None  # a prologue that stays a block, or several reductions
+        block = infos[0].block_rv
+        kind = infos[0].dom_kind()
+        loops = sch.get_loops(block)
+        spatial, reduce = loops[:len(kind) - kind.count("R")], loops[len(kind) - kind.count("R"):]
+        extent = int(sch.get(spatial[axis]).extent)
+        lanes = _largest_factor(extent, REDUCE_LANES)
+        if lanes == 1:
+            return None
+        others = [loop for i, loop in enumerate(spatial) if i != axis]
+        block_of_lanes, lane = sch.split(spatial[axis], [None, lanes])
+        sch.reorder(*others, block_of_lanes, *reduce, lane)
+        outer = sch.fuse(*others, block_of_lanes)
+        total = 1
+        for loop in sch.get_loops(block):
+            total *= int(sch.get(loop).extent)
+        if total >= PARALLEL_MIN_ELEMENTS // 4:
+            sch.parallel(outer)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(block, reduce[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        for info in infos[1:]:
+            epilogue = sch.get_sblock(sch.get(info.block_rv).name_hint)
+            sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+            _vectorize_inner(sch, epilogue)
         return sch
 
     @staticmethod
@@ -414,6 +453,27 @@ class ReductionCPU(_CPURule):
             else:
                 _vectorize_inner(sch, block)
         return sch
+
+
+def _column_axis(sch: s_tir.Schedule, infos) -> int | None:
+    """For a kernel with one reduction whose input's innermost index is one of its spatial
+    variables (a reduction over middle axes) of a length vectors divide, that variable's
+    position among the spatial ones; else None."""
+    reductions = [info for info in infos if not info.is_injective()]
+    if len(reductions) != 1:
+        return None
+    block = sch.get(reductions[0].block_rv)
+    spatial = [iv for iv in block.iter_vars if int(iv.iter_type) == tirx.IterVar.DataPar]
+    written = {region.source.name for region in block.writes}
+    reads = [region for region in block.reads if region.source.name not in written]
+    if len(reads) != 1 or not reads[0].region:
+        return None
+    innermost = reads[0].region[-1].min
+    for i, iv in enumerate(spatial):
+        if innermost.same_as(iv.var):
+            extent = iv.dom.extent
+            return i if isinstance(extent, tirx.IntImm) and _largest_factor(int(extent), REDUCE_LANES) > 1 else None
+    return None
 
 
 def _rows_of(sch: s_tir.Schedule, info) -> int:
