@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,33 +66,52 @@ def prepare(model: str, batch: int, calib: int, work: Path, target: str) -> dict
             "ONNX Runtime int8": ort_int8}
 
 
-def worker(contender: str, path: str, batch: int, threads: int, seconds: float) -> None:
-    """One standalone measurement (this process): prints {"ms": median ms per batch}."""
-    x = np.random.default_rng(1).standard_normal((batch, 3, 224, 224)).astype("float32")
+def make_runner(contender: str, path: str, threads: int, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """``contender``'s artifact at ``path`` loaded in this process, as a call that runs ``feeds``
+    once: by name where the model's input names are the feeds', else in the feeds' order.
+    qcompile runs on ``TVM_NUM_THREADS`` of this process, ONNX Runtime on ``threads`` intra-op
+    threads with its default graph optimizations."""
     if contender.startswith("qcompile"):
         import qcompile
 
         compiled = qcompile.load(path)
-        run = lambda: compiled.run({compiled.inputs[0].name: x})
-    else:
-        import onnxruntime as ort
+        names = [i.name for i in compiled.inputs]
+        args = {n: feeds[n] for n in names} if set(names) <= set(feeds) else list(feeds.values())
+        return lambda: compiled.run(args)
+    import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        run = lambda: session.run(None, {"x": x})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    args = {n: feeds[n] for n in names} if set(names) <= set(feeds) else dict(zip(names, feeds.values()))
+    return lambda: session.run(None, args)
+
+
+def time_runner(run: Callable[[], object], seconds: float, idle_window_s: float = 1.0,
+                idle_limit_s: float = 30.0) -> dict[str, float]:
+    """Warm up, wait (at most ``idle_limit_s``) for idle CPUs, then run for ``seconds`` (at least
+    5 runs): {"ms": median ms per run, "runs": runs timed, "waited_s": seconds waited for idle
+    CPUs, "idle": whether they became idle}."""
     for _ in range(3):
         run()
     from latency import wait_for_idle_cpus
 
-    wait_for_idle_cpus(limit_s=30.0)
+    waited = wait_for_idle_cpus(window_s=idle_window_s, limit_s=idle_limit_s)
     times = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(times) < 5:
         t0 = time.perf_counter()
         run()
         times.append((time.perf_counter() - t0) * 1000.0)
-    print(json.dumps({"ms": float(np.median(times)), "runs": len(times)}))
+    return {"ms": float(np.median(times)), "runs": len(times), "waited_s": waited, "idle": waited < idle_limit_s}
+
+
+def worker(contender: str, path: str, batch: int, threads: int, seconds: float) -> None:
+    """One standalone measurement (this process): prints {"ms": median ms per batch}."""
+    x = np.random.default_rng(1).standard_normal((batch, 3, 224, 224)).astype("float32")
+    timed = time_runner(make_runner(contender, path, threads, {"x": x}), seconds)
+    print(json.dumps({"ms": timed["ms"], "runs": timed["runs"]}))
 
 
 def measure(files: dict[str, Path], batch: int, threads: int, seconds: float) -> dict[str, float]:

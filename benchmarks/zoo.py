@@ -735,6 +735,44 @@ def run_compiled(compiled, feeds: Feeds) -> list[np.ndarray]:
     return [out[o.name] for o in compiled.outputs]
 
 
+def case_samples(case: Case) -> tuple[list[Feeds], list[Feeds]]:
+    """The evaluation inputs and the calibration samples of ``case`` (seeded: every run, and every
+    script that builds the zoo, calibrates on the same samples)."""
+    rng = np.random.default_rng(1)
+    evals = [{i.name: i.sample(rng) for i in case.inputs} for _ in range(EVAL_SAMPLES)]
+    calib = [{i.name: i.sample(rng) for i in case.inputs} for _ in range(CALIB_SAMPLES)]
+    return evals, calib
+
+
+def import_case(case: Case):
+    import qcompile
+
+    return qcompile.import_model(case.model, case.input_shapes, weights=case.weights)
+
+
+def build_fp32(imported, work: Path):
+    """The untuned float32 build of an imported case: ``work/fp32.so``."""
+    import qcompile
+
+    return qcompile.compile(imported, TARGET, out_dir=work, name="fp32", tuning_logs=False)
+
+
+def build_int8(case: Case, imported, calib: list[Feeds], work: Path):
+    """The untuned int8 build, ``work/int8.so``: the pre-quantized file as it is, else PTQ of
+    ``imported`` (None: imported here) calibrated on ``calib``."""
+    import qcompile
+
+    if case.prequantized:
+        return qcompile.compile(case.prequantized, TARGET, out_dir=work, name="int8",
+                                input_shapes=case.input_shapes, tuning_logs=False)
+    if imported is None:
+        imported = import_case(case)
+    names = [i.name for i in imported.inputs]
+    batches = [dict(zip(names, c.values())) if not set(names) <= set(c) else c for c in calib]
+    return qcompile.compile(imported, TARGET, quantization=qcompile.Int8Config(num_samples=CALIB_SAMPLES),
+                            calibration_data=batches, out_dir=work, name="int8", tuning_logs=False)
+
+
 def run_entry(entry: Entry, work: Path, int8: bool = True,
               report: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Build ``entry`` float32 (and int8) in ``work`` and measure it; the record the table shows.
@@ -761,9 +799,7 @@ def run_entry(entry: Entry, work: Path, int8: bool = True,
         return record
     record["params"] = case.params
     record["inputs"] = {i.name: f"{i.dtype}{list(i.shape)}" for i in case.inputs}
-    rng = np.random.default_rng(1)
-    evals = [{i.name: i.sample(rng) for i in case.inputs} for _ in range(EVAL_SAMPLES)]
-    calib = [{i.name: i.sample(rng) for i in case.inputs} for _ in range(CALIB_SAMPLES)]
+    evals, calib = case_samples(case)
 
     stage("fp32")
     fp32: dict[str, Any] = {"ok": False}
@@ -771,8 +807,8 @@ def run_entry(entry: Entry, work: Path, int8: bool = True,
     float_outs = None
     try:
         t0 = time.perf_counter()
-        imported = qcompile.import_model(case.model, case.input_shapes, weights=case.weights)
-        artifact = qcompile.compile(imported, TARGET, out_dir=work, name="fp32", tuning_logs=False)
+        imported = import_case(case)
+        artifact = build_fp32(imported, work)
         fp32.update(ok=True, bytes=artifact.manifest.library["bytes"], seconds=round(time.perf_counter() - t0, 1))
         save(record)
         compiled = qcompile.load(artifact.library)
@@ -792,16 +828,7 @@ def run_entry(entry: Entry, work: Path, int8: bool = True,
         record["int8"] = q
         try:
             t0 = time.perf_counter()
-            if case.prequantized:
-                artifact = qcompile.compile(case.prequantized, TARGET, out_dir=work, name="int8",
-                                            input_shapes=case.input_shapes, tuning_logs=False)
-            else:
-                if imported is None:
-                    imported = qcompile.import_model(case.model, case.input_shapes, weights=case.weights)
-                names = [i.name for i in imported.inputs]
-                batches = [dict(zip(names, c.values())) if not set(names) <= set(c) else c for c in calib]
-                artifact = qcompile.compile(imported, TARGET, quantization=qcompile.Int8Config(num_samples=CALIB_SAMPLES),
-                                            calibration_data=batches, out_dir=work, name="int8", tuning_logs=False)
+            artifact = build_int8(case, imported, calib, work)
             quant = artifact.manifest.quantization
             integer, total = integer_share(quant)
             q.update(ok=True, bytes=artifact.manifest.library["bytes"], seconds=round(time.perf_counter() - t0, 1),
@@ -835,6 +862,14 @@ def run_entry(entry: Entry, work: Path, int8: bool = True,
     return record
 
 
+def ort_int8_file(case: Case, calib: list[Feeds], work: Path) -> Path:
+    """ONNX Runtime's int8 of the case's ONNX file: ``work/ort-int8.onnx`` (QDQ, per-channel U8S8,
+    MinMax over ``calib``)."""
+    out = work / "ort-int8.onnx"
+    ort_quantize_static(Path(case.onnx), out, calib)
+    return out
+
+
 def ort_int8_agreement(case: Case, calib: list[Feeds], evals: list[Feeds], float_outs: list[list[np.ndarray]],
                        work: Path) -> dict[str, Any]:
     """ONNX Runtime's int8 of the same model (quantize_static, same calibration samples, same
@@ -842,8 +877,7 @@ def ort_int8_agreement(case: Case, calib: list[Feeds], evals: list[Feeds], float
     deep network can amplify small perturbations (rounding its weights alone moves its logits), so
     a low agreement means something only beside this one."""
     try:
-        out = work / "ort-int8.onnx"
-        ort_quantize_static(Path(case.onnx), out, calib)
+        out = ort_int8_file(case, calib, work)
         run = ort_reference(out)
         names = [i.name for i in ort_session(out).get_inputs()]
         outs = [run(f if set(names) <= set(f) else dict(zip(names, f.values()))) for f in evals]
@@ -854,14 +888,11 @@ def ort_int8_agreement(case: Case, calib: list[Feeds], evals: list[Feeds], float
 
 # ----------------------------------------------------------------------------- the zoo run
 
-def run_isolated(entry: Entry, work: Path, int8: bool, timeout: float) -> dict[str, Any]:
-    """``run_entry`` in a subprocess (its own process group) under ``timeout`` seconds."""
-    result = work / "record.json"
-    work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", entry.name, "--work", str(work),
-           "--result", str(result)] + ([] if int8 else ["--skip-int8"])
-    started = time.perf_counter()
-    with open(work / "stderr.log", "w+") as err:
+def run_guarded(cmd: list[str], log: Path, timeout: float) -> tuple[str | None, list[str]]:
+    """``cmd`` in a subprocess (its own process group, stderr into ``log``) under ``timeout``
+    seconds: (None, or what went wrong: "exit N", "crashed (SIGSEGV)", "timeout after T s";
+    the non-empty stderr lines)."""
+    with open(log, "w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
@@ -872,6 +903,17 @@ def run_isolated(entry: Entry, work: Path, int8: bool, timeout: float) -> dict[s
             problem = f"timeout after {timeout:g} s"
         err.seek(0)
         tail = [line.strip() for line in err.read().splitlines() if line.strip()]
+    return problem, tail
+
+
+def run_isolated(entry: Entry, work: Path, int8: bool, timeout: float) -> dict[str, Any]:
+    """``run_entry`` in a subprocess (its own process group) under ``timeout`` seconds."""
+    result = work / "record.json"
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", entry.name, "--work", str(work),
+           "--result", str(result)] + ([] if int8 else ["--skip-int8"])
+    started = time.perf_counter()
+    problem, tail = run_guarded(cmd, work / "stderr.log", timeout)
     try:
         record = json.loads(result.read_text())
     except (OSError, ValueError):

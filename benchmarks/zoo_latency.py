@@ -1,0 +1,419 @@
+"""Batch-1 latency over the model zoo: qcompile against ONNX Runtime, float32 and int8, untuned.
+
+For every zoo model (``zoo.py``'s cases, exports and calibration samples):
+
+- qcompile fp32: the untuned float32 build of the zoo's form of the model (torchvision name,
+  ONNX file or .pt2);
+- ONNX Runtime fp32: the same model's ONNX file (the zoo's ONNX twin for a torchvision name or
+  a .pt2), default graph optimizations;
+- qcompile int8: the untuned int8 PTQ build, calibrated as ``zoo.py`` calibrates;
+- ONNX Runtime int8: the zoo's ``quantize_static`` of the ONNX file (QDQ, U8S8, per-channel,
+  the same calibration samples).  Where ONNX Runtime's pre-processing or quantizer fails the
+  cell says "failed" and the model is left out of the int8 geometric mean (named under the table);
+- pre-quantized entries (ONNX Runtime's QDQ, QOperator and dynamic files): qcompile built from
+  that file against ONNX Runtime running the same file, in the int8 columns; their float32 is
+  the base model's.
+
+Every contender runs standalone in its own long-lived process (``--serve``: qcompile on
+``TVM_NUM_THREADS``, ONNX Runtime on ``intra_op_num_threads``, both ``--threads``), one
+measurement at a time with ``throughput.py``'s loader and timer: load the artifact, warm up,
+wait for idle CPUs, run for ``--seconds``, median ms.  Per model the builds run first in a
+subprocess (``zoo.py``'s guard: a crash or a hang costs that model's row), then ``--rounds``
+rounds interleave the contenders (the order rotates); each figure is the median over rounds and
+each ratio is qcompile ms / ONNX Runtime ms (<1: qcompile is faster).  Under the table: the
+geometric mean of each ratio column, its worst ratio and model, and how many models are over
+1.5x.  Output: ``out/benchmarks/zoo_latency.{md,json}`` (``benchmarks/results/`` with
+``--save``), rewritten after every model; the JSON holds the machine record.
+
+    .venv/bin/python benchmarks/zoo_latency.py --only squeezenet1_1,conv1d_kws-onnx
+    .venv/bin/python benchmarks/zoo_latency.py --classes transformer --rounds 5
+    .venv/bin/python benchmarks/zoo_latency.py --save
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import zoo
+from machine import add_save_option, describe, machine_info, results_dir
+from throughput import make_runner, time_runner
+
+QC_FP32, ORT_FP32, QC_INT8, ORT_INT8 = "qcompile fp32", "ONNX Runtime fp32", "qcompile int8", "ONNX Runtime int8"
+CONTENDERS = (QC_FP32, ORT_FP32, QC_INT8, ORT_INT8)
+PAIRS = {"fp32": (QC_FP32, ORT_FP32), "int8": (QC_INT8, ORT_INT8)}
+LIMIT = 1.5  # a ratio above this counts as a model worse than ONNX Runtime
+IDLE_WINDOW_S = 0.5  # the idle-CPU check before each measurement
+RESTART_RSS_MB = 3072  # a serving process above this is replaced before its next measurement
+REQUEST_TIMEOUT_S = 300.0  # load, warm-up and idle wait of one measurement (plus --seconds)
+
+
+# ----------------------------------------------------------------------------- building
+
+def build(entry: zoo.Entry, work: Path) -> None:
+    """The four contenders' files of ``entry`` in ``work``, listed in ``work/artifacts.json``
+    (rewritten after each stage): {"feeds": npz of one input, "files": {contender: file},
+    "errors": {contender: first line}}."""
+    record: dict[str, Any] = {"files": {}, "errors": {}}
+    files, errors = record["files"], record["errors"]
+
+    def save() -> None:
+        (work / "artifacts.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    save()
+    try:
+        case = entry.make(work)
+    except Exception as exc:  # noqa: BLE001 (recorded: every cell of the row says failed)
+        errors.update(dict.fromkeys(CONTENDERS, f"export failed: {zoo.first_line(exc)}"))
+        save()
+        return
+    evals, calib = zoo.case_samples(case)
+    record["feeds"] = str(work / "feeds.npz")
+    np.savez(record["feeds"], **evals[0])
+    imported = None
+    if not case.prequantized:
+        try:
+            imported = zoo.import_case(case)
+            files[QC_FP32] = str(zoo.build_fp32(imported, work).library)
+        except Exception as exc:  # noqa: BLE001
+            errors[QC_FP32] = zoo.first_line(exc)
+        if case.onnx:
+            files[ORT_FP32] = case.onnx
+        else:
+            errors[ORT_FP32] = "no ONNX form (the ONNX exporter failed)"
+        save()
+    try:
+        files[QC_INT8] = str(zoo.build_int8(case, imported, calib, work).library)
+    except Exception as exc:  # noqa: BLE001
+        errors[QC_INT8] = zoo.first_line(exc)
+    save()
+    if case.prequantized:
+        files[ORT_INT8] = case.prequantized
+    elif case.onnx:
+        try:
+            files[ORT_INT8] = str(zoo.ort_int8_file(case, calib, work))
+        except Exception as exc:  # noqa: BLE001 (ONNX Runtime's pre-processing or quantizer)
+            errors[ORT_INT8] = f"quant_pre_process / quantize_static: {zoo.first_line(exc)}"
+    else:
+        errors[ORT_INT8] = "no ONNX form (the ONNX exporter failed)"
+    save()
+
+
+def build_isolated(entry: zoo.Entry, work: Path, timeout: float) -> dict[str, Any]:
+    """``build`` in a subprocess under ``timeout`` seconds; a contender it did not reach gets the
+    subprocess's problem as its error."""
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--build", entry.name, "--work", str(work)]
+    problem, tail = zoo.run_guarded(cmd, work / "build.log", timeout)
+    try:
+        record = json.loads((work / "artifacts.json").read_text())
+    except (OSError, ValueError):
+        record = {"files": {}, "errors": {}}
+    if problem:
+        message = problem + (f": {tail[-1][:200]}" if tail and "crashed" in problem else "")
+        for contender in CONTENDERS:
+            if contender not in record["files"]:
+                record["errors"].setdefault(contender, message)
+    return record
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def rss_mb() -> float:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def serve(contender: str, threads: int) -> None:
+    """A contender's standalone process: per JSON line on stdin ({"path", "feeds", "seconds"})
+    one measurement, answered as one JSON line ({"ms", "runs", "waited_s", "rss_mb"} or
+    {"error"}).  Anything the libraries print goes to stderr."""
+    reply_to = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        request = json.loads(line)
+        run = None
+        try:
+            with np.load(request["feeds"]) as arrays:
+                feeds = {name: arrays[name] for name in arrays.files}
+            run = make_runner(contender, request["path"], threads, feeds)
+            reply: dict[str, Any] = time_runner(run, request["seconds"], IDLE_WINDOW_S)
+        except Exception as exc:  # noqa: BLE001 (answered: the cell says failed)
+            reply = {"error": zoo.first_line(exc)}
+        del run
+        gc.collect()
+        reply["rss_mb"] = round(rss_mb())
+        reply_to.write(json.dumps(reply) + "\n")
+        reply_to.flush()
+
+
+class MeasureError(RuntimeError):
+    """A measurement that gave no time: the artifact failed to load or run, or its process died."""
+
+
+class Server:
+    """The driver's handle on one contender's ``--serve`` process, started on first use and
+    replaced after a crash, a hang or when it holds more than ``RESTART_RSS_MB``."""
+
+    def __init__(self, contender: str, threads: int, log: Path) -> None:
+        self.contender, self.threads, self.log = contender, threads, log
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ, TVM_NUM_THREADS=str(self.threads), OMP_NUM_THREADS=str(self.threads))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", self.contender, "--threads", str(self.threads)]
+        with open(self.log, "a") as err:
+            return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    env=env, start_new_session=True)
+
+    def measure(self, path: str, feeds: str, seconds: float) -> dict[str, Any]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = self._start()
+        self.proc.stdin.write(json.dumps({"path": path, "feeds": feeds, "seconds": seconds}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], REQUEST_TIMEOUT_S + seconds)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            code = self.proc.poll()
+            self.close()
+            raise MeasureError(f"its process {'hung' if code is None else f'exited ({code})'}; see {self.log}")
+        reply = json.loads(line)
+        if reply.get("rss_mb", 0) > RESTART_RSS_MB:
+            self.close()
+        if "error" in reply:
+            raise MeasureError(reply["error"])
+        return reply
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def measure_model(artifacts: dict[str, Any], servers: dict[str, Server], rounds: int,
+                  seconds: float) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
+    """``rounds`` interleaved rounds over the contenders that have a file (each round starts one
+    contender later): ({contender: ms per round}, {contender: error}, {"idle_wait_s": seconds
+    waited for idle CPUs, "busy_starts": measurements that started without idle CPUs}).
+    A contender that fails once is not asked again."""
+    live = [c for c in CONTENDERS if c in artifacts["files"]]
+    per_round: dict[str, list[float]] = {c: [] for c in live}
+    errors: dict[str, str] = {}
+    waits = {"idle_wait_s": 0.0, "busy_starts": 0}
+    for index in range(rounds):
+        order = live[index % len(live):] + live[:index % len(live)] if live else []
+        for contender in order:
+            if contender in errors:
+                continue
+            try:
+                reply = servers[contender].measure(artifacts["files"][contender], artifacts["feeds"], seconds)
+            except MeasureError as exc:
+                errors[contender] = str(exc)
+                per_round.pop(contender)
+                continue
+            per_round[contender].append(reply["ms"])
+            waits["idle_wait_s"] += reply["waited_s"]
+            waits["busy_starts"] += not reply["idle"]
+    waits["idle_wait_s"] = round(waits["idle_wait_s"], 1)
+    return per_round, errors, waits
+
+
+# ----------------------------------------------------------------------------- the table
+
+def ratios(record: dict[str, Any]) -> dict[str, float]:
+    """qcompile ms / ONNX Runtime ms per precision, where both were measured."""
+    median = record["median_ms"]
+    return {p: median[ours] / median[theirs] for p, (ours, theirs) in PAIRS.items()
+            if ours in median and theirs in median}
+
+
+def summarize(records: list[dict[str, Any]], precision: str) -> dict[str, Any]:
+    """Geometric mean of the ratios, the worst ratio and its model, the models over ``LIMIT``,
+    and the models left out (with why: the first failing contender's error)."""
+    ours, theirs = PAIRS[precision]
+    got = {r["name"]: r["ratio"][precision] for r in records if precision in r["ratio"]}
+    left_out = {}
+    for r in records:
+        if precision in r["ratio"] or (precision == "fp32" and r["class"] == "prequantized"):
+            continue
+        failed = next((c for c in (theirs, ours) if c in r["errors"]), None)
+        left_out[r["name"]] = f"{failed} failed: {r['errors'][failed]}" if failed else "not measured"
+    summary: dict[str, Any] = {"models": len(got), "left_out": left_out}
+    if got:
+        worst = max(got, key=got.get)
+        summary.update(geomean=math.exp(sum(math.log(v) for v in got.values()) / len(got)),
+                       worst=got[worst], worst_model=worst, over_limit=sorted(n for n, v in got.items() if v > LIMIT))
+    return summary
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def row(record: dict[str, Any]) -> list[str]:
+    cells = [record["name"]]
+    for precision, (ours, theirs) in PAIRS.items():
+        if precision == "fp32" and record["class"] == "prequantized":
+            cells += ["-", "-", "-"]
+            continue
+        for contender in (ours, theirs):
+            cells.append("failed" if contender in record["errors"] else _ms(record["median_ms"].get(contender)))
+        ratio = record["ratio"].get(precision)
+        cells.append("-" if ratio is None else f"{ratio:.2f}x" + (" (over 1.5x)" if ratio > LIMIT else ""))
+    return cells
+
+
+HEADER = ["model", "qcompile fp32 ms", "ORT fp32 ms", "ratio", "qcompile int8 ms", "ORT int8 ms", "ratio"]
+
+
+def _error(text: str, width: int = 120) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def render(records: list[dict[str, Any]], summaries: dict[str, dict], args, machine: dict, elapsed: float) -> str:
+    title = (f"Zoo latency: {len(records)} models, batch 1, {args.threads} threads, target {zoo.TARGET}, untuned "
+             f"builds; each contender standalone in its own process, {args.rounds} interleaved rounds of "
+             f"{args.seconds:g} s, median ms over rounds; ratio = qcompile ms / ONNX Runtime ms (<1: qcompile "
+             "faster). ONNX Runtime: default graph optimizations, intra_op_num_threads "
+             f"{args.threads}; int8: `quantize_static` QDQ U8S8 per-channel of the same ONNX file on zoo.py's "
+             f"{zoo.CALIB_SAMPLES} calibration samples; pre-quantized rows: qcompile and ONNX Runtime on the same "
+             f"ONNX Runtime-quantized file (their float32 is the base model's row). {elapsed:.0f} s, "
+             f"{sum(r['idle_wait_s'] for r in records):.0f} s of it waiting for idle CPUs; "
+             f"{sum(r['busy_starts'] for r in records)} of {sum(len(v) for r in records for v in r['ms'].values())} "
+             "measurements started on CPUs that did not become idle within 30 s (0: a quiet machine)")
+    lines = [title, "", describe(machine), "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row(r)) + " |" for r in records]
+    fp32, int8 = summaries["fp32"], summaries["int8"]
+
+    def cells(what: str) -> list[str]:
+        out = []
+        for s in (fp32, int8):
+            if not s["models"]:
+                value = "-"
+            elif what == "geomean":
+                value = f"**{s['geomean']:.2f}x**"
+            elif what == "worst":
+                value = f"{s['worst']:.2f}x ({s['worst_model']})"
+            else:
+                value = f"{len(s['over_limit'])} of {s['models']}"
+            out += ["", "", value]
+        return out
+
+    lines.append(f"| **geometric mean** ({fp32['models']} float32, {int8['models']} int8 models) | " + " | ".join(cells("geomean"))
+                 + " |")
+    lines.append("| **worst** | " + " | ".join(cells("worst")) + " |")
+    lines.append(f"| **over {LIMIT:g}x** | " + " | ".join(cells("over")) + " |")
+    for precision, label in (("fp32", "float32"), ("int8", "int8")):
+        s = summaries[precision]
+        if s["left_out"]:
+            causes = ("a contender did not build or run; for ONNX Runtime int8, its pre-processing or "
+                      "quantizer failed")
+            lines += ["", f"Left out of the {label} geometric mean ({len(s['left_out'])}: {causes}):", ""]
+            lines += [f"- {name}: {_error(why)}" for name, why in s["left_out"].items()]
+        if s.get("over_limit"):
+            lines += ["", f"{label} over {LIMIT:g}x: {', '.join(s['over_limit'])}"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model names (zoo.py --list shows them)")
+    parser.add_argument("--classes", help=f"comma-separated classes: {', '.join(zoo.CLASSES)}")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model (default 3)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement (default 1)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of every contender (default 2)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for one model's builds (default 900)")
+    parser.add_argument("--work", type=Path, help="keep each model's files in WORK/NAME/ (default: a temporary folder)")
+    parser.add_argument("--build", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    add_save_option(parser)
+    args = parser.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    if args.build:
+        build(zoo.ZOO[args.build], args.work)
+        return
+    if args.serve:
+        serve(args.serve, args.threads)
+        return
+    entries = zoo.select(args.only, args.classes)
+    machine = machine_info(args.threads)
+    out = results_dir(args.save)
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def write() -> str:
+        summaries = {p: summarize(records, p) for p in PAIRS}
+        text = render(records, summaries, args, machine, time.perf_counter() - started)
+        (out / "zoo_latency.md").write_text(text)
+        (out / "zoo_latency.json").write_text(json.dumps(
+            {"machine": machine, "target": zoo.TARGET, "batch": 1, "threads": args.threads, "rounds": args.rounds,
+             "seconds": args.seconds, "calibration_samples": zoo.CALIB_SAMPLES, "limit": LIMIT,
+             "summary": summaries, "models": records}, indent=2) + "\n")
+        return text
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-zoo-latency-") as tmp:
+        root = args.work or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        servers = {c: Server(c, args.threads, root / f"serve-{c.replace(' ', '-')}.log") for c in CONTENDERS}
+        try:
+            for index, entry in enumerate(entries, 1):
+                print(f"[{index}/{len(entries)}] {entry.name} ...", file=sys.stderr, flush=True)
+                work = root / entry.name
+                if work.exists():
+                    shutil.rmtree(work)
+                t0 = time.perf_counter()
+                artifacts = build_isolated(entry, work, args.timeout)
+                t1 = time.perf_counter()
+                per_round, failed, waits = measure_model(artifacts, servers, args.rounds, args.seconds)
+                record: dict[str, Any] = {
+                    "name": entry.name, "class": entry.cls, "source": entry.source,
+                    "errors": {**artifacts["errors"], **failed}, "ms": per_round,
+                    "median_ms": {c: float(np.median(v)) for c, v in per_round.items() if v},
+                    "build_s": round(t1 - t0, 1), "measure_s": round(time.perf_counter() - t1, 1), **waits}
+                record["ratio"] = ratios(record)
+                records.append(record)
+                print(f"  {' | '.join(row(record))}  (build {record['build_s']:.0f} s, measure "
+                      f"{record['measure_s']:.0f} s of which {waits['idle_wait_s']:.0f} s waiting for idle CPUs)",
+                      file=sys.stderr, flush=True)
+                write()
+                if not args.work:
+                    shutil.rmtree(work, ignore_errors=True)
+        finally:
+            for server in servers.values():
+                server.close()
+    print(write())
+    print(f"written to {out}/zoo_latency.{{md,json}}")
+
+
+if __name__ == "__main__":
+    main()
