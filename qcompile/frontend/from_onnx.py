@@ -5,7 +5,10 @@ frontend.
 The frontend runs as :class:`_Importer`, TVM's ``ONNXGraphImporter`` with one operator of
 its own: ``qcompile::RecurrentSequence``, the fused LSTM/GRU recurrence that
 :mod:`qcompile.frontend.onnx_rnn` writes, imported as a call of the hand-scheduled kernel
-(:mod:`qcompile.kernels.recurrent`).  Every other operator goes to TVM's converters.
+(:mod:`qcompile.kernels.recurrent`), and its own ``Clip`` and ``Pad``
+(:mod:`qcompile.frontend.onnx_converters`: Relax operators the later passes see through,
+where TVM's are TE kernels).  Every other
+operator goes to TVM's converters.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ def _importer_class():
     the TVM frontend is imported lazily)."""
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
+    from qcompile.frontend.onnx_converters import convert_clip, convert_pad
     from qcompile.frontend.onnx_rnn import FUSED_OP, convert_fused
 
     class _Importer(ONNXGraphImporter):
@@ -72,6 +76,14 @@ def _importer_class():
         def _convert_operator(self, op_name, inputs, attrs, opset):
             if op_name == FUSED_OP:
                 return convert_fused(self.bb, list(inputs), attrs)
+            if op_name == "Clip":
+                return convert_clip(self.bb, list(inputs), attrs, opset)
+            if op_name == "Pad":
+                # TVM's converter indexes the optional inputs (value, axes) it may not have
+                inputs = list(inputs) + [None] * (4 - len(inputs))
+                padded = convert_pad(self.bb, inputs, attrs, opset, [self._nodes, self._params])
+                if padded is not None:
+                    return padded
             return super()._convert_operator(op_name, inputs, attrs, opset)
 
     return _Importer
