@@ -4,10 +4,15 @@
 ``dequantize_per_channel`` calls around float aten ops; TVM's torch frontend has no
 converters for them.  These map them onto ``relax.op.quantize``/``dequantize`` so PT2E
 models reach the same realize pass as every other source.
+
+Dynamic quantization (``is_dynamic=True``) computes each activation's scale and zero
+point at run time with ``choose_qparams.tensor``; it is written out as its definition in
+Relax ops, and the dequantize that reads its results is what
+:func:`qcompile.quantize.dynamic.realize_dynamic` turns into integer kernels.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tvm import relax
 
@@ -66,6 +71,24 @@ def _dequantize_per_channel(node, importer):
         relax.op.dequantize(q, scale, _zero_point(zp), axis=int(axis), out_dtype="float32"))
 
 
+def _choose_qparams(node, importer):
+    """``choose_qparams.tensor(x, qmin, qmax, eps, dtype)``, per tensor and asymmetric:
+    ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``s = max((hi - lo) / (qmax - qmin), eps)``,
+    ``zp = clip(qmin - round(lo / s), qmin, qmax)``; (scale, zero point) as float32 and int32
+    scalars."""
+    x, qmin, qmax, eps, dtype = importer.retrieve_args(node)[:5]
+    _qdtype(node, dtype, qmin, qmax)
+    emit = importer.block_builder.emit
+    zero = relax.const(0.0, "float32")
+    lo = emit(relax.op.minimum(emit(relax.op.min(x)), zero))
+    hi = emit(relax.op.maximum(emit(relax.op.max(x)), zero))
+    span = emit(relax.op.divide(emit(relax.op.subtract(hi, lo)), relax.const(float(qmax - qmin), "float32")))
+    scale = emit(relax.op.maximum(span, relax.const(float(eps), "float32")))
+    shift = emit(relax.op.round(emit(relax.op.divide(lo, scale))))
+    zp = emit(relax.op.clip(emit(relax.op.subtract(relax.const(float(qmin), "float32"), shift)), int(qmin), int(qmax)))
+    return scale, emit(relax.op.astype(zp, "int32"))
+
+
 CONVERT_MAP: dict[str, Callable] = {
     "quantize_per_tensor.default": _quantize,
     "quantize_per_tensor.tensor": _quantize,
@@ -73,4 +96,5 @@ CONVERT_MAP: dict[str, Callable] = {
     "dequantize_per_tensor.tensor": _dequantize,
     "quantize_per_channel.default": _quantize_per_channel,
     "dequantize_per_channel.default": _dequantize_per_channel,
+    "choose_qparams.tensor": _choose_qparams,
 }

@@ -5,6 +5,13 @@ Frontends write constants' layout changes after the ``dequantize``: ONNX Conv bi
 ``permute_dims(dequantize(W_int8))``.  Applying the layout change to the integer
 constant (and moving the quantization axis with it) gives ``dequantize(const)`` directly
 in front of the op, so one realize pass serves every source.
+
+PyTorch's ``linear`` on ``[B, T, C]`` tokens reaches Relax as
+``matmul(reshape(dequantize(xq)), W)``: a reshape or permute_dims of a per-tensor
+dequantized activation that only conv/matmul read moves in front of the ``dequantize``
+(the two commute for one scale and zero point), so the op reads ``dequantize`` directly.
+Shape ops that other ops read stay where they are: realize keeps ``quantize(reshape(dq(x)))``
+in int8 as it is.
 """
 from __future__ import annotations
 
@@ -16,10 +23,17 @@ from qcompile.passes.bindings import (
     Emitter,
     Graph,
     const_value,
+    dtype_of,
     op_name,
     rebuild,
+    shape_of,
     with_main,
 )
+from qcompile.quantize.op_tables import ANCHORS
+
+# Ops that only move or regroup values: they commute with a per-tensor dequantize.
+_SHAPE_OPS = frozenset({"relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
+                        "relax.flatten"})
 
 
 def has_qdq(mod: tvm.IRModule) -> bool:
@@ -33,8 +47,12 @@ def has_qdq(mod: tvm.IRModule) -> bool:
 
 def canonicalize_qdq(mod: tvm.IRModule) -> tvm.IRModule:
     """Fold reshape / permute_dims of dequantized constants (and reshape / permute_dims /
-    astype of plain constants, e.g. PT2E's int64 zero points) into the constants."""
+    astype of plain constants, e.g. PT2E's int64 zero points) into the constants, and move
+    shape ops between a per-tensor dequantized activation and the conv/matmul that read
+    them in front of the dequantize."""
     graph = Graph.from_main(mod["main"])
+    into_anchors = _shape_ops_into_anchors(graph)
+    moved: dict = {}  # a moved shape op's old var -> the dequantize call that replaced it
 
     def const_dequantize(em: Emitter, expr):
         call = graph.call_of(expr, "relax.dequantize")
@@ -45,6 +63,10 @@ def canonicalize_qdq(mod: tvm.IRModule) -> tvm.IRModule:
 
     def rewrite(em: Emitter, var, value):
         name = op_name(value)
+        if var in into_anchors:
+            new = _move_before_dequantize(em, graph, moved, var, value)
+            if new is not None:
+                return new
         if name not in ("relax.reshape", "relax.permute_dims", "relax.astype"):
             return None
         plain = const_value(em.subst(value.args[0]))
@@ -76,6 +98,57 @@ def canonicalize_qdq(mod: tvm.IRModule) -> tvm.IRModule:
                                            axis=new_axis, out_dtype=str(call.attrs.out_dtype)), var.name)
 
     return with_main(mod, rebuild(mod["main"], rewrite))
+
+
+def _shape_ops_into_anchors(graph: Graph) -> set:
+    """Vars of shape ops whose every reader is a conv/matmul or another such shape op."""
+    anchor_reads: dict = {}
+    shape_reads: dict = {}  # var -> the shape-op vars that read it
+    for var, value in graph.bindings:
+        name = op_name(value)
+        if name in ANCHORS:
+            for arg in value.args:
+                if isinstance(arg, relax.Var):
+                    anchor_reads[arg] = anchor_reads.get(arg, 0) + 1
+        elif name in _SHAPE_OPS and isinstance(value.args[0], relax.Var):
+            shape_reads.setdefault(value.args[0], []).append(var)
+    found: set = set()
+    for var, value in reversed(graph.bindings):
+        if op_name(value) not in _SHAPE_OPS or var not in graph.producer:
+            continue
+        readers = shape_reads.get(var, [])
+        if readers and not all(r in found for r in readers):
+            continue
+        if anchor_reads.get(var, 0) + len(readers) == graph.uses.get(var, 0) > 0:
+            found.add(var)
+    return found
+
+
+def _move_before_dequantize(em: Emitter, graph: Graph, moved: dict, var, value):
+    """``shape_op(dequantize(xq, s, z))`` of an activation with one scale and zero point as
+    ``dequantize(shape_op(xq), s, z)``, else None."""
+    arg = value.args[0]
+    call = moved[arg] if arg in moved else graph.call_of(arg, "relax.dequantize")
+    if call is None:
+        return None
+    data, scale, zp = (em.subst(a) for a in call.args)
+    if const_value(data) is not None:
+        return None  # a constant's layout change folds into the constant instead
+    if _size(scale) != 1 or _size(zp) != 1 or str(call.attrs.out_dtype) != dtype_of(value):
+        return None  # per channel; one scale and zero point may be computed at run time
+    shaped = em.emit(relax.Call(value.op, [data] + [em.subst(a) for a in value.args[1:]], value.attrs,
+                                value.ty_args))
+    new = relax.op.dequantize(shaped, scale, zp, axis=-1, out_dtype=str(call.attrs.out_dtype))
+    moved[var] = new
+    return new
+
+
+def _size(expr) -> int:
+    """The number of elements of a tensor with a static shape, else -1."""
+    try:
+        return int(np.prod(shape_of(expr)))
+    except (AttributeError, TypeError, ValueError):
+        return -1
 
 
 def _fold_plain(call, value: np.ndarray):
