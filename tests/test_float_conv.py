@@ -26,6 +26,8 @@ CASES = {  # ic, h, w, oc, k, stride, pad, dilation
     "dilated": (8, 11, 11, 8, 3, 1, 2, 2),
     "14_wide": (8, 14, 14, 8, 3, 1, 1, 1),  # 16 registers: computed 16 wide (see padded_width), cropped
     "7_wide_stride2_no_padding": (8, 16, 15, 16, 3, 2, 0, 1),
+    "13_wide_1x1": (16, 13, 13, 32, 1, 1, 0, 1),  # 32 registers: computed 14 wide, cropped
+    "27_wide_valid_3x3": (8, 29, 29, 16, 3, 1, 0, 1),  # computed 28 wide
 }
 
 
@@ -238,3 +240,13 @@ def test_float_linear_layers_run_on_the_conv_kernel(mcpu):
     got_y, got_z = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r))
     np.testing.assert_allclose(got_y.numpy(), x @ w + b, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got_z.numpy(), r @ w1, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [5, 13, 27, 55, 111])
+def test_odd_widths_get_multi_pixel_tiles(width):
+    """Widths that neither 4 nor 7 divides are computed a few columns wider, so the
+    register tile holds 4 or 7 pixels instead of one (and never more than 2 columns extra)."""
+    for lanes, registers in LANES_REGISTERS:
+        padded = float_conv2d.padded_width(width, registers)
+        assert width < padded <= width + 3
+        assert float_conv2d.tile_for(padded, 4, registers, lanes)[0] >= 4

@@ -39,6 +39,8 @@ CASES = {  # ic, h, w, oc, k, stride, pad, dilation
     "dilated": (8, 11, 11, 8, 3, 1, 2, 2),
     "14_wide_2x4_tile": (8, 14, 14, 32, 1, 1, 0, 1),  # default tile 2 pixels x 4 lane groups
     "deep_3x3": (64, 4, 4, 32, 3, 1, 1, 1),  # weight larger than the input: channel blocks over the cores
+    "13_wide_1x1": (32, 13, 13, 48, 1, 1, 0, 1),  # computed 14 wide (padded_width), cropped
+    "13_wide_stem_folded": (3, 15, 15, 16, 3, 1, 0, 1),  # rows folded, computed 14 wide
 }
 
 
@@ -174,7 +176,7 @@ def test_realized_dense_packed_equals_unpacked(m, k, n):
     x = RNG.standard_normal((m, k)).astype("float32")
     mod = _qdq_dense(RNG.integers(-63, 64, (k, n)).astype("int8"), x)
     assert "R.matmul" in mod.script()  # realize made the matmul integer
-    packed, counts = pack_conv(mod, HOST)
+    _, counts = pack_conv(mod, HOST)
     assert counts["int8_dense"] == 1, counts
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own matmul
     results = []
@@ -193,3 +195,11 @@ def test_dense_weights_that_would_saturate_are_left_to_tvm():
     assert counts["int8_dense"] == 0, counts
     _, counts = pack_conv(mod, resolve_target("x86-avx512").to_tvm())  # VNNI: exact for any int8
     assert counts["int8_dense"] == 1, counts
+
+
+@pytest.mark.parametrize("width", [5, 13, 27, 55, 111])
+def test_odd_widths_get_multi_pixel_tiles(width):
+    """An odd width that 7 does not divide is computed one column wider: 2- or 4-pixel tiles."""
+    padded = packed_conv2d.padded_width(width)
+    assert padded == width + 1
+    assert packed_conv2d.tile_for(padded, 4)[0] >= 2

@@ -96,11 +96,17 @@ def padded_width(out_width: int, registers: int = 16) -> int:
     """The output width the kernel computes.  With 16 registers: rounded up to a multiple of
     4 (14 -> 16, 7 -> 8) so that the 4-pixel register tile always fits; the extra columns
     read zero padding and are dropped (7 x 1 tiles on the 14- and 7-wide layers ran at 45-55
-    GMAC/s vs 70-80 on AVX2).  With 32 (AVX-512) the width itself: 7 x 2 and 7 x 4 tiles fit
-    and ran resnet18's 14-wide 3x3 conv at 110-112 GMAC/s vs 92 for the best 16-wide tile
-    (counting real columns; 2-vCPU Zen 4)."""
-    if registers >= 32 or out_width % 4 == 0 or out_width < 4:
+    GMAC/s vs 70-80 on AVX2).  With 32 (AVX-512) a width that 4 or 7 divides stays: 7 x 2
+    and 7 x 4 tiles fit and ran resnet18's 14-wide 3x3 conv at 110-112 GMAC/s vs 92 for the
+    best 16-wide tile (counting real columns; 2-vCPU Zen 4); any other (13, 27, 55: inputs
+    that are no multiple of 32, valid convs) goes up to the nearer multiple of 7 or 4, which
+    costs a few columns where single-pixel tiles would cost most of the FMA rate."""
+    if out_width % 4 == 0 or out_width < 4:
         return out_width
+    if registers >= 32:
+        if out_width % 7 == 0:
+            return out_width
+        return min((out_width + 6) // 7 * 7, (out_width + 3) // 4 * 4)
     return (out_width + 3) // 4 * 4
 
 

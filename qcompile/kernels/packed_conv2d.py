@@ -64,6 +64,23 @@ def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
+def padded_width(out_width: int) -> int:
+    """The output width the kernel computes: an odd width that 7 does not divide (13, 27, 55,
+    111: inputs that are no multiple of 32, valid 3x3 convs, ceil-mode pools) one column
+    wider, so that a 2- or 4-pixel register tile fits instead of single pixels; the extra
+    column reads the zero point and is dropped."""
+    if out_width > 2 and out_width % 2 and out_width % 7:
+        return out_width + 1
+    return out_width
+
+
+def _right_padding(shape: ConvShape, out_width: int) -> int:
+    """``shape``'s right padding, widened so that ``out_width`` columns read inside the input."""
+    left, right = shape.padding[1], shape.padding[3]
+    need = (out_width - 1) * shape.stride[1] + (shape.kw - 1) * shape.dilation[1] + 1
+    return right + max(0, need - (shape.w + left + right))
+
+
 def pack_weight(weight: np.ndarray, lanes: int, fold_rows: bool = False) -> np.ndarray:
     """OIHW int8 -> (OC/L, KH, KW, C4/4, L, 4), zero-filled where OC or IC is padded;
     ``fold_rows`` (see ``ConvShape.folds_rows``): (OC/L, KH, R4/4, L, 4) over r = kw * C + c."""
@@ -84,9 +101,11 @@ def conv2d_func(shape: ConvShape, dot: Int8Dot) -> tirx.PrimFunc:
     """The kernel's compute definition: (x NHWC, zero point, packed weight) -> int32 NHWC."""
     lanes = dot.lanes
     icp, ocp = _round_up(shape.ic, 4), _round_up(shape.oc, lanes)
-    top, left, bottom, right = shape.padding
-    hp, wp = shape.h + top + bottom, shape.w + left + right
     oh, ow = shape.out_hw
+    owp = padded_width(ow)
+    top, left, bottom = shape.padding[:3]
+    right = _right_padding(shape, owp)
+    hp, wp = shape.h + top + bottom, shape.w + left + right
     (sh, sw), (dh, dw) = shape.stride, shape.dilation
 
     def dims(*values: int) -> tuple:
@@ -99,7 +118,7 @@ def conv2d_func(shape: ConvShape, dot: Int8Dot) -> tirx.PrimFunc:
     zx = te.placeholder(dims(1), dot.activation_dtype, name="zero_point")
     w = te.placeholder(dims(ocp // lanes, shape.kh, shape.kw, icp // 4, lanes, 4), "int8", name="w")
     xp = x
-    if any(shape.padding) or icp != shape.ic:
+    if any((top, left, bottom, right)) or icp != shape.ic:
         def pad(n, y, xx, c):
             inside = tirx.all(y >= top, y < shape.h + top, xx >= left, xx < shape.w + left, c < shape.ic)
             return tirx.if_then_else(inside, x[n, y - top, xx - left, tirx.min(c, shape.ic - 1)], zx[0])
@@ -108,7 +127,7 @@ def conv2d_func(shape: ConvShape, dot: Int8Dot) -> tirx.PrimFunc:
     rkh, rkw = te.reduce_axis(dims(0, shape.kh), "kh"), te.reduce_axis(dims(0, shape.kw), "kw")
     rco, rci = te.reduce_axis(dims(0, icp // 4), "ico"), te.reduce_axis(dims(0, 4), "ici")
     acc = te.compute(
-        dims(shape.n, oh, ow, ocp // lanes, lanes),
+        dims(shape.n, oh, owp, ocp // lanes, lanes),
         lambda n, y, xx, co, ci: te.sum(
             xp[n, y * sh + rkh * dh, xx * sw + rkw * dw, rco * 4 + rci].astype("int32")
             * w[co, rkh, rkw, rco, ci, rci].astype("int32"),
@@ -135,8 +154,9 @@ def _folded_conv2d_func(shape: ConvShape, dot: Int8Dot, dims) -> tirx.PrimFunc:
     top, left, bottom, right = shape.padding
     hp, wp = shape.h + top + bottom, shape.w + left + right
     oh, ow = shape.out_hw
+    owp = padded_width(ow)
     sh, sw = shape.stride
-    row = max(wp * c, (ow - 1) * sw * c + r4)
+    row = max(wp * c, (owp - 1) * sw * c + r4)
     x = te.placeholder(dims(shape.n, shape.h, shape.w, c), dot.activation_dtype, name="x")
     zx = te.placeholder(dims(1), dot.activation_dtype, name="zero_point")
     w = te.placeholder(dims(ocp // lanes, shape.kh, r4 // 4, lanes, 4), "int8", name="w")
@@ -151,7 +171,7 @@ def _folded_conv2d_func(shape: ConvShape, dot: Int8Dot, dims) -> tirx.PrimFunc:
     rkh, rq, ri = (te.reduce_axis(dims(0, shape.kh), "kh"), te.reduce_axis(dims(0, r4 // 4), "rq"),
                    te.reduce_axis(dims(0, 4), "ri"))
     acc = te.compute(
-        dims(shape.n, oh, ow, ocp // lanes, lanes),
+        dims(shape.n, oh, owp, ocp // lanes, lanes),
         lambda n, y, xx, co, ci: te.sum(
             xp[n, y * sh + rkh * shape.dilation[0], xx * sw * c + rq * 4 + ri].astype("int32")
             * w[co, rkh, rq, ci, ri].astype("int32"),
