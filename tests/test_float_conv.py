@@ -28,6 +28,8 @@ CASES = {  # ic, h, w, oc, k, stride, pad, dilation
     "7_wide_stride2_no_padding": (8, 16, 15, 16, 3, 2, 0, 1),
     "13_wide_1x1": (16, 13, 13, 32, 1, 1, 0, 1),  # 32 registers: computed 14 wide, cropped
     "27_wide_valid_3x3": (8, 29, 29, 16, 3, 1, 0, 1),  # computed 28 wide
+    "12_channels": (8, 7, 7, 12, 3, 1, 1, 1),  # computed as 16 (padded_channels), cropped
+    "255_channel_head": (32, 13, 13, 255, 1, 1, 0, 1),  # 256 at either width
 }
 
 
@@ -154,7 +156,8 @@ def test_float_depthwise_matches_reference():
 
 def test_float_model_uses_the_kernels_and_matches_tvm():
     """conv 3->16 (+bias, relu) -> depthwise 3x3 -> conv 1x1 16->12 (not a multiple of 8
-    lanes: left to TVM): the float kernels built for this CPU == TVM's own NCHW convs."""
+    lanes: computed as 16 channels and cropped): the float kernels built for this CPU ==
+    TVM's own NCHW convs."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 3, 16, 16), "float32"))
     with bb.function("main", [x]):
@@ -170,7 +173,7 @@ def test_float_model_uses_the_kernels_and_matches_tvm():
         bb.emit_func_output(out)
     mod = bb.get()
     _, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 1, "float_depthwise": 1, "float_dense": 0}
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 2, "float_depthwise": 1, "float_dense": 0}
     gpu = tvm.target.Target("cuda")
     assert pack_conv(mod, gpu)[0].same_as(mod)  # CPU kernels only
     data = RNG.standard_normal((1, 3, 16, 16)).astype("float32")

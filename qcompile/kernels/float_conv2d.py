@@ -16,7 +16,8 @@ FMAs at full rate, Zen 5 and Intel's AVX-512 server cores from Ice Lake on; 8 la
 ymm register; two NEON registers) elsewhere: AVX2, Zen 4 (which splits a 512-bit FMA into
 two 256-bit halves, so 16 lanes gain no FMA throughput there), and the generic AVX-512
 ``cascadelake`` (see :data:`FULL_RATE_512`).  A conv whose output channels are not a
-multiple of 16 falls back to 8 lanes.  On a 2-vCPU Zen 5 (AMD EPYC, family 26), one
+multiple of 16 falls back to 8 lanes unless padding it to one adds at most an eighth
+(:func:`lanes_for`, :func:`padded_channels`).  On a 2-vCPU Zen 5 (AMD EPYC, family 26), one
 thread, resnet18's and mobilenet_v2's convs ran at 120-130 GMAC/s with 16 lanes vs 60-65
 with 8 (the single core's 512-bit and 256-bit FMA peaks at about 4 GHz).
 
@@ -78,18 +79,27 @@ def vector_lanes(target) -> int:
 
 
 def lanes_for(out_channels: int, lanes: int) -> int:
-    """The lanes a conv with ``out_channels`` runs at when the target's are ``lanes``:
-    those where they divide the channels, else 8 (callers keep convs 8 does not divide
-    off this kernel)."""
-    return lanes if out_channels % lanes == 0 else LANES
+    """The lanes a conv with ``out_channels`` runs at when the target's are ``lanes``: those
+    where padding the channels to a multiple of them adds at most an eighth (1000 -> 1008,
+    255 -> 256), else 8."""
+    return lanes if padded_channels(out_channels, lanes) - out_channels <= out_channels // 8 else LANES
+
+
+def padded_channels(out_channels: int, lanes: int) -> int:
+    """The output channels the kernel computes: a whole number of ``lanes`` blocks (the
+    extra ones have zero weights and are cropped; a detection head's 255 or a classifier
+    conv's 1000 channels keep full vectors and a register tile instead of TVM's generic
+    conv)."""
+    return -(-out_channels // lanes) * lanes
 
 
 def pack_weight(weight: np.ndarray, lanes: int = LANES) -> np.ndarray:
-    """OIHW float32 -> (OC/L, KH, KW, IC, L); OC must be a multiple of ``lanes``."""
+    """OIHW float32 -> (OCp/L, KH, KW, IC, L), zero-filled past OC (:func:`padded_channels`)."""
     oc, ic, kh, kw = weight.shape
-    if oc % lanes:
-        raise ValueError(f"float conv2d: {oc} output channels is not a multiple of {lanes}")
-    return np.ascontiguousarray(weight.reshape(oc // lanes, lanes, ic, kh, kw).transpose(0, 3, 4, 2, 1))
+    ocp = padded_channels(oc, lanes)
+    if ocp != oc:
+        weight = np.concatenate([weight, np.zeros((ocp - oc, ic, kh, kw), weight.dtype)])
+    return np.ascontiguousarray(weight.reshape(ocp // lanes, lanes, ic, kh, kw).transpose(0, 3, 4, 2, 1))
 
 
 def padded_width(out_width: int, registers: int = 16) -> int:
@@ -115,7 +125,7 @@ def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> ti
     ``registers``: the target's (:func:`vector_registers`), which sets the computed width."""
     top, left, bottom, right = shape.padding
     oh, ow = shape.out_hw
-    owp = padded_width(ow, registers)
+    owp, ocp = padded_width(ow, registers), padded_channels(shape.oc, lanes)
     (sh, sw), (dh, dw) = shape.stride, shape.dilation
     right += max(0, (owp - 1) * sw + (shape.kw - 1) * dw + 1 - (shape.w + left + right))
 
@@ -123,7 +133,7 @@ def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> ti
         return tuple(tirx.IntImm("int64", v) for v in values)  # int64 like LegalizeOps' kernels
 
     x = te.placeholder(dims(shape.n, shape.h, shape.w, shape.ic), "float32", name="x")
-    w = te.placeholder(dims(shape.oc // lanes, shape.kh, shape.kw, shape.ic, lanes), "float32", name="w")
+    w = te.placeholder(dims(ocp // lanes, shape.kh, shape.kw, shape.ic, lanes), "float32", name="w")
     xp = x
     if any((top, left, bottom, right)):
         def pad(n, y, xx, c):
@@ -134,7 +144,7 @@ def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> ti
     rkh, rkw = te.reduce_axis(dims(0, shape.kh), "kh"), te.reduce_axis(dims(0, shape.kw), "kw")
     rc = te.reduce_axis(dims(0, shape.ic), "ic")
     acc = te.compute(
-        dims(shape.n, oh, owp, shape.oc),
+        dims(shape.n, oh, owp, ocp),
         lambda n, y, xx, c: te.sum(
             xp[n, y * sh + rkh * dh, xx * sw + rkw * dw, rc] * w[c // lanes, rkh, rkw, rc, c % lanes],
             axis=[rkh, rkw, rc]),

@@ -140,7 +140,7 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
             return _hwio(em, value)
         data, zero_point, shape, weight = match
         if not integer:
-            if shape.oc % float_conv2d.LANES or zero_point:
+            if zero_point:
                 return _hwio(em, value)
             counts["float"] += 1
             lanes = float_conv2d.lanes_for(shape.oc, float_lanes)  # weight and kernel alike
