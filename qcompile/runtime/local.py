@@ -121,9 +121,10 @@ class CompiledModel:
         return list(self.manifest.outputs)
 
     @classmethod
-    def load(cls, library: str | Path, verify: bool = True, rpc=None) -> CompiledModel:
+    def load(cls, library: str | Path, verify: bool = True, rpc=None, session=None) -> CompiledModel:
         """Load ``library`` (and its manifest) on this machine, or on the device behind
-        ``rpc`` (a :class:`qcompile.runtime.rpc.RpcEndpoint`)."""
+        ``rpc`` (a :class:`qcompile.runtime.rpc.RpcEndpoint`): in a new session, or in
+        ``session`` (one :func:`qcompile.runtime.rpc.connect` opened there, shared by models)."""
         library = Path(library)
         if not library.is_file():
             raise ArtifactError(f"{library} does not exist")
@@ -131,7 +132,7 @@ class CompiledModel:
         if verify:
             verify_library(library, manifest)
         if rpc is not None:
-            return cls._load_remote(library, manifest, rpc)
+            return cls._load_remote(library, manifest, rpc, session)
         _check_runs_here(library, manifest)
         import tvm
         from tvm import relax
@@ -144,12 +145,12 @@ class CompiledModel:
         return cls(library, manifest, relax.VirtualMachine(lib, device), device)
 
     @classmethod
-    def _load_remote(cls, library: Path, manifest: Manifest, endpoint) -> CompiledModel:
+    def _load_remote(cls, library: Path, manifest: Manifest, endpoint, session=None) -> CompiledModel:
         from tvm import relax
 
         from qcompile.runtime.rpc import connect
 
-        session = connect(endpoint)
+        session = connect(endpoint) if session is None else session
         kind = manifest.target["target"]["kind"]
         triple = (manifest.target["target"] if kind == "llvm" else manifest.target.get("host") or {}).get("mtriple")
         try:
