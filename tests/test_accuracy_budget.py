@@ -24,9 +24,12 @@ from conftest import REPO
 from torch import nn
 
 import qcompile
+from qcompile.accuracy import budget as budget_module
 from qcompile.accuracy import evaluate
 from qcompile.accuracy.budget import AccuracyBudget, fit_budget
 from qcompile.errors import AccuracyBudgetError, ConfigError
+from qcompile.runtime import CompiledModel
+from qcompile.runtime.rpc import RpcEndpoint, free_port, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +178,62 @@ def test_budget_without_labels_on_the_cli(case, tmp_path, cli):
     assert {s["float_layers"] == budget["float_layers"] and s["holds"] for s in budget["steps"]} >= {True}
 
 
-def test_budget_config_errors():
+def test_budget_over_rpc_times_and_evaluates_on_the_device(case, tmp_path, monkeypatch):
+    """With ``rpc`` (a local RPC server): every benchmark and every evaluation run is on the
+    remote, the kernel profiler is never used, each layer's cost is the all-float minus the
+    only-this-layer-int8 model latency timed there, and the result and manifest say where."""
+    onnx, calib, labelled, _, fp32, _ = case
+    benchmarked: list[str | None] = []
+    ran: list[str | None] = []
+    benchmark, run = CompiledModel.benchmark, CompiledModel.run
+
+    def spy_benchmark(self, *args, **kwargs):
+        benchmarked.append(self.remote)
+        return benchmark(self, *args, **kwargs)
+
+    def spy_run(self, *args, **kwargs):
+        ran.append(self.remote)
+        return run(self, *args, **kwargs)
+
+    def no_profiler(*_args, **_kwargs):
+        raise AssertionError("the kernel profiler ran during an RPC search")
+
+    monkeypatch.setattr(CompiledModel, "benchmark", spy_benchmark)
+    monkeypatch.setattr(CompiledModel, "run", spy_run)
+    monkeypatch.setattr(budget_module, "_kernel_times", no_profiler)
+    with start_server("127.0.0.1", free_port(), log=tmp_path / "server.log") as server:
+        result = fit_budget(str(onnx), "native", {"x": calib}, labelled, AccuracyBudget(max_top1_drop=0.5), CONFIG,
+                            out_dir=tmp_path, name="mixed-rpc", rounds=3, repeat=20, tuning_logs=False,
+                            rpc=RpcEndpoint(server.address))
+    print(result.to_text())
+    remote = f"RPC server 127.0.0.1:{server.address[1]}"
+    assert benchmarked and set(benchmarked) == {remote}
+    assert ran and set(ran) == {remote}
+    device = f"rpc 127.0.0.1:{server.address[1]}"
+    assert result.timed_on == result.evaluated_on == device
+    assert f"timed on {device}" in result.to_text()
+
+    # per-layer costs: whole-model latencies on the device, one all-float figure for all layers
+    assert not result.steps[0].holds and len(result.layers) == 6
+    assert all(la.timed == "model" and la.int8_ms > 0 and la.float_ms > 0 for la in result.layers)
+    assert len({la.float_ms for la in result.layers}) == 1
+    assert all(abs(la.cost_ms - (la.float_ms - la.int8_ms)) < 1e-9 for la in result.layers)
+    by_name = {la.name: la for la in result.layers}
+    assert by_name["conv2d_0"].loss > 10.0 and by_name["matmul_0"].loss > 10.0
+
+    # the written model meets the budget (evaluated again here: the same library on the same CPU)
+    reference = evaluate(fp32.library, labelled)
+    chosen = evaluate(result.artifact.library, labelled)
+    assert reference.top1 - chosen.top1 <= 0.5
+    if result.chosen == "mixed":
+        assert {"conv2d_0", "matmul_0"} <= set(result.float_layers)
+        assert abs((reference.top1 - chosen.top1) - result.value) < 1e-9
+    manifest = json.loads(result.artifact.manifest_file.read_text())["quantization"]["budget"]
+    assert manifest["timed_on"] == manifest["evaluated_on"] == device
+    assert {la["timed"] for la in manifest["layers"]} == {"model"}
+
+
+def test_budget_config_errors(cli):
     with pytest.raises(ConfigError, match="exactly one"):
         AccuracyBudget(max_top1_drop=0.5, min_cosine=0.99)
     with pytest.raises(ConfigError, match="min_cosine"):
@@ -184,3 +242,5 @@ def test_budget_config_errors():
         AccuracyBudget.from_metric("f1", 0.5)
     assert AccuracyBudget.from_metric("sqnr", 30).min_sqnr_db == 30
     assert issubclass(AccuracyBudgetError, qcompile.QcompileError) and AccuracyBudgetError.exit_code == 12
+    refused = cli("build", "model.onnx", "--rpc", "127.0.0.1:9090")  # refused before the model is read
+    assert refused.code == ConfigError.exit_code and "--accuracy-budget" in refused.err

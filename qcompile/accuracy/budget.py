@@ -9,9 +9,11 @@ int8 misses the :class:`AccuracyBudget`, it measures for every quantizable layer
   float -- a build and an evaluation per layer, not a proxy.  (Only-this-layer-int8, not
   only-this-layer-float: where two layers each break the model on their own, keeping either
   one float alone buys nothing, and the ranking would be blind);
-* its **cost**: the time of its kernel in the float build minus in the int8 build, from the
-  per-kernel profiles of both builds matched to the layers (:mod:`qcompile.runtime.explain`),
-  on this machine.
+* its **cost**: how much slower the model is with the layer float.  On this machine, the time
+  of its kernel in the float build minus in the int8 build, from the per-kernel profiles of
+  both builds matched to the layers (:mod:`qcompile.runtime.explain`).  On a device over RPC,
+  where that profiler (a hook in this process) cannot run, the all-float model's latency minus
+  the only-this-layer-int8 model's (the sensitivity builds), all timed there in turns.
 
 It then falls layers back to float one at a time, the highest loss per millisecond of cost
 first (layers whose float kernel is no slower first of all), rebuilding and re-evaluating the
@@ -22,11 +24,16 @@ build where that is faster still.  Losses are in the budget's terms, 0 for the f
 top-1 points lost, agreement points lost, ``1 - cosine``, or the noise-to-signal power ratio
 ``10^(-SQNR/10)`` (which adds up over independent errors).
 
-Every candidate runs here: the target must be this machine's (latency over RPC is not
-measured: the kernel profile is a hook in this process).
+Without ``rpc`` every candidate runs here, so the target must be this machine's.  With ``rpc``
+every candidate is timed *and* evaluated on that device, in one session held for the whole
+search (under a tracker, the same device for every candidate): its outputs are what the
+deployed model computes, and a device of another architecture could not be evaluated here at
+all.  The float build's outputs are recorded there once, as the reference.
+``BudgetResult.timed_on`` and ``evaluated_on`` say where.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import shutil
@@ -35,9 +42,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcompile.errors import AccuracyBudgetError, ConfigError
+
+if TYPE_CHECKING:
+    from qcompile.runtime.rpc import RpcEndpoint
 
 Progress = Callable[[str], None]
 
@@ -152,8 +162,10 @@ class AccuracyBudget:
 @dataclass(frozen=True)
 class LayerCost:
     """One quantizable layer: the budget's figure and loss with only it int8 (the rest float),
-    its kernel time in the int8 and float builds (ms, None where unmatched), and the cost of
-    keeping it float (``cost_ms``: float minus int8)."""
+    the int8 and float times its cost comes from (ms, None where unmatched), and the cost of
+    keeping it float (``cost_ms``: float minus int8).  ``timed`` says what those times are:
+    ``kernel``, its kernel in the int8 and float builds (profiled here); ``model``, the whole
+    model with only this layer int8 and the all-float model (timed on the RPC device)."""
 
     name: str
     op: str
@@ -162,10 +174,12 @@ class LayerCost:
     int8_ms: float | None
     float_ms: float | None
     cost_ms: float
+    timed: str = "kernel"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "op": self.op, "value": _num(self.value), "loss": _num(self.loss),
-                "int8_ms": _ms(self.int8_ms), "float_ms": _ms(self.float_ms), "cost_ms": _ms(self.cost_ms)}
+                "int8_ms": _ms(self.int8_ms), "float_ms": _ms(self.float_ms), "cost_ms": _ms(self.cost_ms),
+                "timed": self.timed}
 
 
 @dataclass(frozen=True)
@@ -191,7 +205,8 @@ class BudgetStep:
 class BudgetResult:
     """What :func:`fit_budget` found: the chosen ``artifact`` (``chosen``: ``int8``, ``mixed``
     or ``float``), its float layers, the float and all-int8 builds' figures and latencies, the
-    layers' sensitivities and costs, and the steps (the all-int8 model first)."""
+    layers' sensitivities and costs, the steps (the all-int8 model first), and where every
+    latency was timed and every figure evaluated (``local`` or ``rpc HOST:PORT``)."""
 
     budget: AccuracyBudget
     artifact: Any  # qcompile.build.Artifact
@@ -206,9 +221,12 @@ class BudgetResult:
     layers: tuple[LayerCost, ...] = ()
     steps: tuple[BudgetStep, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    timed_on: str = "local"
+    evaluated_on: str = "local"
 
     def to_json(self) -> dict[str, Any]:
         return {"budget": self.budget.to_json(), "chosen": self.chosen, "float_layers": list(self.float_layers),
+                "timed_on": self.timed_on, "evaluated_on": self.evaluated_on,
                 "value": _num(self.value), "latency_ms": _ms(self.latency_ms),
                 "float": {"value": _num(self.float_value), "latency_ms": _ms(self.float_latency_ms)},
                 "int8": {"value": _num(self.int8_value), "latency_ms": _ms(self.int8_latency_ms)},
@@ -218,11 +236,16 @@ class BudgetResult:
     def to_text(self) -> str:
         unit = self.budget.unit()
         lines = [(f"budget: {self.budget.describe()}; float build: {unit} {self.float_value:.4g}, "
-                  f"{self.float_latency_ms:.4f} ms; all-int8: {self.int8_value:.4g}, {self.int8_latency_ms:.4f} ms")]
+                  f"{self.float_latency_ms:.4f} ms; all-int8: {self.int8_value:.4g}, {self.int8_latency_ms:.4f} ms "
+                  f"(timed on {self.timed_on}, evaluated on {self.evaluated_on})")]
         if self.layers:
+            by_model = any(la.timed == "model" for la in self.layers)
+            how = ("the model: all-float ms - only-this-layer-int8 ms" if by_model
+                   else "its kernel: float ms - int8 ms")
             lines += ["", ("layer sensitivity (the model with only this layer int8) and the cost of keeping it "
-                           "float (its kernel: float ms - int8 ms):"),
-                      f"| layer | {unit} | loss | int8 ms | float ms | cost ms |", "|---|---|---|---|---|---|"]
+                           f"float ({how}):"),
+                      (f"| layer | {unit} | loss | {'only-int8 model' if by_model else 'int8'} ms | "
+                       f"{'float model' if by_model else 'float'} ms | cost ms |"), "|---|---|---|---|---|---|"]
             lines += [f"| {la.name} | {la.value:.4g} | {la.loss:.4g} | {_fmt(la.int8_ms)} | {_fmt(la.float_ms)} | "
                       f"{la.cost_ms:+.4f} |" for la in self.layers]
         lines += ["", f"| step | float layers | {unit} | bought | ms | cost ms | holds | why |",
@@ -247,7 +270,8 @@ class BudgetResult:
 def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudget, config=None, *,
                labels=None, out_dir: str | Path = "out", name: str | None = None, preprocess=None,
                limit: int | None = None, repeat: int = 50, rounds: int = 3, prune: bool = True,
-               tuning_logs=None, progress: Progress | None = None) -> BudgetResult:
+               tuning_logs=None, rpc: RpcEndpoint | None = None,
+               progress: Progress | None = None) -> BudgetResult:
     """The fastest model within ``budget``: int8 with the fewest, cheapest layers float (module docstring).
 
     model: a path or torchvision name (imported here), or an :class:`~qcompile.model.ImportedModel`.
@@ -258,6 +282,8 @@ def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudge
     repeat, rounds: each latency is the fastest of ``rounds`` medians of ``repeat`` runs (twice the
       rounds for the final comparison with the float build).
     prune: once the budget holds, try each fallen-back layer int8 again (one build each).
+    rpc: a :class:`~qcompile.runtime.rpc.RpcEndpoint`: time and evaluate every candidate on that
+      device (any target it runs), layer costs from whole-model latencies there; None: here.
     The winner is written to ``out_dir/NAME.so`` (NAME: the model's name, with ``-int8`` unless the
     float build wins) with its
     manifest, which records the search under ``quantization.budget``.  Raises
@@ -275,10 +301,15 @@ def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudge
     if not isinstance(budget, AccuracyBudget):
         raise ConfigError(f"budget: expected an AccuracyBudget, but got {type(budget).__name__}")
     spec = as_target(target)
-    if spec.is_gpu or spec.needs_cross_compile():
-        raise ConfigError(f"an accuracy budget times and evaluates every candidate on this machine's CPU; target "
-                          f"{spec.name} does not run here: search with --target native (or a preset of this CPU), "
-                          "then build for the device with --keep-float and the layers it chose")
+    if rpc is None and (spec.is_gpu or spec.needs_cross_compile()):
+        raise ConfigError(f"without RPC an accuracy budget times and evaluates every candidate on this machine's "
+                          f"CPU; target {spec.name} does not run here: search on the device (--rpc HOST:PORT or "
+                          "--rpc-tracker HOST:PORT --rpc-key KEY), or with --target native")
+    session = None
+    if rpc is not None:
+        from qcompile.runtime.rpc import connect
+
+        session = connect(rpc)  # fails now with a clear message, not after the first builds
     if not hasattr(model, "mod"):
         say(f"importing {model} ...")
         model = import_model(model)
@@ -290,23 +321,26 @@ def fit_budget(model, target, calibration_data, eval_data, budget: AccuracyBudge
                           "--labels, or budget agreement/cosine/sqnr with the float model (--accuracy-metric)")
     feeds = next(iter(data.iter_batches()))
     work = Path(tempfile.mkdtemp(prefix=".budget-", dir=_made(Path(out_dir))))
+    search = None
     try:
         search = _Search(model, spec, calib, config, data, budget, feeds, work, repeat, rounds, tuning_logs, say,
-                         prepare, prune)
+                         prepare, prune, rpc, session)
         result = search.run()
         if name is None:
             name = model.source.name if result.chosen == "float" else f"{model.source.name}-int8"
         return _publish(result, Path(out_dir), name, say)
     finally:
+        search = session = None
+        gc.collect()  # remote models sit in reference cycles: free them, and close the session, now
         shutil.rmtree(work, ignore_errors=True)
 
 
 class _Search:
-    """The builds, evaluations and timings of one :func:`fit_budget` (each build its own file:
-    a library path loaded once stays loaded in the process)."""
+    """The builds, evaluations and timings of one :func:`fit_budget`, here or on ``rpc``'s
+    device (each build its own file: a library path loaded once stays loaded in the process)."""
 
     def __init__(self, model, spec, calib, config, data, budget, feeds, work, repeat, rounds, tuning_logs, say,
-                 prepare, prune) -> None:
+                 prepare, prune, rpc: RpcEndpoint | None = None, session=None) -> None:
         self.model, self.spec, self.calib, self.config, self.data = model, spec, calib, config, data
         self.budget, self.feeds, self.work, self.repeat, self.rounds = budget, feeds, work, repeat, rounds
         self.tuning_logs, self.say, self.prepare = tuning_logs, say, prepare
@@ -314,6 +348,10 @@ class _Search:
         self.prune_steps = prune
         self.float_top1: float | None = None
         self.notes: list[str] = []
+        self.rpc, self.session = rpc, session
+        self.remote_models: dict[Path, Any] = {}
+        self.device = _device_name(rpc)
+        self.on_device: _DeviceEval | None = None  # the float build's outputs there, with rpc
 
     def build(self, keep: tuple[str, ...] | None):
         """The model with ``keep`` float (None: not quantized at all), built under a new name."""
@@ -325,19 +363,32 @@ class _Search:
                                 calibration_data=None if keep is None else self.calib)
         return build(prepared, self.spec, self.work, name=f"candidate-{self.count}", tuning_logs=self.tuning_logs)
 
+    def load(self, library: Path):
+        """``library`` loaded here, or on the device in the search's session: there once per
+        library, kept until the search ends (uploading a loaded library again would overwrite
+        the file the device has mapped)."""
+        from qcompile.runtime import CompiledModel
+
+        if self.rpc is None:
+            return CompiledModel.load(library)
+        if library not in self.remote_models:
+            self.remote_models[library] = CompiledModel.load(library, rpc=self.rpc, session=self.session)
+        return self.remote_models[library]
+
     def evaluate(self, artifact) -> float:
         from qcompile.accuracy.evaluate import evaluate
 
-        result = evaluate(artifact.library, self.data, reference=self.float_artifact.library)
+        if self.on_device is not None:
+            result = self.on_device.evaluate(artifact.library)
+        else:
+            result = evaluate(artifact.library, self.data, reference=self.float_artifact.library)
         return self.budget.value(result, self.float_top1)
 
     def latency(self, *artifacts, rounds: int | None = None) -> list[float]:
         """Latency (ms) of each: benchmarked in turn ``rounds`` times (so that a busy machine
         slows them alike), the fastest of the rounds' medians (load on the machine only ever
-        adds time)."""
-        from qcompile.runtime import CompiledModel
-
-        models = [CompiledModel.load(a.library) for a in artifacts]
+        adds time).  Over RPC, TVM's time evaluator times them on the device."""
+        models = [self.load(a.library) for a in artifacts]
         times: list[list[float]] = [[] for _ in models]
         for _ in range(rounds or self.rounds):
             for k, m in enumerate(models):
@@ -350,18 +401,24 @@ class _Search:
         say, budget = self.say, self.budget
         say("budget: building the float and the all-int8 model ...")
         self.float_artifact = self.build(None)
-        reference = evaluate(self.float_artifact.library, self.data, reference=self.float_artifact.library)
+        if self.rpc is not None:
+            say(f"budget: recording the float build's outputs on {self.device} ...")
+            self.on_device = _DeviceEval(self.float_artifact.library, self.data, self.load, self.device)
+            reference = self.on_device.evaluate(self.float_artifact.library)
+        else:
+            reference = evaluate(self.float_artifact.library, self.data, reference=self.float_artifact.library)
         self.float_top1 = reference.top1
         float_value = budget.value(reference, self.float_top1)
         int8 = self.build(tuple(self.config.keep_float))
         int8_value = self.evaluate(int8)
         float_ms, int8_ms = self.latency(self.float_artifact, int8)
-        say(f"budget {budget.describe()}: float {float_value:.4g} ({float_ms:.4f} ms), "
+        say(f"budget {budget.describe()} on {self.device}: float {float_value:.4g} ({float_ms:.4f} ms), "
             f"int8 {int8_value:.4g} ({int8_ms:.4f} ms)")
         kept = tuple(int8.manifest.quantization.get("float_layers", []))
         start = BudgetStep(kept, None, int8_value, int8_ms, budget.holds(int8_value), "all layers int8")
         common = {"budget": budget, "float_value": float_value, "float_latency_ms": float_ms,
-                  "int8_value": int8_value, "int8_latency_ms": int8_ms}
+                  "int8_value": int8_value, "int8_latency_ms": int8_ms, "timed_on": self.device,
+                  "evaluated_on": self.device}
         if start.holds:
             return self._winner(BudgetResult(artifact=int8, chosen="int8", float_layers=kept, value=int8_value,
                                              latency_ms=int8_ms, steps=(start,), **common))
@@ -412,12 +469,15 @@ class _Search:
         return best
 
     def layer_costs(self, int8, kept: tuple[str, ...]) -> list[LayerCost]:
-        """Each quantizable layer's sensitivity (only it int8) and float-minus-int8 kernel time."""
+        """Each quantizable layer's sensitivity (only it int8) and float-minus-int8 kernel time
+        (over RPC: float-minus-only-it-int8 model latency)."""
         from qcompile.quantize.op_tables import ANCHORS
 
         kinds = set(ANCHORS.values())
         names = [(la["name"], la["op"]) for la in int8.manifest.quantization.get("layers", [])
                  if la["op"] in kinds and la["name"] not in kept]
+        if self.rpc is not None:
+            return self.layer_costs_on_device(names, kept)
         int8_times, note_a = _kernel_times(int8.library, self.feeds)
         float_times, note_b = _kernel_times(self.float_artifact.library, self.feeds)
         self.notes += [n for n in (note_a, note_b) if n]
@@ -441,6 +501,22 @@ class _Search:
                               "difference shared by MACs")
         return out
 
+    def layer_costs_on_device(self, names: list[tuple[str, str]], kept: tuple[str, ...]) -> list[LayerCost]:
+        """Each layer's sensitivity, and as its cost the all-float model's latency minus the
+        only-it-int8 model's, all timed on the device in turns (no kernel profiler there)."""
+        only, values = [], []
+        for k, (name, _) in enumerate(names):
+            self.say(f"budget: sensitivity of {name} ({k + 1}/{len(names)}): only it int8 ...")
+            only.append(self.build(tuple(n for n, _ in names if n != name) + kept))
+            values.append(self.evaluate(only[-1]))
+        self.say(f"budget: timing the all-float and {len(only)} only-one-layer-int8 models on {self.device} ...")
+        float_ms, *only_ms = self.latency(self.float_artifact, *only)
+        self.notes.append(f"layer costs: all-float minus only-this-layer-int8 model latency on {self.device} "
+                          "(kernels cannot be profiled over RPC); a layer's cost includes its own quantize/"
+                          "dequantize steps")
+        return [LayerCost(name, op, value, self.budget.loss(value), ms, float_ms, float_ms - ms, timed="model")
+                for (name, op), value, ms in zip(names, values, only_ms)]
+
     def _winner(self, result: BudgetResult) -> BudgetResult:
         """The result, or the float build where it is measured faster (re-timed side by side)."""
         mixed_ms, float_ms = self.latency(result.artifact, self.float_artifact, rounds=2 * self.rounds)
@@ -452,6 +528,48 @@ class _Search:
                            notes=(*self.notes, (f"the {result.chosen} model within the budget ({mixed_ms:.4f} ms) is "
                                                 f"not faster than the float build ({float_ms:.4f} ms): it wins")))
         return replace(result, notes=tuple(self.notes))
+
+
+class _DeviceEval:
+    """The budget's figures on an RPC device: the float build's outputs recorded there once
+    (the reference), each candidate run there on the same batches and compared with them."""
+
+    def __init__(self, float_library: Path, data, load: Callable[[Path], Any], device: str) -> None:
+        self.data, self.load = data, load
+        self.reference_name = f"{Path(float_library).name} on {device}"
+        self.reference, self.batch = self._outputs(float_library)
+
+    def _outputs(self, library: Path) -> tuple[list[dict[str, Any]], int]:
+        """``library``'s outputs on the device, batch by batch, and its batch size."""
+        model = self.load(library)
+        batch = model.inputs[0].shape[0] if model.inputs and model.inputs[0].shape else 1
+        return [model.run(feeds) for feeds in self.data.iter_batches()], batch
+
+    def evaluate(self, library: Path):
+        """An :class:`~qcompile.accuracy.evaluate.EvalResult` of ``library`` on the device
+        against the float build's outputs (top-1 of the first output where there are labels)."""
+        from qcompile.accuracy.evaluate import EvalResult
+        from qcompile.accuracy.metrics import Agreement, TopK
+
+        outputs, _ = self._outputs(library)
+        names, labels, batch = list(self.reference[0]), self.data.labels, self.batch
+        top, agreements = TopK(), {n: Agreement() for n in names}
+        for k, (got, expected) in enumerate(zip(outputs, self.reference)):
+            for n in names:
+                agreements[n].update(got[n], expected[n])
+            if labels is not None:
+                top.update(got[names[0]], labels[k * batch:(k + 1) * batch])
+        top1, top5 = top.result() if labels is not None else (None, None)
+        return EvalResult(str(library), self.data.source, len(outputs) * batch, names[0], top1, top5,
+                          self.reference_name, agreement={n: a.to_json() for n, a in agreements.items()})
+
+
+def _device_name(rpc: RpcEndpoint | None) -> str:
+    """``local``, or ``rpc HOST:PORT`` (with the tracker's key where it hands out the device)."""
+    if rpc is None:
+        return "local"
+    host, port = rpc.address
+    return f"rpc {host}:{port}" + (f" (tracker, key {rpc.key!r})" if rpc.key else "")
 
 
 def _order(layers: list[LayerCost]) -> list[tuple[LayerCost, str]]:

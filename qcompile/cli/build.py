@@ -5,8 +5,10 @@ from __future__ import annotations
 from qcompile.cli.common import (
     Progress,
     add_model_options,
+    add_rpc_options,
     config_errors_as_flags,
     model_options,
+    rpc_endpoint,
 )
 from qcompile.errors import ConfigError
 
@@ -37,6 +39,7 @@ def register(sub) -> None:
                         "image folder (ROOT/CLASS/*.png)")
     b.add_argument("--labels", metavar="FILE", help="labels for --eval-data (.npy or one integer per line)")
     b.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate on at most N samples")
+    add_rpc_options(p)  # with --accuracy-budget: time and evaluate every candidate on that device
     p.set_defaults(handler=run)
 
 
@@ -47,6 +50,9 @@ def run(args) -> int:
         return _run_budget(args)
     if args.eval_data or args.labels or args.eval_limit is not None:
         raise ConfigError("--eval-data/--labels/--eval-limit apply with --accuracy-budget")
+    if args.rpc or args.rpc_tracker or args.rpc_key:
+        raise ConfigError("--rpc/--rpc-tracker apply with --accuracy-budget (a build runs nothing; run or bench "
+                          "the artifact over RPC with `qcompile run/bench --rpc`)")
     with config_errors_as_flags():
         artifact = qcompile.compile(
             args.model, args.target, **model_options(args), out_dir=args.output, name=args.name,
@@ -68,6 +74,7 @@ def _run_budget(args) -> int:
     if args.dump_ir:
         raise ConfigError("--dump-ir does not apply with --accuracy-budget (it builds many candidates)")
     budget = AccuracyBudget.from_metric(args.accuracy_metric, args.accuracy_budget)
+    rpc = rpc_endpoint(args)
     progress = Progress(args.quiet)
     with config_errors_as_flags():
         options = model_options(args)
@@ -76,7 +83,7 @@ def _run_budget(args) -> int:
         result = fit_budget(model, args.target, options["calibration_data"], args.eval_data, budget,
                             options["quantization"], labels=args.labels, out_dir=args.output, name=args.name,
                             preprocess=options.get("preprocess"), limit=args.eval_limit,
-                            tuning_logs=args.log_dir, progress=progress)
+                            tuning_logs=args.log_dir, rpc=rpc, progress=progress)
     print(result.to_text())
     print(result.artifact.library)
     print(result.artifact.manifest_file)
