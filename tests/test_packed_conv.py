@@ -203,3 +203,4 @@ def test_odd_widths_get_multi_pixel_tiles(width):
     padded = packed_conv2d.padded_width(width)
     assert padded == width + 1
     assert packed_conv2d.tile_for(padded, 4)[0] >= 2
+    assert packed_conv2d.tile_for(6, 63) == (2, 3)  # a 1000-channel conv's 63 lane groups of 16

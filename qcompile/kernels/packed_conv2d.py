@@ -193,8 +193,8 @@ def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
     level for 3x3; 7-wide layers keep 7 x 1."""
     if out_width % 4 == 0:
         return 4, 2 if lane_groups % 2 == 0 else 1
-    if out_width % 2 == 0:
-        return 2, next(g for g in (4, 2, 1) if lane_groups % g == 0)
+    if out_width % 2 == 0:  # 3 groups where 2 does not divide them (1000 channels: 63 groups of 16)
+        return 2, next(g for g in (4, 2, 3, 1) if lane_groups % g == 0)
     if out_width % 7 == 0:
         return 7, 1
     return 1, 2 if lane_groups % 2 == 0 else 1
