@@ -30,6 +30,8 @@ CASES = {  # ic, h, w, oc, k, stride, pad, dilation
     "27_wide_valid_3x3": (8, 29, 29, 16, 3, 1, 0, 1),  # computed 28 wide
     "12_channels": (8, 7, 7, 12, 3, 1, 1, 1),  # computed as 16 (padded_channels), cropped
     "255_channel_head": (32, 13, 13, 255, 1, 1, 0, 1),  # 256 at either width
+    "3_wide_1x1": (32, 3, 3, 128, 1, 1, 0, 1),  # 3 pixels x several channel blocks
+    "1_pixel": (32, 1, 1, 64, 1, 1, 0, 1),
 }
 
 
@@ -82,6 +84,9 @@ def test_register_budget_sets_width_and_default_tile():
     # 16 lanes: 7 x 2 where it divides (7 x 4 spills), 3-block tiles for 144 channels, one block for 16
     assert float_conv2d.tile_for(14, 16, 32, 16) == (7, 2) and float_conv2d.tile_for(56, 4, 32, 16) == (7, 2)
     assert float_conv2d.tile_for(56, 9, 32, 16) == (4, 3) and float_conv2d.tile_for(112, 1, 32, 16) == (7, 1)
+    # outputs narrower than 4: independent chains over channel blocks, within the registers
+    assert float_conv2d.tile_for(3, 8, 32, 16) == (3, 4) and float_conv2d.tile_for(1, 32, 32, 16) == (1, 8)
+    assert float_conv2d.tile_for(3, 8, 16, 8) == (3, 2) and float_conv2d.tile_for(2, 5, 32, 16) == (2, 1)
     assert float_conv2d.vector_registers(resolve_target("x86-avx2").to_tvm()) == 16
     assert float_conv2d.vector_registers(resolve_target("x86-avx512").to_tvm()) == 32
     assert float_conv2d.vector_registers(resolve_target("rpi5").to_tvm()) == 16

@@ -170,9 +170,16 @@ def tile_for(out_width: int, blocks: int, registers: int = 16, lanes: int = LANE
         order = ((4, 4), (7, 4), (7, 2), (4, 2), (4, 3), (7, 3), (4, 1), (7, 1))
     else:
         order = ((4, 2), (4, 1), (7, 1))
-    for pixels, groups in (*order, (2, 2), (2, 1), (1, 1)):
+    for pixels, groups in order:
         if out_width % pixels == 0 and blocks % groups == 0:
             return pixels, groups
+    # Narrower outputs (3, 2 or 1 wide: the last stage of a CNN on a small input, a conv on a
+    # pooled 1x1): more channel blocks per pixel, up to the accumulators the registers hold,
+    # so that the FMAs are independent chains rather than one dependent chain.
+    budget = 14 if registers >= 32 else 8
+    for pixels in (3, 2, 1):
+        if out_width % pixels == 0:
+            return pixels, next(g for g in (8, 6, 4, 3, 2, 1) if blocks % g == 0 and pixels * g <= budget)
     return 1, 1
 
 

@@ -197,7 +197,7 @@ def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
         return 2, next(g for g in (4, 2, 3, 1) if lane_groups % g == 0)
     if out_width % 7 == 0:
         return 7, 1
-    return 1, 2 if lane_groups % 2 == 0 else 1
+    return 1, next(g for g in (4, 2, 3, 1) if lane_groups % g == 0)  # one pixel: independent chains
 
 
 def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[[object], None],
