@@ -2,7 +2,8 @@
 benchmarks/results/.
 
 One table: batch-1 latency of resnet18 and mobilenet_v2 (``latency.py``), the MiniLM-shaped
-encoder (``transformer_latency.py``) and batch-8 throughput (``throughput.py``), qcompile
+encoder (``transformer_latency.py``), the geometric mean over the zoo (``zoo_latency.py``)
+and batch-8 throughput (``throughput.py``), qcompile
 against ONNX Runtime at the same precision, with qcompile's share of this CPU's measured
 peak where the result records it.  The CPU each result came from is named under the table.
 
@@ -98,6 +99,16 @@ def rows() -> tuple[list[str], list[tuple[str, str]]]:
             {"q32": med.get("qcompile fp32"), "o32": med.get("ONNX Runtime fp32"),
              "q8": med.get("qcompile int8 static (PTQ)"), "o8": med.get("ONNX Runtime int8 (quantize_dynamic)")})
         machines.append(("encoder", _where(data)))
+    data = _load("zoo_latency.json")
+    if data:
+        fp32, int8 = data["summary"]["fp32"], data["summary"]["int8"]
+
+        def mean(s: dict) -> str:
+            return f"{s['geomean']:.2f}x (worst {s['worst']:.2f}x)" if "geomean" in s else "-"
+
+        out.append(f"| zoo of {fp32['models']} float / {int8['models']} int8 models, batch 1, geometric mean "
+                   f"(`zoo_latency.md`) | ms | - | - | {mean(fp32)} | - | - | {mean(int8)} | - |")
+        machines.append(("zoo", _where(data)))
     data = _load("throughput_b8.json")
     if data:
         threads = str(data["threads"][-1])
