@@ -1,8 +1,9 @@
 """The Relax compile pipeline, assembled in one place as named phases.
 
 1. ``inference``: bindings into dataflow blocks, fold batch-norm (and per-channel affine
-                  chains) into conv, decompose training-style ops, fold constants (the
-                  graph quantization calibrates).
+                  chains) into conv, decompose training-style ops, fold constants, 1-D and
+                  non-overlapping transposed convs as conv2d (the graph quantization
+                  calibrates).
 2. ``kernels``:   on CPUs, convs onto qcompile's NHWC kernels (``PackConv``: int8
                   dot-product, depthwise, float); the transposes the NHWC conversion
                   leaves around a quantize/dequantize cancelled
@@ -38,6 +39,7 @@ Phase = tuple[str, Callable[[tvm.target.Target], list]]
 
 
 def _inference_passes(target: tvm.target.Target) -> list:
+    from qcompile.passes.as_conv2d import ConvAsConv2D
     from qcompile.passes.fold_channel_affine import FoldChannelAffine
 
     return [
@@ -48,6 +50,7 @@ def _inference_passes(target: tvm.target.Target) -> list:
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
+        ConvAsConv2D,  # conv1d and non-overlapping conv2d_transpose onto the conv2d kernels (and PTQ)
         FoldChannelAffine,
         relax.transform.CanonicalizeBindings(),  # the alias a rewritten last op leaves (gv1 = gv)
         relax.transform.FoldConstant(),
@@ -65,8 +68,11 @@ def _legalize_passes(target: tvm.target.Target) -> list:
     # exp, erf, tanh and softmax as TVM's fast polynomial approximations (relative error
     # ~1e-7, vectorized) rather than calls of libm's scalar functions: as ONNX Runtime's MLAS
     # kernels compute them.  With libm's scalar erf, a MiniLM encoder's GELU kernels take
-    # 60% of its int8 run time (9.2 ms vs 3.9 ms per run, 2-vCPU Zen 5).
-    return ([relax.transform.FastMathTransform()] + relax.pipeline.library_dispatch_passes(target)
+    # 60% of its int8 run time (9.2 ms vs 3.9 ms per run, 2-vCPU Zen 5).  sigmoid first
+    # written with exp, which FastMathTransform does not cover otherwise.
+    from qcompile.passes.fast_sigmoid import SigmoidAsExp
+
+    return ([SigmoidAsExp, relax.transform.FastMathTransform()] + relax.pipeline.library_dispatch_passes(target)
             + relax.pipeline.legalize_passes(target))
 
 
