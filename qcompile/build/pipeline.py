@@ -41,6 +41,7 @@ Phase = tuple[str, Callable[[tvm.target.Target], list]]
 def _inference_passes(target: tvm.target.Target) -> list:
     from qcompile.passes.as_conv2d import ConvAsConv2D
     from qcompile.passes.fold_channel_affine import FoldChannelAffine
+    from qcompile.passes.padding_taps import DropPaddingTaps
 
     return [
         # bindings an importer leaves outside dataflow blocks (around an If) into dataflow
@@ -51,6 +52,7 @@ def _inference_passes(target: tvm.target.Target) -> list:
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         ConvAsConv2D,  # conv1d and non-overlapping conv2d_transpose onto the conv2d kernels (and PTQ)
+        DropPaddingTaps,  # dilated convs on small maps (DeepLab's ASPP) without the taps that read only zeros
         FoldChannelAffine,
         relax.transform.CanonicalizeBindings(),  # the alias a rewritten last op leaves (gv1 = gv)
         relax.transform.FoldConstant(),
@@ -60,8 +62,11 @@ def _inference_passes(target: tvm.target.Target) -> list:
 def _kernel_passes(target: tvm.target.Target, counts: dict | None = None, notes: list[str] | None = None) -> list:
     from qcompile.build.compact import CancelTransposePairs
     from qcompile.passes.pack_conv import PackConv
+    from qcompile.passes.resize_as_matmul import ResizeAsMatmul
 
-    return [PackConv(target, counts, notes), relax.transform.DeadCodeElimination(["main"]), CancelTransposePairs]
+    # ResizeAsMatmul before PackConv: its first matmul (x @ constant) goes onto the packed kernel
+    return [ResizeAsMatmul, PackConv(target, counts, notes), relax.transform.DeadCodeElimination(["main"]),
+            CancelTransposePairs]
 
 
 def _legalize_passes(target: tvm.target.Target) -> list:
