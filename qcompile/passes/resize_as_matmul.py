@@ -12,9 +12,11 @@ packed conv kernel, ``PackConv`` takes ``x @ W`` with a constant ``W``), and the
 
 The matrices reproduce TVM's ``topi.image.resize2d`` arithmetic (coordinate transform, floor,
 clamped neighbours), so results agree to float32 rounding.  Only float32 NCHW ``linear`` resizes
-with static shapes whose input sides are at most :data:`MAX_SIDE` are rewritten, and only
-where they enlarge the map; a 1x1 input (a broadcast, as in ASPP's pooling branch) is left as it
-is.  This pass runs in the ``kernels`` phase, after quantization: resizes stay float32 in an
+with static shapes whose input sides are at most :data:`MAX_SIDE` are rewritten, only where they
+enlarge the map and only where the result is the model's output.  A resize inside the network (a
+U-Net decoder's upsampling, LRASPP's inner one) feeds NHWC kernels: as NCHW matmuls it would
+cost two layout transposes more than it saves, so it keeps TVM's resize in NHWC.  A 1x1 input (a
+broadcast, as in ASPP's pooling branch) is left as it is too.  This pass runs in the ``kernels`` phase, after quantization: resizes stay float32 in an
 int8 model and the matmuls must not become dense layers that PTQ quantizes.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from qcompile.passes.bindings import (
     UnsupportedForm,
     dtype_of,
     op_name,
+    output_vars,
     rebuild_module,
     shape_of,
 )
@@ -87,8 +90,12 @@ def ResizeAsMatmul(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
                                     for block in getattr(mod["main"].body, "blocks", ()) for b in block.bindings):
         return mod
 
+    outputs = set(output_vars(mod["main"].body.body))
+
     def rewrite(em: Emitter, var, value):
-        return _resize2d(em, var, value) if op_name(value) == "relax.image.resize2d" else None
+        if op_name(value) != "relax.image.resize2d" or var not in outputs:
+            return None
+        return _resize2d(em, var, value)
 
     try:
         return rebuild_module(mod, rewrite)
