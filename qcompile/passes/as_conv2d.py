@@ -27,7 +27,7 @@ from qcompile.passes.bindings import (
     const_value,
     dtype_of,
     op_name,
-    rebuild_module,
+    rewrite_module,
     shape_of,
 )
 
@@ -91,6 +91,6 @@ def ConvAsConv2D(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return convert(em, value) if convert else None
 
     try:
-        return rebuild_module(mod, rewrite)
+        return rewrite_module(mod, rewrite)
     except UnsupportedForm:
         return mod

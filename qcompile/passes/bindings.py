@@ -260,6 +260,22 @@ def rebuild_module(mod: tvm.IRModule, rewrite: Rewrite) -> tvm.IRModule:
     return new
 
 
+def rewrite_module(mod: tvm.IRModule, rewrite: Rewrite) -> tvm.IRModule:
+    """:func:`rebuild_module`, but ``mod`` itself where ``rewrite`` replaced no binding: a pass
+    that finds nothing to do leaves the module (and its variable names, which error messages
+    quote) as it was."""
+    replaced = False
+
+    def tracked(em: Emitter, var, value):
+        nonlocal replaced
+        new = rewrite(em, var, value)
+        replaced = replaced or new is not None
+        return new
+
+    new = rebuild_module(mod, tracked)
+    return new if replaced else mod
+
+
 def _rebuild(func, rewrite: Rewrite, extra_outputs: Sequence | None) -> tvm.IRModule:
     graph = Graph.from_main(func)
     bb = relax.BlockBuilder()
@@ -338,7 +354,7 @@ def _emit_return_block(em: Emitter, graph: Graph, block: Block, rewrite: Rewrite
         fields = list(out.fields) if isinstance(out, relax.Tuple) else [out]
         out = relax.Tuple(fields + [em.subst(v) for v in extras])
     em.check_visible(out)
-    return em.bb.emit_output(out)
+    return em.bb.emit_output(out, name_hint=output_var.name if extras is None else "")
 
 
 def with_main(mod: tvm.IRModule, main) -> tvm.IRModule:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from qcompile.passes.bindings import Emitter, dtype_of, op_name, rebuild_module
+from qcompile.passes.bindings import Emitter, dtype_of, op_name, rewrite_module
 
 
 @tvm.transform.module_pass(opt_level=0, name="SigmoidAsExp")
@@ -27,4 +27,4 @@ def SigmoidAsExp(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         e = em.emit(relax.op.exp(em.emit(relax.op.negative(em.subst(value.args[0])))))
         return relax.op.divide(one, em.emit(relax.op.add(one, e)))
 
-    return rebuild_module(mod, rewrite)
+    return rewrite_module(mod, rewrite)

@@ -26,7 +26,7 @@ from qcompile.passes.bindings import (
     UnsupportedForm,
     const_value,
     op_name,
-    rebuild_module,
+    rewrite_module,
     shape_of,
 )
 
@@ -81,6 +81,6 @@ def DropPaddingTaps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return _conv2d(em, value) if op_name(value) == "relax.nn.conv2d" else None
 
     try:
-        return rebuild_module(mod, rewrite)
+        return rewrite_module(mod, rewrite)
     except UnsupportedForm:
         return mod

@@ -31,7 +31,7 @@ from qcompile.passes.bindings import (
     dtype_of,
     op_name,
     output_vars,
-    rebuild_module,
+    rewrite_module,
     shape_of,
 )
 
@@ -98,6 +98,6 @@ def ResizeAsMatmul(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return _resize2d(em, var, value)
 
     try:
-        return rebuild_module(mod, rewrite)
+        return rewrite_module(mod, rewrite)
     except UnsupportedForm:
         return mod
