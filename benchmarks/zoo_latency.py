@@ -28,6 +28,11 @@ geometric mean of each ratio column, its worst ratio and model, and how many mod
     .venv/bin/python benchmarks/zoo_latency.py --only squeezenet1_1,conv1d_kws-onnx
     .venv/bin/python benchmarks/zoo_latency.py --classes transformer --rounds 5
     .venv/bin/python benchmarks/zoo_latency.py --save
+    .venv/bin/python benchmarks/zoo_latency.py --save --resume --classes transformer
+
+``--resume`` keeps the models of the last run's JSON (refused for another CPU or other settings)
+and measures only the others, so that a long run can be completed in parts; every model's record
+names the commit it was measured at, and the table says so where there are several.
 """
 from __future__ import annotations
 
@@ -305,11 +310,19 @@ def render(records: list[dict[str, Any]], summaries: dict[str, dict], args, mach
              "faster). ONNX Runtime: default graph optimizations, intra_op_num_threads "
              f"{args.threads}; int8: `quantize_static` QDQ U8S8 per-channel of the same ONNX file on zoo.py's "
              f"{zoo.CALIB_SAMPLES} calibration samples; pre-quantized rows: qcompile and ONNX Runtime on the same "
-             f"ONNX Runtime-quantized file (their float32 is the base model's row). {elapsed:.0f} s, "
+             f"ONNX Runtime-quantized file (their float32 is the base model's row). {elapsed:.0f} s of builds "
+             "and measurements, "
              f"{sum(r['idle_wait_s'] for r in records):.0f} s of it waiting for idle CPUs; "
              f"{sum(r['busy_starts'] for r in records)} of {sum(len(v) for r in records for v in r['ms'].values())} "
              "measurements started on CPUs that did not become idle within 30 s (0: a quiet machine)")
-    lines = [title, "", describe(machine), "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines = [title, "", describe(machine), ""]
+    commits: dict[str, list[str]] = {}
+    for r in records:
+        commits.setdefault(str(r.get("commit") or "?")[:10], []).append(r["name"])
+    if len(commits) > 1:  # a --resume run: say which models each commit measured
+        lines += ["Measured at " + "; ".join(f"commit {c}: {len(names)} models ({names[0]} .. {names[-1]})"
+                                             for c, names in commits.items()), ""]
+    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row(r)) + " |" for r in records]
     fp32, int8 = summaries["fp32"], summaries["int8"]
 
@@ -345,6 +358,28 @@ def render(records: list[dict[str, Any]], summaries: dict[str, dict], args, mach
 
 # ----------------------------------------------------------------------------- the run
 
+def resumed_records(path: Path, machine: dict[str, Any], args) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model records of an earlier run's ``zoo_latency.json`` and the machine records of the
+    runs they came from, for ``--resume``.  Each record names the commit it was measured at.
+    ``SystemExit`` where the earlier run was on another CPU or with other settings: ratios from
+    two machines, thread counts or timings do not go in one geometric mean."""
+    if not path.exists():
+        return [], []
+    data = json.loads(path.read_text())
+    earlier = data["machine"]
+    cpu = ("model", "family", "model_number", "flags")
+    if any(earlier["cpu"].get(k) != machine["cpu"].get(k) for k in cpu):
+        was = earlier["cpu"]
+        raise SystemExit(f"--resume: {path} was measured on another CPU ({was.get('model')}, family "
+                         f"{was.get('family')} model {was.get('model_number')}, or other flags); run without --resume")
+    settings = {"threads": args.threads, "rounds": args.rounds, "seconds": args.seconds}
+    if any(data.get(k) != v for k, v in settings.items()):
+        raise SystemExit(f"--resume: {path} was measured with other settings "
+                         f"({', '.join(f'{k} {data.get(k)}' for k in settings)}); pass the same or run without --resume")
+    records = [{**r, "commit": r.get("commit", earlier.get("git_commit"))} for r in data["models"]]
+    return records, data.get("earlier_runs", []) + [earlier]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated model names (zoo.py --list shows them)")
@@ -356,6 +391,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep each model's files in WORK/NAME/ (default: a temporary folder)")
     parser.add_argument("--build", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the models of the last run's zoo_latency.json (same CPU and settings) and "
+                             "measure only the others")
     add_save_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -368,17 +406,20 @@ def main() -> None:
     entries = zoo.select(args.only, args.classes)
     machine = machine_info(args.threads)
     out = results_dir(args.save)
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
+    records, earlier_runs = resumed_records(out / "zoo_latency.json", machine, args) if args.resume else ([], [])
+    done = {r["name"] for r in records}
+    entries = [e for e in entries if e.name not in done]
 
     def write() -> str:
         summaries = {p: summarize(records, p) for p in PAIRS}
-        text = render(records, summaries, args, machine, time.perf_counter() - started)
+        elapsed = sum(r["build_s"] + r["measure_s"] for r in records)
+        text = render(records, summaries, args, machine, elapsed)
         (out / "zoo_latency.md").write_text(text)
         (out / "zoo_latency.json").write_text(json.dumps(
             {"machine": machine, "target": zoo.TARGET, "batch": 1, "threads": args.threads, "rounds": args.rounds,
              "seconds": args.seconds, "calibration_samples": zoo.CALIB_SAMPLES, "limit": LIMIT,
-             "summary": summaries, "models": records}, indent=2) + "\n")
+             "summary": summaries, "models": records, **({"earlier_runs": earlier_runs} if earlier_runs else {})},
+            indent=2) + "\n")
         return text
 
     with tempfile.TemporaryDirectory(prefix="qcompile-zoo-latency-") as tmp:
@@ -399,7 +440,8 @@ def main() -> None:
                     "name": entry.name, "class": entry.cls, "source": entry.source,
                     "errors": {**artifacts["errors"], **failed}, "ms": per_round,
                     "median_ms": {c: float(np.median(v)) for c, v in per_round.items() if v},
-                    "build_s": round(t1 - t0, 1), "measure_s": round(time.perf_counter() - t1, 1), **waits}
+                    "build_s": round(t1 - t0, 1), "measure_s": round(time.perf_counter() - t1, 1), **waits,
+                    "commit": machine.get("git_commit")}
                 record["ratio"] = ratios(record)
                 records.append(record)
                 print(f"  {' | '.join(row(record))}  (build {record['build_s']:.0f} s, measure "

@@ -35,3 +35,29 @@ def test_summary_geomean_worst_and_left_out():
     assert list(int8["left_out"]) == ["b"] and int8["left_out"]["b"].startswith("ONNX Runtime int8 failed")
     table = zl.row(records[1])
     assert table[4:] == ["1.00", "failed", "-"]
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"threads": 2, "rounds": 3, "seconds": 0.5, **kw})
+
+
+def test_resume_keeps_the_earlier_records_of_the_same_cpu_and_settings(tmp_path):
+    import json
+
+    machine = {"cpu": {"model": "AMD EPYC", "family": "25", "model_number": "17", "flags": ["avx512f"]},
+               "git_commit": "aaaa"}
+    earlier = {"machine": machine, "threads": 2, "rounds": 3, "seconds": 0.5,
+               "models": [_record("a", "cnn", {zl.QC_FP32: 2.0, zl.ORT_FP32: 1.0})]}
+    path = tmp_path / "zoo_latency.json"
+    assert zl.resumed_records(path, machine, _args()) == ([], [])  # nothing to resume
+    path.write_text(json.dumps(earlier))
+    records, runs = zl.resumed_records(path, {**machine, "git_commit": "bbbb"}, _args())
+    assert [r["name"] for r in records] == ["a"] and records[0]["commit"] == "aaaa"
+    assert runs == [machine]
+    other_cpu = {**machine, "cpu": {**machine["cpu"], "family": "26"}}
+    with pytest.raises(SystemExit, match="another CPU"):
+        zl.resumed_records(path, other_cpu, _args())
+    with pytest.raises(SystemExit, match="other settings"):
+        zl.resumed_records(path, machine, _args(seconds=1.0))
