@@ -45,6 +45,22 @@ def test_conv1d_becomes_a_1xk_conv2d():
     tvm.ir.assert_structural_equal(ConvAsConv2D(Before), Expected, map_free_vars=True)
 
 
+def test_a_function_returning_a_tuple_is_rewritten():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 16), "float32")):
+            with R.dataflow():
+                a = R.nn.conv1d(x, R.const(W1), strides=[2], padding=[1, 1], dilation=[1])
+                b = R.nn.relu(a)
+                R.output(a, b)
+            return (a, b)
+
+    after = ConvAsConv2D(Before)
+    assert "R.nn.conv2d(" in after.script() and "R.nn.conv1d(" not in after.script()
+    assert len(after["main"].body.body.ty.fields) == 2
+
+
 def test_overlapping_transposed_conv_is_left_alone():
     @I.ir_module
     class Before:

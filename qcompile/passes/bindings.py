@@ -354,7 +354,9 @@ def _emit_return_block(em: Emitter, graph: Graph, block: Block, rewrite: Rewrite
         fields = list(out.fields) if isinstance(out, relax.Tuple) else [out]
         out = relax.Tuple(fields + [em.subst(v) for v in extras])
     em.check_visible(out)
-    return em.bb.emit_output(out, name_hint=output_var.name if extras is None else "")
+    # the user's name for the result, where it is one variable (error messages quote it)
+    named = extras is None and isinstance(output_var, relax.Var)
+    return em.bb.emit_output(out, name_hint=output_var.name if named else "")
 
 
 def with_main(mod: tvm.IRModule, main) -> tvm.IRModule:
