@@ -41,6 +41,22 @@ def test_run_accepts_dict_list_and_array(loaded, tiny_net, tiny_input):
         np.testing.assert_allclose(loaded.run(inputs)["output0"], expected, atol=1e-4, rtol=0)
 
 
+def test_successive_runs_see_their_own_inputs_and_keep_their_outputs(artifact, tiny_net, tiny_input):
+    # run() copies each call's inputs into the tensors the VM holds and copies the outputs out:
+    # every run must match PyTorch on its own input, and an earlier result must not change
+    model = CompiledModel.load(artifact.library)
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal(tiny_input.shape).astype(np.float32) for _ in range(3)]
+    results = [model.run(x)["output0"] for x in inputs]
+    for x, got in zip(inputs, results):
+        np.testing.assert_allclose(got, reference(tiny_net, x), atol=1e-4, rtol=0)
+    source = inputs[0].copy()
+    first = model.run(source)["output0"].copy()
+    source[...] = 0  # the caller's array is not read after run() returns
+    model.run(inputs[1])
+    np.testing.assert_array_equal(model.run(inputs[0])["output0"], first)
+
+
 def test_default_inputs_are_seeded_standard_normal(loaded, tiny_net):
     # Documented default: numpy's default_rng(0) standard normal, in the input's shape and dtype.
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")

@@ -111,6 +111,10 @@ class CompiledModel:
         self._device = device
         self.remote = remote  # "RPC server HOST:PORT" where the model runs, None when local
         self._session = session  # keeps the RPC session open as long as the model
+        # Local CPU: the input tensors the VM holds, and numpy views of them that each run copies
+        # its inputs into (see _set_inputs)
+        self._tensors: list | None = None
+        self._input_views: list[np.ndarray] | None = None
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -180,10 +184,29 @@ class CompiledModel:
     def default_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         return default_inputs(self.inputs, seed)
 
+    def _local_cpu(self) -> bool:
+        return self.remote is None and self._device.dlpack_device_type() == 1  # kDLCPU
+
     def _set_inputs(self, arrays: list[np.ndarray]) -> None:
+        """Hand ``arrays`` to the VM.  On the local CPU the first call allocates the input tensors
+        and sets them; later calls copy into them through numpy views (the VM keeps references to
+        the tensors it was given and reads them at each invoke): allocating and setting three small
+        tensors per run cost ~90 us of Python and FFI calls, several times a small model's kernels."""
         import tvm
 
-        self._vm.set_input("main", *[tvm.runtime.tensor(a, self._device) for a in arrays])
+        if self._input_views is not None:
+            for view, array in zip(self._input_views, arrays):
+                np.copyto(view, array)
+            return
+        tensors = [tvm.runtime.tensor(a, self._device) for a in arrays]
+        self._vm.set_input("main", *tensors)
+        if self._local_cpu():
+            try:
+                views = [np.from_dlpack(t) for t in tensors]
+            except (BufferError, TypeError, RuntimeError):  # a dtype numpy's DLPack does not take
+                return
+            if all(v.flags.writeable and v.shape == a.shape for v, a in zip(views, arrays)):
+                self._tensors, self._input_views = tensors, views
 
     def run(self, inputs: Inputs | None = None) -> dict[str, np.ndarray]:
         """Run once; returns ``{output name: array}``."""
@@ -199,7 +222,17 @@ class CompiledModel:
         names = [o.name for o in self.outputs]
         if len(flat) != len(names):
             raise ArtifactError(f"{self.library}: produced {len(flat)} outputs, the manifest lists {len(names)}")
-        return {n: t.numpy() for n, t in zip(names, flat)}
+        return {n: self._to_numpy(t) for n, t in zip(names, flat)}
+
+    def _to_numpy(self, tensor) -> np.ndarray:
+        """A copy of an output (the VM may reuse its storage); through DLPack on the local CPU,
+        ~10x cheaper than ``Tensor.numpy()`` for small outputs."""
+        if self._local_cpu():
+            try:
+                return np.from_dlpack(tensor).copy()
+            except (BufferError, TypeError, RuntimeError):
+                pass
+        return tensor.numpy()
 
     def benchmark(
         self, inputs: Inputs | None = None, repeat: int = 50, warmup: int = 5, number: int = 1
