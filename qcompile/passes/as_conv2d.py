@@ -23,11 +23,9 @@ from tvm import relax
 
 from qcompile.passes.bindings import (
     Emitter,
-    UnsupportedForm,
     const_value,
     dtype_of,
-    op_name,
-    rewrite_module,
+    rewrite_calls,
     shape_of,
 )
 
@@ -41,7 +39,7 @@ def _float(value) -> bool:
     return dtype_of(value.args[0]) == "float32" and out_dtype in ("", "float32", "void")
 
 
-def _conv1d(em: Emitter, value):
+def _conv1d(em: Emitter, _var, value):
     attrs = value.attrs
     weight = const_value(value.args[1])
     if (weight is None or weight.dtype != np.float32 or not _float(value) or attrs.data_layout != "NCW"
@@ -56,7 +54,7 @@ def _conv1d(em: Emitter, value):
     return relax.op.squeeze(y, [2])
 
 
-def _conv2d_transpose(em: Emitter, value):
+def _conv2d_transpose(em: Emitter, _var, value):
     attrs = value.attrs
     weight = const_value(value.args[1])
     if (weight is None or weight.dtype != np.float32 or weight.ndim != 4 or not _float(value)
@@ -82,15 +80,4 @@ _REWRITES = {"relax.nn.conv1d": _conv1d, "relax.nn.conv2d_transpose": _conv2d_tr
 @tvm.transform.module_pass(opt_level=0, name="ConvAsConv2D")
 def ConvAsConv2D(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``mod`` with its float32 ``conv1d`` and non-overlapping ``conv2d_transpose`` as conv2d."""
-    if "main" not in mod or not any(_REWRITES.get(op_name(b.value)) for block in getattr(mod["main"].body, "blocks", ())
-                                    for b in block.bindings):
-        return mod
-
-    def rewrite(em: Emitter, var, value):
-        convert = _REWRITES.get(op_name(value))
-        return convert(em, value) if convert else None
-
-    try:
-        return rewrite_module(mod, rewrite)
-    except UnsupportedForm:
-        return mod
+    return rewrite_calls(mod, _REWRITES)

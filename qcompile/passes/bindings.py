@@ -276,6 +276,24 @@ def rewrite_module(mod: tvm.IRModule, rewrite: Rewrite) -> tvm.IRModule:
     return new if replaced else mod
 
 
+def rewrite_calls(mod: tvm.IRModule, rewrites: dict[str, Rewrite]) -> tvm.IRModule:
+    """``mod`` with each call in ``main`` to an operator named in ``rewrites`` passed through its
+    rewrite (None: kept); ``mod`` itself where ``main`` calls none of them, nothing was replaced,
+    or the function is not in a form :func:`rebuild_module` takes."""
+    if "main" not in mod or not any(op_name(b.value) in rewrites for block in getattr(mod["main"].body, "blocks", ())
+                                    for b in block.bindings):
+        return mod
+
+    def rewrite(em: Emitter, var, value):
+        convert = rewrites.get(op_name(value))
+        return convert(em, var, value) if convert else None
+
+    try:
+        return rewrite_module(mod, rewrite)
+    except UnsupportedForm:
+        return mod
+
+
 def _rebuild(func, rewrite: Rewrite, extra_outputs: Sequence | None) -> tvm.IRModule:
     graph = Graph.from_main(func)
     bb = relax.BlockBuilder()

@@ -23,10 +23,8 @@ from tvm import relax
 
 from qcompile.passes.bindings import (
     Emitter,
-    UnsupportedForm,
     const_value,
-    op_name,
-    rewrite_module,
+    rewrite_calls,
     shape_of,
 )
 
@@ -43,7 +41,7 @@ def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
 
-def _conv2d(em: Emitter, value):
+def _conv2d(em: Emitter, _var, value):
     attrs = value.attrs
     weight = const_value(value.args[1])
     if weight is None or weight.ndim != 4 or attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
@@ -73,14 +71,4 @@ def _conv2d(em: Emitter, value):
 @tvm.transform.module_pass(opt_level=0, name="DropPaddingTaps")
 def DropPaddingTaps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``mod`` with the taps of its constant-weight conv2d ops that read only padding removed."""
-    if "main" not in mod or not any(op_name(b.value) == "relax.nn.conv2d"
-                                    for block in getattr(mod["main"].body, "blocks", ()) for b in block.bindings):
-        return mod
-
-    def rewrite(em: Emitter, var, value):
-        return _conv2d(em, value) if op_name(value) == "relax.nn.conv2d" else None
-
-    try:
-        return rewrite_module(mod, rewrite)
-    except UnsupportedForm:
-        return mod
+    return rewrite_calls(mod, {"relax.nn.conv2d": _conv2d})

@@ -27,11 +27,9 @@ from tvm import relax
 
 from qcompile.passes.bindings import (
     Emitter,
-    UnsupportedForm,
     dtype_of,
-    op_name,
     output_vars,
-    rewrite_module,
+    rewrite_calls,
     shape_of,
 )
 
@@ -86,18 +84,11 @@ def _resize2d(em: Emitter, var, value):
 @tvm.transform.module_pass(opt_level=0, name="ResizeAsMatmul")
 def ResizeAsMatmul(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``mod`` with its small float32 bilinear upsamplings as two matmuls each."""
-    if "main" not in mod or not any(op_name(b.value) == "relax.image.resize2d"
-                                    for block in getattr(mod["main"].body, "blocks", ()) for b in block.bindings):
+    if "main" not in mod:
         return mod
-
     outputs = set(output_vars(mod["main"].body.body))
 
-    def rewrite(em: Emitter, var, value):
-        if op_name(value) != "relax.image.resize2d" or var not in outputs:
-            return None
-        return _resize2d(em, var, value)
+    def resize(em: Emitter, var, value):
+        return _resize2d(em, var, value) if var in outputs else None
 
-    try:
-        return rewrite_module(mod, rewrite)
-    except UnsupportedForm:
-        return mod
+    return rewrite_calls(mod, {"relax.image.resize2d": resize})
