@@ -107,6 +107,30 @@ def make_tiny(seed: int = 0) -> nn.Module:
     return net
 
 
+def build_like_pytorch(tmp_path: Path, module: nn.Module, shape: tuple[int, ...], int8: bool, target: str = "llvm"):
+    """Export ``module`` (input ``x`` of ``shape``) to ONNX, build it for ``target`` (int8 calibrated
+    on 4 random samples when ``int8``) with the IR dumped to ``tmp_path/ir``, run it on the first
+    sample and check it against PyTorch: within 1e-4 in float32, correlation above 0.99 in int8.
+    Returns the Artifact, for the caller's checks of the dumped IR and the manifest."""
+    import qcompile
+
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal(shape).astype("float32")} for _ in range(4)]
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(module, (torch.from_numpy(samples[0]["x"]),), str(path), input_names=["x"], dynamo=False)
+    options = {"quantization": qcompile.Int8Config(num_samples=4), "calibration_data": samples} if int8 else {}
+    built = qcompile.compile(qcompile.import_model(str(path)), target, out_dir=tmp_path / "out", name="m",
+                             dump_ir=tmp_path / "ir", **options)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(samples[0]["x"])).numpy()
+    got = next(iter(qcompile.load(built.library).run(samples[0]).values()))
+    if int8:
+        assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    return built
+
+
 @pytest.fixture(scope="session")
 def tiny_net() -> nn.Module:
     return make_tiny()
