@@ -63,10 +63,12 @@ def _kernel_passes(target: tvm.target.Target, counts: dict | None = None, notes:
     from qcompile.build.compact import CancelTransposePairs
     from qcompile.passes.pack_conv import PackConv
     from qcompile.passes.resize_as_matmul import ResizeAsMatmul
+    from qcompile.passes.sink_reshape import SinkReshapes
 
-    # ResizeAsMatmul before PackConv: its first matmul (x @ constant) goes onto the packed kernel
-    return [ResizeAsMatmul, PackConv(target, counts, notes), relax.transform.DeadCodeElimination(["main"]),
-            CancelTransposePairs]
+    # ResizeAsMatmul before PackConv: its first matmul (x @ constant) goes onto the packed kernel;
+    # SinkReshapes after it: a dense layer's bias, activation and requantize join its kernel
+    return [ResizeAsMatmul, PackConv(target, counts, notes), SinkReshapes,
+            relax.transform.DeadCodeElimination(["main"]), CancelTransposePairs]
 
 
 def _legalize_passes(target: tvm.target.Target) -> list:
@@ -74,10 +76,13 @@ def _legalize_passes(target: tvm.target.Target) -> list:
     # ~1e-7, vectorized) rather than calls of libm's scalar functions: as ONNX Runtime's MLAS
     # kernels compute them.  With libm's scalar erf, a MiniLM encoder's GELU kernels take
     # 60% of its int8 run time (9.2 ms vs 3.9 ms per run, 2-vCPU Zen 5).  sigmoid first
-    # written with exp, which FastMathTransform does not cover otherwise.
+    # written with exp, which FastMathTransform does not cover otherwise, and GELU/SiLU ops with
+    # erf/tanh/sigmoid first; x ** 2 and x ** 3 (tanh GELU) as products rather than libm's powf.
+    from qcompile.passes.fast_activations import ActivationsAsElementwise
+    from qcompile.passes.fast_power import PowerAsMultiply
     from qcompile.passes.fast_sigmoid import SigmoidAsExp
 
-    return ([SigmoidAsExp, relax.transform.FastMathTransform()] + relax.pipeline.library_dispatch_passes(target)
+    return ([ActivationsAsElementwise, SigmoidAsExp, PowerAsMultiply, relax.transform.FastMathTransform()] + relax.pipeline.library_dispatch_passes(target)
             + relax.pipeline.legalize_passes(target))
 
 
