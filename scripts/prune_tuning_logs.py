@@ -11,7 +11,9 @@ seeding, ``qcompile.tune.seeding.seed_default_schedules``), so that no kept reco
 than that; the records of qcompile's own conv kernels are replaced by that measurement of their
 register tiles (a changed schedule function makes their old traces stale).
 ``--seed --kernel depthwise_conv2d`` (or another hand kernel) measures only the workloads built
-on that kernel and keeps every other record.
+on that kernel and keeps every other record; ``--seed --task matmul`` only the workloads whose
+task name contains ``matmul`` (after a change to a default schedule: the new measurement joins
+their records, the best ``--top`` stay).
 ``--fill`` only measures, in place, the workloads without a successful record.
 ``--visible-traces`` gives records with an empty trace the no-op lookup of
 ``qcompile.tune.seeding.default_lowering`` (same schedule, same measurement), which TVM 0.27's
@@ -91,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compact-only", action="store_true", help="only unindent the workload file in place")
     parser.add_argument("--visible-traces", action="store_true",
                         help="rewrite records with an empty trace so builds can find them (keeps every record)")
+    parser.add_argument("--task", metavar="SUBSTRING",
+                        help="with --seed: measure only the workloads whose task name contains SUBSTRING "
+                             "(after a change to a default schedule, e.g. 'matmul'); the others keep their records")
     parser.add_argument("--fill", action="store_true",
                         help="only measure, in place, the workloads without a successful record (keeps every record)")
     return parser.parse_args(argv)
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     keep = [task.dispatched[0] for task in tasks]
     if args.seed:  # measured into a scratch database first, then written with the kept records
         kernels = [hand_kernel_of(mod) for mod in keep]
-        reseeded = [args.kernel is None or (kernel is not None and kernel.name == args.kernel) for kernel in kernels]
+        reseeded = [(args.kernel is None or (kernel is not None and kernel.name == args.kernel))
+                    and (args.task is None or args.task in str(task.task_name)) for kernel, task in zip(kernels, tasks)]
         with tempfile.TemporaryDirectory() as scratch:
             seeded = open_database(Path(scratch))
             seed_default_schedules([t for t, again in zip(tasks, reseeded) if again], target.to_tvm(), seeded,

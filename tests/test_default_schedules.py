@@ -218,3 +218,35 @@ def test_image_to_channels_last_vectorizes_along_width():
     assert kernel.attrs["tirx.is_scheduled"] and "vectorized" in loops
     x = np.random.default_rng(6).standard_normal((1, 3, 32, 48)).astype("float32")
     np.testing.assert_array_equal(run(scheduled, x), run(mod, x))
+
+
+def test_one_row_matmul_splits_its_columns_over_the_cores():
+    """A classifier on one image (x[1, K] @ W[K, N] + bias): the output columns in chunks of
+    vectors over the cores (a row tile would leave one row, one core and one FMA chain per
+    vector), the bias added per chunk."""
+    @I.ir_module
+    class Model:
+        @R.function
+        def main(x: R.Tensor((1, 256), "float32"), w: R.Tensor((256, 1000), "float32"),
+                 b: R.Tensor((1000,), "float32")) -> R.Tensor((1, 1000), "float32"):
+            with R.dataflow():
+                gv = R.add(R.matmul(x, w), b)
+                R.output(gv)
+            return gv
+
+    mod = fused(Model)
+    scheduled = schedule(mod, ConvMatmulCPU())
+    (kernel,) = [f for f in kernels(scheduled) if "matmul" in str(f)]
+    assert kernel.attrs["tirx.is_scheduled"]
+    parallel: list[int] = []
+
+    def visit(node) -> None:
+        if isinstance(node, tvm.tirx.For) and int(node.kind) == 1:
+            parallel.append(int(node.extent))
+
+    tvm_ffi.structural_walk(kernel.body, visit)
+    assert parallel == [25]  # 1000 columns: 25 chunks of 5 vectors of 8
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((1, 256)).astype("float32"), rng.standard_normal((256, 1000)).astype("float32")
+    b = rng.standard_normal(1000).astype("float32")
+    np.testing.assert_allclose(run(scheduled, x, w, b), run(mod, x, w, b), rtol=1e-4, atol=1e-4)
