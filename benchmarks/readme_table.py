@@ -1,7 +1,9 @@
 """The README's performance table and docs/quantization.md's accuracy table, generated from
 the committed results in benchmarks/results/.
 
-One table: batch-1 latency of resnet18 and mobilenet_v2 (``latency.py``), the MiniLM-shaped
+One table: batch-1 latency of resnet18 and mobilenet_v2 (``latency.py``; the build ``qcompile
+build`` makes, from the shipped tuning records where the CPU has them, the untuned ratio beside
+it), the MiniLM-shaped
 encoder (``transformer_latency.py``), the geometric mean over the zoo (``zoo_latency.py``)
 and batch-8 throughput (``throughput.py``), qcompile
 against ONNX Runtime at the same precision, with qcompile's share of this CPU's measured
@@ -38,13 +40,14 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _pick(medians: dict[str, float], *prefixes: str) -> str | None:
-    """The first contender whose name starts with one of ``prefixes`` (the untuned build where
-    a result has both)."""
+def _pick(medians: dict[str, float], *prefixes: str, tuned: bool = False) -> str | None:
+    """The first contender whose name starts with one of ``prefixes``: where a result has both,
+    the untuned build, or with ``tuned`` the one from the shipped tuning records."""
     for prefix in prefixes:
         names = [n for n in medians if n.startswith(prefix)]
         if names:
-            return next((n for n in names if "untuned" in n), names[0])
+            wanted = [n for n in names if ("untuned" in n) != tuned]
+            return (wanted or names)[0]
     return None
 
 
@@ -73,26 +76,29 @@ def rows() -> tuple[list[str], list[tuple[str, str]]]:
         def fmt(v):
             return "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
-        def ratio(ours, theirs):
+        def ratio(ours, theirs, untuned=None):
             if ours is None or theirs is None:
                 return "-"
-            return f"{(ours / theirs) if lower_is_better else (theirs / ours):.2f}x"
+            text = f"{(ours / theirs) if lower_is_better else (theirs / ours):.2f}x"
+            return text if untuned is None or untuned == ours else f"{text} (untuned {untuned / theirs:.2f}x)"
 
         q32, o32, q8, o8 = (values.get(k) for k in ("q32", "o32", "q8", "o8"))
         peak = "-" if share is None else f"{100 * share:.0f}%"
-        out.append(f"| {workload} | {unit} | {fmt(q32)} | {fmt(o32)} | {ratio(q32, o32)} | {fmt(q8)} | {fmt(o8)} "
-                   f"| {ratio(q8, o8)} | {peak} |")
+        out.append(f"| {workload} | {unit} | {fmt(q32)} | {fmt(o32)} | {ratio(q32, o32, values.get('u32'))} "
+                   f"| {fmt(q8)} | {fmt(o8)} | {ratio(q8, o8, values.get('u8'))} | {peak} |")
 
     for model in ("resnet18", "mobilenet_v2"):
         data = _load(f"latency_{model}.json")
         if not data:
             continue
         med = data["medians_ms"]
-        q32, q8 = _pick(med, "qcompile fp32"), _pick(med, "qcompile int8")
+        # the default build: from the shipped tuning records where the result has them
+        q32, q8 = _pick(med, "qcompile fp32", tuned=True), _pick(med, "qcompile int8", tuned=True)
+        u32, u8 = _pick(med, "qcompile fp32"), _pick(med, "qcompile int8")
         o8 = _pick(med, "ONNX Runtime int8")
         share = (data.get("share_of_peak") or {}).get(q8)
         row(f"{model}, batch 1", "ms", {"q32": med.get(q32), "o32": med.get("ONNX Runtime fp32"), "q8": med.get(q8),
-                                        "o8": med.get(o8)}, share)
+                                        "o8": med.get(o8), "u32": med.get(u32), "u8": med.get(u8)}, share)
         machines.append((model, _where(data)))
     data = _load("transformer_latency_s128_b1.json")
     if data:
