@@ -178,7 +178,7 @@ def test_float_model_uses_the_kernels_and_matches_tvm():
         bb.emit_func_output(out)
     mod = bb.get()
     _, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 2, "float_depthwise": 1, "float_dense": 0}
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 2, "float_depthwise": 1, "float_dense": 0, "float_grouped": 0}
     gpu = tvm.target.Target("cuda")
     assert pack_conv(mod, gpu)[0].same_as(mod)  # CPU kernels only
     data = RNG.standard_normal((1, 3, 16, 16)).astype("float32")
@@ -258,3 +258,33 @@ def test_odd_widths_get_multi_pixel_tiles(width):
         padded = float_conv2d.padded_width(width, registers)
         assert width < padded <= width + 3
         assert float_conv2d.tile_for(padded, 4, registers, lanes)[0] >= 4
+
+
+def test_grouped_convs_run_on_the_float_kernel():
+    """RegNet-style grouped convs (group width 8, strided; 2 groups of 32) run on the packed
+    float kernel, each lane block reducing over its own group's input channels; a group width
+    that is no whole lane block (4) stays on TVM's conv. All equal TVM's own NCHW convs."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 48, 14, 14), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(RNG.standard_normal((48, 8, 3, 3)).astype("float32")),
+                                           strides=2, padding=1, groups=6))
+            y = bb.emit(relax.op.nn.relu(y))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(RNG.standard_normal((64, 24, 3, 3)).astype("float32")),
+                                           padding=1, groups=2))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(RNG.standard_normal((64, 4, 3, 3)).astype("float32")),
+                                           padding=1, groups=16))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    _, counts = pack_conv(mod, HOST)
+    assert counts["float_grouped"] == 2 and counts["float"] == 0, counts
+    data = RNG.standard_normal((1, 48, 14, 14)).astype("float32")
+    vm = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(data)).numpy()
+    with tvm.transform.PassContext(disabled_pass=["qcompile.PackConv"]):
+        plain = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    assert got.shape == (1, 64, 7, 7)
+    # three layers of unit-variance weights: outputs up to ~1e3, summed in another order
+    np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())

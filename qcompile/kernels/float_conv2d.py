@@ -122,7 +122,9 @@ def padded_width(out_width: int, registers: int = 16) -> int:
 
 def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> tirx.PrimFunc:
     """The compute definition: (x NHWC, packed weight) -> float32 NHWC; zero padding;
-    ``registers``: the target's (:func:`vector_registers`), which sets the computed width."""
+    ``registers``: the target's (:func:`vector_registers`), which sets the computed width.
+    A grouped conv (``shape.groups``; whole lane blocks per group) reduces each block over
+    its group's input channels, its weight packed from ``[OC, IC / groups, KH, KW]``."""
     top, left, bottom, right = shape.padding
     oh, ow = shape.out_hw
     owp, ocp = padded_width(ow, registers), padded_channels(shape.oc, lanes)
@@ -132,8 +134,11 @@ def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> ti
     def dims(*values: int) -> tuple:
         return tuple(tirx.IntImm("int64", v) for v in values)  # int64 like LegalizeOps' kernels
 
+    group_in, group_out = shape.ic // shape.groups, shape.oc // shape.groups
+    if shape.groups > 1 and (ocp != shape.oc or group_out % lanes):
+        raise ValueError(f"a grouped conv needs whole {lanes}-lane blocks per group, not {group_out} channels")
     x = te.placeholder(dims(shape.n, shape.h, shape.w, shape.ic), "float32", name="x")
-    w = te.placeholder(dims(ocp // lanes, shape.kh, shape.kw, shape.ic, lanes), "float32", name="w")
+    w = te.placeholder(dims(ocp // lanes, shape.kh, shape.kw, group_in, lanes), "float32", name="w")
     xp = x
     if any((top, left, bottom, right)):
         def pad(n, y, xx, c):
@@ -142,11 +147,19 @@ def conv2d_func(shape: ConvShape, lanes: int = LANES, registers: int = 16) -> ti
 
         xp = te.compute(dims(shape.n, shape.h + top + bottom, shape.w + left + right, shape.ic), pad, name=PAD)
     rkh, rkw = te.reduce_axis(dims(0, shape.kh), "kh"), te.reduce_axis(dims(0, shape.kw), "kw")
-    rc = te.reduce_axis(dims(0, shape.ic), "ic")
+    rc = te.reduce_axis(dims(0, group_in), "ic")
+
+    def first_input(c):
+        """The group's first input channel, from the lane block (one block lies in one group),
+        so that it is the same for every lane of a vector."""
+        if shape.groups == 1:
+            return 0
+        return c // lanes * lanes // group_out * group_in
+
     acc = te.compute(
         dims(shape.n, oh, owp, ocp),
         lambda n, y, xx, c: te.sum(
-            xp[n, y * sh + rkh * dh, xx * sw + rkw * dw, rc] * w[c // lanes, rkh, rkw, rc, c % lanes],
+            xp[n, y * sh + rkh * dh, xx * sw + rkw * dw, first_input(c) + rc] * w[c // lanes, rkh, rkw, rc, c % lanes],
             axis=[rkh, rkw, rc]),
         name=ANCHOR)
     out = te.compute(dims(shape.n, oh, ow, shape.oc), lambda n, y, xx, c: acc[n, y, xx, c], name="qc_crop")

@@ -33,7 +33,8 @@ PAD = "qc_pad"
 
 @dataclass(frozen=True)
 class ConvShape:
-    """A conv2d's static shape (NHWC input; one group)."""
+    """A conv2d's static shape (NHWC input); ``groups`` > 1 only for the float kernel's
+    grouped convs (``ic`` counts all input channels)."""
 
     n: int
     ic: int
@@ -45,6 +46,7 @@ class ConvShape:
     stride: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
     dilation: tuple[int, int]
+    groups: int = 1
 
     @property
     def folds_rows(self) -> bool:
