@@ -80,6 +80,9 @@ def SinkReshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if len(arg_shape) == 0:
             return em.subst(arg)
         if arg_shape == shape:  # a residual: the same reshape applied to it
+            constant = const_value(arg)
+            if constant is not None:
+                return relax.const(constant.reshape(base_shape), arg.ty.dtype)
             return em.emit(relax.op.reshape(em.subst(arg), base_shape))
         size = int(np.prod(arg_shape))
         if size == 1:
