@@ -141,3 +141,19 @@ def test_kernels_are_matched_to_layers_only_when_call_order_fits():
     assert all(c.layer is None for c in unmatched) and "not matched" in note
     fewer, note = match_layers(calls[:2], layers)
     assert all(c.layer is None for c in fewer) and "1 conv/matmul kernel calls for 2 layers" in note
+
+
+def test_explain_lists_a_stand_alone_quantize_boundary(tmp_path):
+    """Token MLP whose first dense layer is int8: the model input reaches it through a quantize
+    kernel of its own, which explain lists as a quantize/dequantize boundary with its share."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 24, 32),), str(path), input_names=["x"], dynamo=False)
+    calib = np.random.default_rng(0).standard_normal((4, 24, 32)).astype("float32")
+    int8 = qcompile.compile(str(path), "native", quantization=qcompile.Int8Config(num_samples=4),
+                            calibration_data={"x": calib}, out_dir=tmp_path, name="mlp-int8", tuning_logs=False)
+    result = explain(int8.library, runs=3, repeat=3, peaks=False)
+    (boundary,) = [f for f in result.findings if f.kind == QDQ_BOUNDARY]
+    assert 0.0 < boundary.share < 1.0 and any("quantize" in k for k in boundary.kernels)
+    assert "quantize/dequantize boundaries" in result.to_text()
