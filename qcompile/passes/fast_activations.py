@@ -18,11 +18,7 @@ from tvm import relax
 
 from qcompile.passes.bindings import Emitter, dtype_of, rewrite_calls
 
-FLOATS = ("float32", "float16")
-
-
-def _const(value: float, dtype: str) -> relax.Constant:
-    return relax.const(value, dtype)
+FLOATS = ("float32", "float16")  # the dtypes these rewrites (and PowerAsMultiply) take
 
 
 def _gelu(em: Emitter, var, value):
@@ -31,8 +27,8 @@ def _gelu(em: Emitter, var, value):
     if dtype not in FLOATS:
         return None
     x = em.subst(value.args[0])
-    erf = em.emit(relax.op.erf(em.emit(relax.op.multiply(x, _const(0.5 ** 0.5, dtype)))))
-    half = em.emit(relax.op.add(_const(0.5, dtype), em.emit(relax.op.multiply(erf, _const(0.5, dtype)))))
+    erf = em.emit(relax.op.erf(em.emit(relax.op.multiply(x, relax.const(0.5 ** 0.5, dtype)))))
+    half = em.emit(relax.op.add(relax.const(0.5, dtype), em.emit(relax.op.multiply(erf, relax.const(0.5, dtype)))))
     return relax.op.multiply(x, half)
 
 
@@ -43,10 +39,10 @@ def _gelu_tanh(em: Emitter, var, value):
         return None
     x = em.subst(value.args[0])
     square = em.emit(relax.op.multiply(x, x))
-    inner = em.emit(relax.op.add(_const(1.0, dtype), em.emit(relax.op.multiply(square, _const(0.044715, dtype)))))
-    arg = em.emit(relax.op.multiply(em.emit(relax.op.multiply(x, _const(math.sqrt(2.0 / math.pi), dtype))), inner))
-    one_plus = em.emit(relax.op.add(_const(1.0, dtype), em.emit(relax.op.tanh(arg))))
-    return relax.op.multiply(em.emit(relax.op.multiply(x, _const(0.5, dtype))), one_plus)
+    inner = em.emit(relax.op.add(relax.const(1.0, dtype), em.emit(relax.op.multiply(square, relax.const(0.044715, dtype)))))
+    arg = em.emit(relax.op.multiply(em.emit(relax.op.multiply(x, relax.const(math.sqrt(2.0 / math.pi), dtype))), inner))
+    one_plus = em.emit(relax.op.add(relax.const(1.0, dtype), em.emit(relax.op.tanh(arg))))
+    return relax.op.multiply(em.emit(relax.op.multiply(x, relax.const(0.5, dtype))), one_plus)
 
 
 def _silu(em: Emitter, var, value):

@@ -14,6 +14,7 @@ import tvm
 from tvm import relax
 
 from qcompile.passes.bindings import Emitter, const_value, dtype_of, rewrite_calls
+from qcompile.passes.fast_activations import FLOATS
 
 
 def _exponent(expr) -> float | None:
@@ -25,7 +26,7 @@ def _exponent(expr) -> float | None:
 
 def _power(em: Emitter, var, value):
     exponent = _exponent(value.args[1])
-    if dtype_of(var) not in ("float32", "float16") or exponent not in (0.5, 1.0, 2.0, 3.0):
+    if dtype_of(var) not in FLOATS or exponent not in (0.5, 1.0, 2.0, 3.0):
         return None
     x = em.subst(value.args[0])
     if [str(d) for d in var.ty.shape.values] != [str(d) for d in x.ty.shape.values]:

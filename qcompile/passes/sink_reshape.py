@@ -53,9 +53,27 @@ def SinkReshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return mod
     views: dict = {}  # old var -> (new source, shape): the old var is reshape(new source, shape)
 
-    def source(em: Emitter, expr):
+    def source(expr):
         """(new source, target shape) if ``expr`` is a reshape's result, else None."""
         return views.get(expr) if isinstance(expr, relax.Var) else None
+
+    def through(args, shape):
+        """(source, source shape) of the first of ``args`` that reshapes a tensor with the
+        same last axis to ``shape`` (the op's output shape), else None."""
+        for arg in args:
+            seen = source(arg)
+            if shape is None or seen is None or seen[1] != shape:
+                continue
+            base_shape = _static_shape(seen[0])
+            if base_shape and base_shape[-1] == shape[-1]:
+                return seen[0], base_shape
+        return None
+
+    def moved(em: Emitter, var, call, shape):
+        """``call`` (over the source) bound, recorded as ``var``'s source, reshaped back."""
+        new = em.emit(call)
+        views[var] = (new, shape)
+        return relax.op.reshape(new, shape)
 
     def reshape(em: Emitter, var, value):
         arg = value.args[0]
@@ -71,7 +89,7 @@ def SinkReshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
     def operand(em: Emitter, arg, shape, base_shape):
         """``arg`` as an operand over ``base_shape`` instead of ``shape``, else None."""
-        seen = source(em, arg)
+        seen = source(arg)
         if seen is not None and seen[1] == shape and _static_shape(seen[0]) == base_shape:
             return seen[0]
         arg_shape = _static_shape(arg)
@@ -97,14 +115,10 @@ def SinkReshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
     def elementwise(em: Emitter, var, value):
         shape = _static_shape(var)
-        viewed = [source(em, a) for a in value.args if isinstance(a, relax.Var)]
-        viewed = [v for v in viewed if v is not None and v[1] == shape]
-        if shape is None or not viewed:
+        found = through(value.args, shape)
+        if found is None:
             return None
-        base, _ = viewed[0]
-        base_shape = _static_shape(base)
-        if base_shape is None or not base_shape or base_shape[-1] != shape[-1]:
-            return None
+        base_shape = found[1]
         args = []
         for arg in value.args:
             if not isinstance(arg, relax.Var) and const_value(arg) is None:
@@ -114,26 +128,19 @@ def SinkReshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             if new is None:
                 return None
             args.append(new)
-        moved = em.emit(relax.Call(value.op, args, value.attrs, value.ty_args))
-        views[var] = (moved, shape)
-        return relax.op.reshape(moved, shape)
+        return moved(em, var, relax.Call(value.op, args, value.attrs, value.ty_args), shape)
 
     def quantize(em: Emitter, var, value):
         """(de)quantize per tensor or along the last axis, which the reshape keeps."""
         shape = _static_shape(var)
-        seen = source(em, value.args[0])
-        if shape is None or seen is None or seen[1] != shape:
+        found = through(value.args[:1], shape)
+        if found is None or int(value.attrs.axis) not in (-1, len(shape) - 1):
             return None
-        base, _ = seen
-        base_shape = _static_shape(base)
-        axis = int(value.attrs.axis)
-        if base_shape is None or not base_shape or base_shape[-1] != shape[-1] or axis not in (-1, len(shape) - 1):
-            return None
+        base, base_shape = found
         op = relax.op.quantize if op_name(value) == "relax.quantize" else relax.op.dequantize
         scale, zero_point = (em.subst(a) for a in value.args[1:])
-        moved = em.emit(op(base, scale, zero_point, axis=len(base_shape) - 1, out_dtype=str(value.attrs.out_dtype)))
-        views[var] = (moved, shape)
-        return relax.op.reshape(moved, shape)
+        return moved(em, var, op(base, scale, zero_point, axis=len(base_shape) - 1,
+                                 out_dtype=str(value.attrs.out_dtype)), shape)
 
     def rewrite(em: Emitter, var, value):
         name = op_name(value)
