@@ -107,6 +107,15 @@ def make_tiny(seed: int = 0) -> nn.Module:
     return net
 
 
+def run_relax(mod, *arrays: np.ndarray, target: str = "llvm") -> np.ndarray:
+    """``mod``'s ``main`` compiled for ``target`` and run on ``arrays`` (TVM's VM, this CPU)."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+
+
 def build_like_pytorch(tmp_path: Path, module: nn.Module, shape: tuple[int, ...], int8: bool, target: str = "llvm"):
     """Export ``module`` (input ``x`` of ``shape``) to ONNX, build it for ``target`` (int8 calibrated
     on 4 random samples when ``int8``) with the IR dumped to ``tmp_path/ir``, run it on the first

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tvm
 import tvm_ffi
+from conftest import run_relax
 from tvm import relax, s_tir
 from tvm.s_tir import dlight as dl
 from tvm.script import ir as I
@@ -53,9 +54,17 @@ def structure(kernel: tvm.tirx.PrimFunc) -> tuple[list[str], set[str]]:
     return blocks, loops
 
 
+def scheduled_matmul(model: tvm.IRModule):
+    """(fused module, the same scheduled by ConvMatmulCPU, its matmul kernel, checked scheduled)."""
+    mod = fused(model)
+    scheduled = schedule(mod, ConvMatmulCPU())
+    (kernel,) = [f for f in kernels(scheduled) if "matmul" in str(f)]
+    assert kernel.attrs["tirx.is_scheduled"]
+    return mod, scheduled, kernel
+
+
 def run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
-    vm = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
-    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    return run_relax(mod, *args, target=TARGET)
 
 
 def test_layer_norm_rows_over_cores_sums_in_vectors():
@@ -160,10 +169,7 @@ def test_masked_attention_matmul_gets_a_register_tile():
                 R.output(gv)
             return gv
 
-    mod = fused(Model)
-    scheduled = schedule(mod, ConvMatmulCPU())
-    (kernel,) = [f for f in kernels(scheduled) if "matmul" in str(f)]
-    assert kernel.attrs["tirx.is_scheduled"]
+    mod, scheduled, kernel = scheduled_matmul(Model)
     _, loops = structure(kernel)
     assert {"parallel", "unrolled", "vectorized"} <= loops
     rng = np.random.default_rng(3)
@@ -234,10 +240,7 @@ def test_one_row_matmul_splits_its_columns_over_the_cores():
                 R.output(gv)
             return gv
 
-    mod = fused(Model)
-    scheduled = schedule(mod, ConvMatmulCPU())
-    (kernel,) = [f for f in kernels(scheduled) if "matmul" in str(f)]
-    assert kernel.attrs["tirx.is_scheduled"]
+    mod, scheduled, kernel = scheduled_matmul(Model)
     parallel: list[int] = []
 
     def visit(node) -> None:

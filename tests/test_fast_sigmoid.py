@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+from conftest import run_relax
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -45,9 +46,7 @@ def test_fast_silu_matches_tvm_sigmoid():
     x = x.astype("float32").reshape(4, 64)
 
     def run(mod):
-        mod = relax.transform.FastMathTransform()(mod)
-        vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
-        return vm["main"](tvm.runtime.tensor(x)).numpy()
+        return run_relax(relax.transform.FastMathTransform()(mod), x)
 
     fast = run(SigmoidAsExp(Before))
     np.testing.assert_allclose(fast, run(Before), rtol=1e-5, atol=1e-6)

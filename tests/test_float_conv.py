@@ -159,6 +159,16 @@ def test_float_depthwise_matches_reference():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def _with_and_without_kernels(mod: tvm.IRModule, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``mod`` run on ``data`` as built for this CPU, and with PackConv off (TVM's own convs)."""
+    def run() -> np.ndarray:
+        return relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+
+    got = run()
+    with tvm.transform.PassContext(disabled_pass=["qcompile.PackConv"]):
+        return got, run()
+
+
 def test_float_model_uses_the_kernels_and_matches_tvm():
     """conv 3->16 (+bias, relu) -> depthwise 3x3 -> conv 1x1 16->12 (not a multiple of 8
     lanes: computed as 16 channels and cropped): the float kernels built for this CPU ==
@@ -182,10 +192,7 @@ def test_float_model_uses_the_kernels_and_matches_tvm():
     gpu = tvm.target.Target("cuda")
     assert pack_conv(mod, gpu)[0].same_as(mod)  # CPU kernels only
     data = RNG.standard_normal((1, 3, 16, 16)).astype("float32")
-    vm = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(data)).numpy()
-    with tvm.transform.PassContext(disabled_pass=["qcompile.PackConv"]):
-        plain = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    got, plain = _with_and_without_kernels(mod, data)
     assert got.shape == (1, 12, 8, 8)
     np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4)
 
@@ -281,10 +288,7 @@ def test_grouped_convs_run_on_the_float_kernel():
     _, counts = pack_conv(mod, HOST)
     assert counts["float_grouped"] == 2 and counts["float"] == 0, counts
     data = RNG.standard_normal((1, 48, 14, 14)).astype("float32")
-    vm = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(data)).numpy()
-    with tvm.transform.PassContext(disabled_pass=["qcompile.PackConv"]):
-        plain = relax.VirtualMachine(compile_module(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    got, plain = _with_and_without_kernels(mod, data)
     assert got.shape == (1, 64, 7, 7)
     # three layers of unit-variance weights: outputs up to ~1e3, summed in another order
     np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
