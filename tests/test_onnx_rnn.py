@@ -347,29 +347,36 @@ def test_unrolled_dynamic_quantize_lstm_matches_onnxruntime(direction, batch, hi
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("bidirectional", "per_channel"), [(False, False), (True, True)],
-                         ids=["forward-per-tensor", "bidirectional-per-channel"])
-def test_quantize_dynamic_lstm_build(tmp_path, bidirectional, per_channel):
-    """ORT's DynamicQuantizeLSTM builds to integer gate matmuls that agree with ONNX Runtime."""
+@pytest.mark.parametrize(("bidirectional", "per_channel", "batch", "hidden"), [
+    (False, False, BATCH, 16), (True, True, BATCH, 16),
+    (False, True, 3, 260),  # ONNX Runtime quantizes the whole batch's state together: unrolled
+], ids=["forward-per-tensor", "bidirectional-per-channel", "whole-batch-unrolled"])
+def test_quantize_dynamic_lstm_build(tmp_path, bidirectional, per_channel, batch, hidden):
+    """ORT's DynamicQuantizeLSTM builds to integer GEMMs that agree with ONNX Runtime: fused
+    into one recurrent kernel where each batch row's state is quantized apart, else unrolled."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     torch.manual_seed(0)
-    dirs, hidden = 2 if bidirectional else 1, 16
+    dirs = 2 if bidirectional else 1
     module = nn.LSTM(INPUT, hidden, num_layers=1, bidirectional=bidirectional)
-    x, h0, c0 = torch.randn(SEQ, BATCH, INPUT), torch.randn(dirs, BATCH, hidden), torch.randn(dirs, BATCH, hidden)
+    x, h0, c0 = torch.randn(SEQ, batch, INPUT), torch.randn(dirs, batch, hidden), torch.randn(dirs, batch, hidden)
     float_path = _export(tmp_path, module, (x, (h0, c0)), ["x", "h0", "c0"], dynamo=False)
     quant_path = tmp_path / "lstm-int8.onnx"
     quantize_dynamic(str(float_path), str(quant_path), weight_type=QuantType.QInt8, per_channel=per_channel)
     assert any(n.op_type == "DynamicQuantizeLSTM" for n in onnx.load(str(quant_path)).graph.node)
     feeds = {"x": x.numpy(), "h0": h0.numpy(), "c0": c0.numpy()}
-    diff, quant = _build_and_compare(tmp_path, quant_path, feeds, threads=BATCH)
+    diff, quant = _build_and_compare(tmp_path, quant_path, feeds, threads=batch)
     print(f"DynamicQuantizeLSTM: max |qcompile - ONNX Runtime| = {diff:.3g}")
     assert diff <= ATOL
-    # Per direction the input projection, and per step (the first on h0) one recurrent matmul
-    # per batch row: all integer, none left float.
-    layers = [layer for layer in quant["layers"] if layer["op"] == "matmul"]
-    assert len(layers) == dirs * (1 + SEQ * BATCH), quant["layers"]
-    assert all(layer["dtype"] == "uint8 x int8 -> int32 -> float32" for layer in layers)
+    matmuls = [layer for layer in quant["layers"] if layer["op"] == "matmul"]
+    lstms = [layer for layer in quant["layers"] if layer["op"] == "lstm"]
+    if hidden <= 256:
+        # Per direction the input projection; the recurrence one kernel, its GEMM integer
+        assert (len(matmuls), len(lstms)) == (dirs, 1), quant["layers"]
+    else:
+        # Per direction the input projection, and per step (the first on h0) one recurrent matmul
+        assert (len(matmuls), len(lstms)) == (dirs * (1 + SEQ), 0), quant["layers"]
+    assert all(layer["dtype"] == "uint8 x int8 -> int32 -> float32" for layer in matmuls + lstms)
     assert not quant.get("float_ops", {}).get("relax.matmul") and not quant.get("float_nodes")
 
 

@@ -1,6 +1,7 @@
 """The fused LSTM/GRU kernel (qcompile.kernels.recurrent) and the models built on it.
 
-The kernel alone is checked against a float64 numpy reading of the ONNX operator definitions.
+The kernel alone is checked against a float64 numpy reading of the ONNX operator definitions
+(its DynamicQuantizeLSTM form against a reading of that operator's per-step quantization).
 torch-exported LSTM/GRU models (forward and bidirectional, initial states given or not, 1
 and 100 steps, a Linear head on the last step as in benchmarks/zoo.py) are built and
 compared with ONNX Runtime on the same file to 1e-5; each build is checked to run the
@@ -94,6 +95,50 @@ def test_kernel_matches_definition(kind, seq, batch, hidden, reverse, lbr):
     args = [tvm.runtime.tensor(a) for a in (xw, r, wb, rb, h0, c0) if a is not None]
     out = tvm.runtime.tensor(np.zeros(want.shape, np.float32))
     _compile(recurrent_func(shape))(*args, out)
+    np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=ATOL)
+
+
+def _quantized_definition(shape: RecurrentShape, xw, rq, bias, rs, h0, c0):
+    """DynamicQuantizeLSTM's recurrence over the kernel's arguments: per step h quantized as
+    DynamicQuantizeLinear does (float32), the integer GEMM in int64, the gates in float64."""
+    hid, f32 = shape.hidden, np.float32
+    out = np.zeros((shape.seq + 2, shape.dirs, shape.batch, hid))
+    for d, rev in enumerate(shape.reverse):
+        for b in range(shape.batch):
+            h, c = h0[d, b].astype(f32), c0[d, b].astype(np.float64)
+            for t in range(shape.seq - 1, -1, -1) if rev else range(shape.seq):
+                hi, lo = max(f32(0), h.max()), max(f32(0), -h.min())
+                s = f32((hi + lo) / f32(255)) or f32(1)
+                zp = np.clip(np.rint(lo / s), 0, 255)
+                hq = (np.clip(np.rint(h / s) + zp, 0, 255) - zp).astype(np.int64)
+                a = (hq @ rq[d].astype(np.int64)).astype(f32) * (s * rs[d])
+                g = (xw[t, b, d * 4 * hid:(d + 1) * 4 * hid] + bias[d]).astype(np.float64) + a
+                i, o, f, cc = (g[k * hid:(k + 1) * hid] for k in range(4))
+                c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(cc)
+                h = (_sigmoid(o) * np.tanh(c)).astype(f32)
+                out[t, d, b] = h
+            out[shape.seq, d, b], out[shape.seq + 1, d, b] = h, c
+    return out
+
+
+@pytest.mark.parametrize(("seq", "batch", "hidden", "reverse", "zero_state"), [
+    (7, 2, 5, (False, True), False),
+    (30, 1, 48, (True,), True),
+])
+def test_quantized_state_kernel_matches_definition(seq, batch, hidden, reverse, zero_state):
+    """DynamicQuantizeLSTM's form: h quantized afresh at every step, the GEMM on its integers
+    (an all-zero h, as from a zero initial state, quantizes at scale 1)."""
+    shape = RecurrentShape("LSTM", seq, batch, hidden, reverse, quantized_state=True)
+    rng = np.random.default_rng(1)
+    dirs = shape.dirs
+    xw = rng.standard_normal((seq, batch, dirs * 4 * hidden)).astype(np.float32)
+    rq = rng.integers(-127, 128, (dirs, hidden, 4 * hidden)).astype(np.float32)
+    bias = rng.standard_normal((dirs, 4 * hidden)).astype(np.float32)
+    rs = (rng.uniform(0.5, 1.5, (dirs, 4 * hidden)) * 0.3 / 127).astype(np.float32)
+    h0, c0 = (rng.standard_normal((dirs, batch, hidden)).astype(np.float32) * (not zero_state) for _ in range(2))
+    want = _quantized_definition(shape, xw, rq, bias, rs, h0, c0)
+    out = tvm.runtime.tensor(np.zeros(want.shape, np.float32))
+    _compile(recurrent_func(shape))(*(tvm.runtime.tensor(a) for a in (xw, rq, bias, rs, h0, c0)), out)
     np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=ATOL)
 
 

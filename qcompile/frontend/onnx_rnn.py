@@ -13,14 +13,17 @@ static, and :func:`lower_recurrent` rewrites each recurrent node in one of two f
   (:mod:`qcompile.frontend.from_onnx`) turns into a call of the hand-scheduled kernel
   :mod:`qcompile.kernels.recurrent`: the time loop inside, per step ``R h + Rb``, the biased
   gates and the state update.  The recurrence stays float32 under int8 quantization (as ONNX
-  Runtime's ``quantize_static`` leaves LSTM float).
-* **Unrolled** (everything else: ``RNN``; ``DynamicQuantizeLSTM``, whose per-step integer
-  GEMMs this form reproduces; shorter ``sequence_lens``; peepholes; ``clip``; activations
-  other than the defaults; non-float32 models): the node is rewritten into its definition
-  over time steps: one MatMul of all steps' inputs with the input weights, then per step a
-  MatMul with the recurrent weights, Split into gates, Sigmoid/Tanh/Mul/Add, and Concat of
-  the step outputs.  :func:`unroll_recurrent` unrolls every node (a plain ONNX graph that
-  ONNX Runtime runs too).
+  Runtime's ``quantize_static`` leaves LSTM float).  ``DynamicQuantizeLSTM`` is fused on the
+  same terms where ONNX Runtime quantizes each batch row's state apart: its input projection
+  becomes the quantized-GEMM pattern below, its recurrence the kernel's ``quantized_state``
+  form, which quantizes ``h`` at each step inside the time loop.
+* **Unrolled** (everything else: ``RNN``; ``DynamicQuantizeLSTM`` whose state ONNX Runtime
+  quantizes over several batch rows together; shorter ``sequence_lens``; peepholes; ``clip``;
+  activations other than the defaults; non-float32 models): the node is rewritten into its
+  definition over time steps: one MatMul of all steps' inputs with the input weights, then
+  per step a MatMul with the recurrent weights, Split into gates, Sigmoid/Tanh/Mul/Add, and
+  Concat of the step outputs.  :func:`unroll_recurrent` unrolls every node (a plain ONNX
+  graph that ONNX Runtime runs too).
 
 DynamicQuantizeLSTM keeps ONNX Runtime's arithmetic: each of its two GEMMs quantizes its
 float operand at run time (uint8, asymmetric, from the operand's own range) and multiplies
@@ -29,7 +32,7 @@ quantizes the whole sequence X at once; the recurrent one quantizes H_{t-1} afre
 step.  Each becomes the DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul pattern that
 ``quantize_dynamic`` writes for a MatMul, which the QDQ rewrite
 (:mod:`qcompile.frontend.onnx_qoperator`) and :func:`qcompile.quantize.dynamic.realize_dynamic`
-turn into integer kernels.
+turn into integer kernels (in the fused form, the recurrent one is inside the kernel).
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ _RECURRENT = {
 # Activations with a parameterless ONNX operator of the same meaning.
 _ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 _DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
-# The fused form's node: (X W^T, R^T, Wb, Rb, h0[, c0]) -> (Y, Y_h[, Y_c]), see _Unroller.emit_fused.
+# The fused form's node: (X W^T, R^T, Wb, Rb, h0[, c0]) -> (Y, Y_h[, Y_c]), see _Unroller.emit_fused
+# (with quantized_state=1: (XW, Rq - Rzp, B, R_scale, h0, c0), DynamicQuantizeLSTM's recurrence).
 FUSED_DOMAIN = "qcompile"
 FUSED_OP = "RecurrentSequence"
 
@@ -117,12 +121,20 @@ def fusion_blocker(node, builder: _Builder) -> str | None:
 
     Fused: ONNX ``LSTM`` and ``GRU`` on float32 with the default activations, no ``clip``,
     no peepholes, no ``input_forget``, and no ``sequence_lens`` shorter than the sequence
-    (absent, or a constant equal to it)."""
+    (absent, or a constant equal to it); ``DynamicQuantizeLSTM`` on the same terms where
+    ONNX Runtime quantizes each batch row's state apart (:func:`_ort_rows_per_gemm`) and the
+    recurrent GEMM's integer sums stay exact in float32 (at most 2^24)."""
     from onnx import helper
 
     domain, op = _key(node)
-    if domain != "" or op not in ("LSTM", "GRU"):
+    quantized = (domain, op) == (_MS, "DynamicQuantizeLSTM")
+    if not quantized and (domain != "" or op not in ("LSTM", "GRU")):
         return f"{domain + '::' if domain else ''}{op} is always unrolled"
+    if quantized:
+        why = _quantized_fusion_blocker(node, builder)
+        if why:
+            return why
+        op = "LSTM"
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     names = [n.decode() if isinstance(n, bytes) else n for n in attrs.get("activations", [])]
     defaults = [a.lower() for a in _DEFAULT_ACTIVATIONS[op]]
@@ -149,6 +161,24 @@ def fusion_blocker(node, builder: _Builder) -> str | None:
             return "sequence_lens"
     if any(inputs[i] and inputs[i] not in builder.consts for i in (1, 2, 3)):
         return "run-time weights"
+    return None
+
+
+def _quantized_fusion_blocker(node, builder: _Builder) -> str | None:
+    """The DynamicQuantizeLSTM-only conditions of :func:`fusion_blocker`."""
+    inputs = list(node.input) + [""] * 12
+    r, r_zp = builder.consts.get(inputs[2]), builder.consts.get(inputs[11]) if inputs[11] else None
+    shape = builder.shapes.get(inputs[0])
+    if r is None or r.ndim != 3 or shape is None or len(shape) != 3:
+        return "run-time weights or input shape"
+    layout = next((int(a.i) for a in node.attribute if a.name == "layout"), 0)
+    batch, hidden = (shape[0] if layout else shape[1]), r.shape[1]
+    if batch > 1 and _ort_rows_per_gemm(batch, hidden) != 1:
+        return "the whole batch's state quantized together"
+    zp = np.zeros(r.shape[0]) if r_zp is None else np.asarray(r_zp).reshape(r.shape[0], -1)[:, 0]
+    largest = max(int(np.abs(r[d].astype(np.int64) - int(zp[d])).max()) for d in range(r.shape[0]))
+    if hidden * 255 * largest > 2**24:
+        return "recurrent sums beyond float32's exact integers"
     return None
 
 
@@ -349,14 +379,26 @@ class _Unroller:
         shape = self.b.shapes[x]
         self.seq, self.batch = (shape[1], shape[0]) if layout else (shape[0], shape[1])
         self.dtype = np.dtype(np.float32)
+        self.x_quantized = None
         dirs = self._weights(len(reverse))
         hid, n = self.hidden, len(reverse)
+        quantized = dirs[0].rq is not None
         if layout:
             x = b.op("Transpose", [x], self.base + "_x", perm=[1, 0, 2])
-        w_all = np.concatenate([d.w_t for d in dirs], axis=1)  # [input, dirs * G * H]
-        xw = b.op("MatMul", [x, b.const(w_all, self.base + "_W")], self.base + "_xw")
-        r_t = np.stack([d.r_t for d in dirs])  # [dirs, H, G * H]
-        wb, rb = np.stack([d.wb for d in dirs]), np.stack([d.rb for d in dirs])  # [dirs, G * H]
+        if quantized:
+            # DynamicQuantizeLSTM: X quantized once, per direction its integer input GEMM; the
+            # kernel gets the integer R minus its zero point, all of the bias, R's scale per column
+            parts = [self._int_matmul(self._quantized_input(x, None), self._qweight(d.wq, self.base + "_W"),
+                                      self.base + "_xw") for d in dirs]
+            xw = parts[0] if n == 1 else b.op("Concat", parts, self.base + "_xw", axis=-1)
+            r_t = np.stack([d.rq.q.astype(np.float32) - np.float32(d.rq.zero_point) for d in dirs])
+            wb = np.stack([d.wb + d.rb for d in dirs])
+            rb = np.stack([np.broadcast_to(d.rq.scale, (self.gates * hid,)) for d in dirs]).astype(np.float32)
+        else:
+            w_all = np.concatenate([d.w_t for d in dirs], axis=1)  # [input, dirs * G * H]
+            xw = b.op("MatMul", [x, b.const(w_all, self.base + "_W")], self.base + "_xw")
+            r_t = np.stack([d.r_t for d in dirs])  # [dirs, H, G * H]
+            wb, rb = np.stack([d.wb for d in dirs]), np.stack([d.rb for d in dirs])  # [dirs, G * H]
         states = []
         for i in (5, 6) if self.kind == "LSTM" else (5,):
             name = self.input(i)
@@ -373,7 +415,7 @@ class _Unroller:
             FUSED_OP, [xw, b.const(r_t, self.base + "_R"), b.const(wb, self.base + "_Wb"),
                        b.const(rb, self.base + "_Rb"), *states], outs,
             name=self.node.name, domain=FUSED_DOMAIN, kind=self.kind, hidden_size=hid,
-            reverse=[int(r) for r in reverse],
+            reverse=[int(r) for r in reverse], quantized_state=int(quantized),
             linear_before_reset=int(a.get("linear_before_reset", 0)) if self.kind == "GRU" else 0))
         wanted = list(self.node.output) + [""] * 3
         if wanted[0]:
@@ -631,7 +673,11 @@ def convert_fused(bb, inputs: list, attrs: dict):
     :func:`qcompile.kernels.recurrent.recurrent_func`, a tuple of its outputs."""
     from tvm import relax
 
-    from qcompile.kernels.recurrent import RecurrentShape, recurrent_func
+    from qcompile.kernels.recurrent import (
+        QUANTIZED_NAME,
+        RecurrentShape,
+        recurrent_func,
+    )
 
     kind = attrs["kind"].decode() if isinstance(attrs["kind"], bytes) else attrs["kind"]
     reverse = attrs["reverse"]
@@ -639,8 +685,10 @@ def convert_fused(bb, inputs: list, attrs: dict):
     xw = inputs[0]
     seq, batch = (int(v) for v in xw.ty.shape.values[:2])
     hidden = int(attrs["hidden_size"])
-    shape = RecurrentShape(kind, seq, batch, hidden, reverse, bool(attrs.get("linear_before_reset", 0)))
-    func = bb.add_func(recurrent_func(shape), f"qc_{kind.lower()}_sequence")
+    shape = RecurrentShape(kind, seq, batch, hidden, reverse, bool(attrs.get("linear_before_reset", 0)),
+                           bool(attrs.get("quantized_state", 0)))
+    name = QUANTIZED_NAME if shape.quantized_state else f"qc_{kind.lower()}_sequence"
+    func = bb.add_func(recurrent_func(shape), name)
     dirs, states = shape.dirs, 2 if kind == "LSTM" else 1
     out = bb.emit(relax.call_tir(func, list(inputs), relax.TensorType((seq + states, dirs, batch, hidden), "float32")))
     # Y, then the final states, from the kernel's one output

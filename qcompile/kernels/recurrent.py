@@ -20,6 +20,15 @@ ONNX's ``Y`` in the first ``seq`` rows, then ``Y_h`` (and ``Y_c`` for LSTM, ``S`
 tensor, not a tuple, so that the quantizer's report counts the kernel among the operations
 left in float32.  Direction ``d`` runs backwards in time when ``reverse[d]``.
 
+``RecurrentShape.quantized_state`` is ONNX Runtime's DynamicQuantizeLSTM recurrence: at each
+step ``h`` is quantized from its own range (uint8, DynamicQuantizeLinear's scale and zero
+point, round half to even) and multiplied with the integer recurrent weights, then scaled
+by ``h_scale * r_scale[column]``.  ``r`` then holds the integer weights minus their zero
+point (as float32: the products and their sums over at most 2^24 are exact, so the float
+mat-vec is the integer GEMM), ``wb`` all of the bias (input and recurrent), and ``rb`` the
+recurrent weight's scale per gate column.  Each (direction, batch row) quantizes its own
+``h``, ONNX Runtime's split of the batch rows over its threads.
+
 tanh is TVM's ``topi.fast_tanh`` rational approximation (inputs clamped to +-9, a few ULP
 from ``tanh``); sigmoid is ``0.5 + 0.5 tanh(x / 2)``, which cannot overflow.  Both vectorize.
 The (direction, batch row) sequences are independent and run in parallel over the cores
@@ -33,6 +42,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+QUANTIZED_NAME = "qc_qlstm_sequence"  # the kernel's name with a quantized state (the report finds it)
 OPAQUE = 8  # relax.transform.AnnotateTIROpPattern's kOpaque: FuseOps fuses nothing into the kernel
 # topi.fast_tanh's coefficients (TVM's fast_tanh_float, from Eigen): tanh(x) ~ x p(x^2) / q(x^2)
 _TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
@@ -50,6 +60,7 @@ class RecurrentShape:
     hidden: int
     reverse: tuple[bool, ...]  # per direction
     linear_before_reset: bool = False  # GRU only
+    quantized_state: bool = False  # LSTM only: DynamicQuantizeLSTM's integer recurrence
 
     @property
     def gates(self) -> int:
@@ -97,7 +108,9 @@ def recurrent_func(shape: RecurrentShape) -> tirx.PrimFunc:
     """The scheduled kernel for ``shape`` (see the module docstring for its arguments)."""
     if shape.kind not in ("LSTM", "GRU"):
         raise ValueError(f"recurrent kernel: {shape.kind} is neither LSTM nor GRU")
-    func = _lstm(shape) if shape.kind == "LSTM" else _gru(shape)
+    if shape.quantized_state and shape.kind != "LSTM":
+        raise ValueError("recurrent kernel: a quantized state is LSTM only")
+    func = (_qlstm(shape) if shape.quantized_state else _lstm(shape)) if shape.kind == "LSTM" else _gru(shape)
     return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
 
 
@@ -159,6 +172,70 @@ def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
                 y[seq + 1, d, b, j] = c[j]
 
     return lstm
+
+
+def _qlstm(shape: RecurrentShape) -> tirx.PrimFunc:
+    """The LSTM with DynamicQuantizeLSTM's per-step quantized ``h`` (see the module docstring)."""
+    seq, batch, hid, dirs, gh, rev0, rev1, vt = _common(shape)
+    rows, rows_loop = dirs * batch, _rows_loop(shape)
+    jt = _tile(gh)
+    tanh, sig = fast_tanh, sigmoid
+
+    def gate(xw, wb, acc, t, b, d, k, j):
+        """Gate ``k``'s pre-activation at unit ``j``: (X W + B) + R h, as the unrolled graph adds."""
+        return (xw[t, b, d * gh + k * hid + j] + wb[d, k * hid + j]) + acc[k * hid + j]
+
+    @T.prim_func(private=True)
+    def qlstm(xw: T.Buffer((seq, batch, dirs * gh), "float32"), r: T.Buffer((dirs, hid, gh), "float32"),
+              wb: T.Buffer((dirs, gh), "float32"), rs: T.Buffer((dirs, gh), "float32"),
+              h0: T.Buffer((dirs, batch, hid), "float32"), c0: T.Buffer((dirs, batch, hid), "float32"),
+              y: T.Buffer((seq + 2, dirs, batch, hid), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for row in rows_loop(rows):
+            h = T.decl_buffer((hid,), "float32", scope="local")
+            hq = T.decl_buffer((hid,), "float32", scope="local")
+            c = T.decl_buffer((hid,), "float32", scope="local")
+            acc = T.decl_buffer((gh,), "float32", scope="local")
+            q = T.decl_buffer((4,), "float32", scope="local")  # max(0, max h), -min(0, min h), scale, zero point
+            d = row // batch
+            b = row % batch
+            for j in T.serial(hid):
+                h[j] = h0[d, b, j]
+                c[j] = c0[d, b, j]
+            for s in T.serial(seq):
+                t = T.Select(T.Or(d == rev0, d == rev1), seq - 1 - s, s)
+                # DynamicQuantizeLinear of h: s = (hi + lo) / 255 (1 where h is all zero),
+                # zp = saturate(round(lo / s)), hq = saturate(round(h / s) + zp) - zp
+                q[0] = T.float32(0)
+                q[1] = T.float32(0)
+                for j in T.serial(hid):
+                    q[0] = T.max(q[0], h[j])
+                    q[1] = T.max(q[1], T.float32(0) - h[j])
+                q[2] = (q[0] + q[1]) / T.float32(255)
+                q[2] = T.Select(q[2] == T.float32(0), T.float32(1), q[2])
+                q[3] = T.max(T.float32(0), T.min(T.float32(255), T.nearbyint(q[1] / q[2])))
+                for jo in T.serial(hid // vt):
+                    for j in T.vectorized(jo * vt, jo * vt + vt):
+                        hq[j] = T.max(T.float32(0), T.min(T.float32(255), T.nearbyint(h[j] / q[2]) + q[3])) - q[3]
+                for jo in T.serial(gh // jt):  # acc = (hq - zp) (Rq - Rzp), then * s * r_scale
+                    for ji in T.vectorized(jt):
+                        acc[jo * jt + ji] = T.float32(0)
+                    for k in T.serial(hid):
+                        for ji in T.vectorized(jt):
+                            acc[jo * jt + ji] = acc[jo * jt + ji] + hq[k] * r[d, k, jo * jt + ji]
+                    for ji in T.vectorized(jt):
+                        acc[jo * jt + ji] = acc[jo * jt + ji] * (q[2] * rs[d, jo * jt + ji])
+                for jo in T.serial(hid // vt):  # gates i o f c
+                    for j in T.vectorized(jo * vt, jo * vt + vt):
+                        c[j] = (sig(gate(xw, wb, acc, t, b, d, 2, j)) * c[j]
+                                + sig(gate(xw, wb, acc, t, b, d, 0, j)) * tanh(gate(xw, wb, acc, t, b, d, 3, j)))
+                        h[j] = sig(gate(xw, wb, acc, t, b, d, 1, j)) * tanh(c[j])
+                        y[t, d, b, j] = h[j]
+            for j in T.serial(hid):
+                y[seq, d, b, j] = h[j]
+                y[seq + 1, d, b, j] = c[j]
+
+    return qlstm
 
 
 def _gru(shape: RecurrentShape) -> tirx.PrimFunc:

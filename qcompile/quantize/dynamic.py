@@ -432,7 +432,7 @@ def realize_dynamic_prequantized(model: ImportedModel) -> ImportedModel:
     if not layers:
         return model
     static = any(layer["op"] in ANCHORS.values() for layer in info.layers)
-    all_layers = (*info.layers, *layers)
+    all_layers = (*info.layers, *layers, *recurrent_layers(mod))
     activations = sorted({layer["dtype"].split()[0] for layer in all_layers if layer["op"] in ANCHORS.values()})
     unrealized = float_anchors(mod, quantized_only=True)
     new = replace(
@@ -444,6 +444,18 @@ def realize_dynamic_prequantized(model: ImportedModel) -> ImportedModel:
         float_nodes=tuple(f"{name} = {op}" for name, op in unrealized),
     )
     return replace(model, mod=mod, quantization=new)
+
+
+def recurrent_layers(mod: tvm.IRModule) -> list[dict[str, str]]:
+    """Report entries of DynamicQuantizeLSTM recurrences fused into one kernel
+    (:mod:`qcompile.kernels.recurrent`, ``quantized_state``): their per-step GEMM is integer."""
+    from qcompile.kernels.recurrent import QUANTIZED_NAME
+
+    graph = Graph.from_main(mod["main"])
+    calls = [value for _, value in graph.bindings if op_name(value) == "relax.call_tir"
+             and value.args[0].name_hint.startswith(QUANTIZED_NAME)]
+    return [{"name": f"lstm_{i}", "op": "lstm", "dtype": "uint8 x int8 -> int32 -> float32",
+             "activations": "per_tensor per step (run time)"} for i in range(len(calls))]
 
 
 def float_anchors(mod: tvm.IRModule, quantized_only: bool = False) -> list[tuple[str, str]]:
