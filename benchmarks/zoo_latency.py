@@ -19,8 +19,12 @@ Every contender runs standalone in its own long-lived process (``--serve``: qcom
 measurement at a time with ``throughput.py``'s loader and timer: load the artifact, warm up,
 wait for idle CPUs, run for ``--seconds``, median ms.  Per model the builds run first in a
 subprocess (``zoo.py``'s guard: a crash or a hang costs that model's row), then ``--rounds``
-rounds interleave the contenders (the order rotates); each figure is the median over rounds and
-each ratio is qcompile ms / ONNX Runtime ms (<1: qcompile is faster).  Under the table: the
+rounds interleave the contenders: in each round the two contenders of a precision run back to
+back (which of the two first, and which precision first, alternate over rounds).  Each ms
+figure is the median over rounds; each ratio is the median over rounds of that round's
+qcompile ms / ONNX Runtime ms (<1: qcompile is faster): on a shared VM the speed of both
+vCPUs together drifts by up to 1.5x for seconds at a time, so a ratio of two measurements
+taken back to back holds where a ratio of medians from different moments does not.  Under the table: the
 geometric mean of each ratio column, its worst ratio and model, and how many models are over
 1.5x.  Output: ``out/benchmarks/zoo_latency.{md,json}`` (``benchmarks/results/`` with
 ``--save``), rewritten after every model; the JSON holds the machine record.
@@ -230,8 +234,11 @@ def measure_model(artifacts: dict[str, Any], servers: dict[str, Server], rounds:
     per_round: dict[str, list[float]] = {c: [] for c in live}
     errors: dict[str, str] = {}
     waits = {"idle_wait_s": 0.0, "busy_starts": 0}
+    pairs = list(PAIRS.values())
     for index in range(rounds):
-        order = live[index % len(live):] + live[:index % len(live)] if live else []
+        # the two contenders of a precision back to back; who goes first alternates
+        order = [c for pair in (pairs if index % 2 == 0 else pairs[::-1])
+                 for c in (pair if index % 4 < 2 else pair[::-1]) if c in live]
         for contender in order:
             if contender in errors:
                 continue
@@ -251,10 +258,11 @@ def measure_model(artifacts: dict[str, Any], servers: dict[str, Server], rounds:
 # ----------------------------------------------------------------------------- the table
 
 def ratios(record: dict[str, Any]) -> dict[str, float]:
-    """qcompile ms / ONNX Runtime ms per precision, where both were measured."""
-    median = record["median_ms"]
-    return {p: median[ours] / median[theirs] for p, (ours, theirs) in PAIRS.items()
-            if ours in median and theirs in median}
+    """Per precision where both were measured: the median over rounds of qcompile ms / ONNX
+    Runtime ms, the two measured back to back in each round."""
+    ms = record["ms"]
+    return {p: float(np.median([a / b for a, b in zip(ms[ours], ms[theirs])])) for p, (ours, theirs) in PAIRS.items()
+            if ms.get(ours) and ms.get(theirs)}
 
 
 def summarize(records: list[dict[str, Any]], precision: str) -> dict[str, Any]:
@@ -306,8 +314,8 @@ def _error(text: str, width: int = 120) -> str:
 def render(records: list[dict[str, Any]], summaries: dict[str, dict], args, machine: dict, elapsed: float) -> str:
     title = (f"Zoo latency: {len(records)} models, batch 1, {args.threads} threads, target {zoo.TARGET}, untuned "
              f"builds; each contender standalone in its own process, {args.rounds} interleaved rounds of "
-             f"{args.seconds:g} s, median ms over rounds; ratio = qcompile ms / ONNX Runtime ms (<1: qcompile "
-             "faster). ONNX Runtime: default graph optimizations, intra_op_num_threads "
+             f"{args.seconds:g} s, median ms over rounds; ratio = median over rounds of qcompile ms / ONNX Runtime "
+             "ms measured back to back (<1: qcompile faster). ONNX Runtime: default graph optimizations, intra_op_num_threads "
              f"{args.threads}; int8: `quantize_static` QDQ U8S8 per-channel of the same ONNX file on zoo.py's "
              f"{zoo.CALIB_SAMPLES} calibration samples; pre-quantized rows: qcompile and ONNX Runtime on the same "
              f"ONNX Runtime-quantized file (their float32 is the base model's row). {elapsed:.0f} s of builds "

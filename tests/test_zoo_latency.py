@@ -5,16 +5,50 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import zoo_latency as zl
 
 
-def _record(name: str, cls: str, median_ms: dict[str, float], errors: dict[str, str] | None = None) -> dict:
-    record = {"name": name, "class": cls, "median_ms": median_ms, "errors": errors or {}}
+def _record(name: str, cls: str, ms: dict[str, float | list[float]], errors: dict[str, str] | None = None) -> dict:
+    """A model's record from its ms per round (a number: one round)."""
+    ms = {c: v if isinstance(v, list) else [v] for c, v in ms.items()}
+    record = {"name": name, "class": cls, "ms": ms, "median_ms": {c: float(np.median(v)) for c, v in ms.items()},
+              "errors": errors or {}}
     record["ratio"] = zl.ratios(record)
     return record
+
+
+def test_ratio_is_the_median_of_back_to_back_ratios():
+    """A round where the VM ran both contenders slower does not skew the ratio: 1.0 in every
+    round, though the medians of the two columns come from different rounds (1.2 / 1.0)."""
+    record = _record("a", "cnn", {zl.QC_FP32: [1.0, 1.2, 1.5], zl.ORT_FP32: [1.0, 1.2, 1.5],
+                                  zl.QC_INT8: [1.0, 3.0, 3.0], zl.ORT_INT8: [2.0, 2.0, 2.0]})
+    assert record["ratio"] == {"fp32": pytest.approx(1.0), "int8": pytest.approx(1.5)}
+
+
+class _FakeServer:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def measure(self, path, feeds, seconds):
+        self.log.append(self.name)
+        return {"ms": 1.0, "waited_s": 0.0, "idle": True}
+
+
+def test_rounds_run_each_pair_back_to_back_and_alternate_who_goes_first():
+    log: list[str] = []
+    servers = {c: _FakeServer(c, log) for c in zl.CONTENDERS}
+    artifacts = {"files": dict.fromkeys(zl.CONTENDERS, "f"), "feeds": "x.npz"}
+    per_round, errors, _ = zl.measure_model(artifacts, servers, 4, 0.1)
+    assert not errors and all(len(v) == 4 for v in per_round.values())
+    rounds = [log[i:i + 4] for i in range(0, 16, 4)]
+    for order in rounds:
+        for ours, theirs in zl.PAIRS.values():
+            assert abs(order.index(ours) - order.index(theirs)) == 1, order
+    assert {r[0] for r in rounds} == set(zl.CONTENDERS)  # every contender goes first once
 
 
 def test_summary_geomean_worst_and_left_out():
