@@ -93,14 +93,14 @@ def test_register_budget_sets_width_and_default_tile():
 
 
 @pytest.mark.parametrize("target, lanes", [
-    ("llvm -mtriple=x86_64-linux-gnu -mcpu=znver4", 8),  # 512-bit FMAs in two 256-bit halves
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=znver4", 16),  # 512-bit FMAs in two halves: half the instructions
     ("llvm -mtriple=x86_64-linux-gnu -mcpu=znver5", 16),  # full-rate 512-bit FMAs
     ("llvm -mtriple=x86_64-linux-gnu -mcpu=sapphirerapids", 16),
     ("llvm -mtriple=x86_64-linux-gnu -mcpu=icelake-server", 16),
     ("llvm -mtriple=x86_64-linux-gnu -mcpu=haswell", 8),  # AVX2
-    ("llvm -mtriple=x86_64-linux-gnu -mcpu=cascadelake", 8),  # the generic AVX-512 preset (see FULL_RATE_512)
+    ("llvm -mtriple=x86_64-linux-gnu -mcpu=cascadelake", 8),  # the generic AVX-512 preset (see WIDE_CPUS)
     ('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver5", "mattr": ["-avx512f"]}', 8),
-    ("x86-avx512", 8), ("x86-avx2", 8), ("x86-zen4", 8), ("x86-zen5", 16), ("x86-sapphirerapids", 16),
+    ("x86-avx512", 8), ("x86-avx2", 8), ("x86-zen4", 16), ("x86-zen5", 16), ("x86-sapphirerapids", 16),
     ("rpi5", 8),
 ])
 def test_lanes_follow_the_target(target, lanes):
@@ -125,7 +125,8 @@ def test_every_tuning_tile_matches(tile, lanes, registers):
 
 def test_pack_conv_lanes_follow_the_target():
     """The packed weight, the kernel and its schedule agree on the lanes: 48 output
-    channels in 16-lane blocks on Zen 5, 24 at 8 there, 8 lanes for both on Zen 4."""
+    channels in 16-lane blocks on Zen 5 and Zen 4, 24 at 8 there, 8 lanes for both on
+    the generic AVX-512 target."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 8, 14, 14), "float32"))
     with bb.function("main", [x]):
@@ -136,7 +137,7 @@ def test_pack_conv_lanes_follow_the_target():
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
-    for mcpu, expected in (("znver5", [16, 8]), ("znver4", [8, 8])):
+    for mcpu, expected in (("znver5", [16, 8]), ("znver4", [16, 8]), ("cascadelake", [8, 8])):
         target = resolve_target(f"llvm -mtriple=x86_64-linux-gnu -mcpu={mcpu}").to_tvm()
         converted, counts = pack_conv(mod, target)
         assert counts["float"] == 2

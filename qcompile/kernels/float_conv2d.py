@@ -11,11 +11,14 @@ ran resnet18 at about half of ONNX Runtime's speed here; this kernel's 3x3 layer
 
 The vector width ``L`` follows the target's microarchitecture (:func:`vector_lanes`, read
 from its ``-mcpu``, so a preset or an explicit ``-mcpu`` decides it and ``native`` names
-the CPU it detects): 16 lanes (one zmm register per block) on cores that execute 512-bit
-FMAs at full rate, Zen 5 and Intel's AVX-512 server cores from Ice Lake on; 8 lanes (one
-ymm register; two NEON registers) elsewhere: AVX2, Zen 4 (which splits a 512-bit FMA into
-two 256-bit halves, so 16 lanes gain no FMA throughput there), and the generic AVX-512
-``cascadelake`` (see :data:`FULL_RATE_512`).  A conv whose output channels are not a
+the CPU it detects): 16 lanes (one zmm register per block) on AVX-512 cores that run zmm
+code at full clock (:data:`WIDE_CPUS`): Zen 5 and Intel's server cores from Ice Lake on,
+which execute 512-bit FMAs at full rate, and Zen 4, which splits each into two 256-bit
+halves -- no more FMAs per cycle there, but one broadcast and one weight load feed 16
+lanes, half the instructions per multiply-add of 8-lane code (resnet18 fp32 0.95x and
+mobilenet_v2 0.94x the latency of the 8-lane build, 2-vCPU Zen 4, in-process A/B over 12
+rounds).  8 lanes (one ymm register; two NEON registers) elsewhere: AVX2 and the generic
+AVX-512 ``cascadelake``.  A conv whose output channels are not a
 multiple of 16 falls back to 8 lanes unless padding it to one adds at most an eighth
 (:func:`lanes_for`, :func:`padded_channels`).  On a 2-vCPU Zen 5 (AMD EPYC, family 26), one
 thread, resnet18's and mobilenet_v2's convs ran at 120-130 GMAC/s with 16 lanes vs 60-65
@@ -38,14 +41,16 @@ from qcompile.kernels.registry import HandKernel, register
 
 ANCHOR = "conv2d_float_packed"
 LANES = 8  # output channels per block: one AVX2 register (two NEON registers)
-WIDE_LANES = 16  # one AVX-512 register, where 512-bit FMAs run at full rate
+WIDE_LANES = 16  # one AVX-512 register (see WIDE_CPUS)
 
-# LLVM -mcpu names of the x86 cores with two full-width 512-bit FMA pipes: Zen 5 (server
-# and desktop parts) and Intel's server cores from Ice Lake-SP on.  Not cascadelake /
-# skylake-avx512: the generic AVX-512 choice (x86-avx512, also run on Zen 4), and Xeons of
-# that generation with one 512-bit FMA unit gain nothing from zmm code, which lowers their
-# clock (why LLVM prefers 256-bit vectors there).
-FULL_RATE_512 = frozenset({"znver5", "icelake-server", "sapphirerapids", "emeraldrapids", "graniterapids"})
+# LLVM -mcpu names of the x86 cores the float kernel runs 16 lanes on: Zen 5 and Intel's server
+# cores from Ice Lake-SP on (two full-width 512-bit FMA pipes) and Zen 4 (512-bit FMAs in
+# two halves, at full clock: zmm code halves the instructions).  Not cascadelake /
+# skylake-avx512: the generic AVX-512 choice (x86-avx512), and Xeons of that generation
+# with one 512-bit FMA unit gain nothing from zmm code, which lowers their clock (why LLVM
+# prefers 256-bit vectors there).
+WIDE_CPUS = frozenset({"znver4", "znver5", "icelake-server", "sapphirerapids", "emeraldrapids",
+                       "graniterapids"})
 
 # (P, O) register tiles that `qcompile tune` measures (the default is `tile_for`'s); from
 # (4, 4) on they need 32 registers (AVX-512): on AVX2 they spill and lose to the others.
@@ -68,12 +73,12 @@ def vector_registers(target) -> int:
 
 def vector_lanes(target) -> int:
     """Output channels per packed block for ``target``: :data:`WIDE_LANES` where its
-    ``-mcpu`` executes 512-bit FMAs at full rate (:data:`FULL_RATE_512`) and AVX-512 is
+    ``-mcpu`` is one of :data:`WIDE_CPUS` and AVX-512 is
     enabled, else :data:`LANES`.  Convs whose output channels 16 does not divide use 8
     (:func:`lanes_for`)."""
     from qcompile.kernels.int8_dot import cpu_features
 
-    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) not in FULL_RATE_512:
+    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) not in WIDE_CPUS:
         return LANES
     return WIDE_LANES if "avx512f" in cpu_features(target) else LANES
 

@@ -6,8 +6,8 @@ CPUID still names a CPU model that has them; LLVM's host detection then picks an
 
 On x86 the ``-mcpu`` of ``native`` names the microarchitecture where it is known
 (:func:`x86_mcpu`: Zen 4 and 5 by AMD family, Intel's AVX-512 server cores by model), so
-that the kernels can size themselves for it -- e.g. the fp32 conv's 16-lane vectors where
-512-bit FMAs run at full rate (:func:`qcompile.kernels.float_conv2d.vector_lanes`) -- and
+that the kernels can size themselves for it -- e.g. the fp32 conv's 16-lane vectors on the
+cores that run zmm code at full clock (:func:`qcompile.kernels.float_conv2d.vector_lanes`) -- and
 only if every ISA extension LLVM enables for it is in the flag list; otherwise the ISA
 level decides, as for any other CPU.
 """
