@@ -110,7 +110,7 @@ def recurrent_func(shape: RecurrentShape) -> tirx.PrimFunc:
         raise ValueError(f"recurrent kernel: {shape.kind} is neither LSTM nor GRU")
     if shape.quantized_state and shape.kind != "LSTM":
         raise ValueError("recurrent kernel: a quantized state is LSTM only")
-    func = (_qlstm(shape) if shape.quantized_state else _lstm(shape)) if shape.kind == "LSTM" else _gru(shape)
+    func = _lstm(shape) if shape.kind == "LSTM" else _gru(shape)
     return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
 
 
@@ -129,13 +129,16 @@ def _rows_loop(shape: RecurrentShape):
 
 
 def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
+    """The LSTM; with ``shape.quantized_state`` DynamicQuantizeLSTM's per-step quantized ``h``
+    (``r`` then holds the integer weights, ``rb`` their scale per column: see the module docstring)."""
     seq, batch, hid, dirs, gh, rev0, rev1, vt = _common(shape)
     rows, rows_loop = dirs * batch, _rows_loop(shape)
     jt = _tile(gh)  # the mat-vec's register tile of gate rows
     tanh, sig = fast_tanh, sigmoid
+    quantized = shape.quantized_state
 
     def gate(xw, wb, acc, t, b, d, k, j):
-        """Gate ``k``'s pre-activation at unit ``j``: X W^T + Wb + (R h + Rb)."""
+        """Gate ``k``'s pre-activation at unit ``j``: (X W^T + Wb) + (R h + Rb)."""
         return xw[t, b, d * gh + k * hid + j] + wb[d, k * hid + j] + acc[k * hid + j]
 
     @T.prim_func(private=True)
@@ -143,53 +146,6 @@ def _lstm(shape: RecurrentShape) -> tirx.PrimFunc:
              wb: T.Buffer((dirs, gh), "float32"), rb: T.Buffer((dirs, gh), "float32"),
              h0: T.Buffer((dirs, batch, hid), "float32"), c0: T.Buffer((dirs, batch, hid), "float32"),
              y: T.Buffer((seq + 2, dirs, batch, hid), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        for row in rows_loop(rows):
-            h = T.decl_buffer((hid,), "float32", scope="local")
-            c = T.decl_buffer((hid,), "float32", scope="local")
-            acc = T.decl_buffer((gh,), "float32", scope="local")
-            d = row // batch
-            b = row % batch
-            for j in T.serial(hid):
-                h[j] = h0[d, b, j]
-                c[j] = c0[d, b, j]
-            for s in T.serial(seq):
-                t = T.Select(T.Or(d == rev0, d == rev1), seq - 1 - s, s)
-                for jo in T.serial(gh // jt):  # acc = R h + Rb
-                    for ji in T.vectorized(jt):
-                        acc[jo * jt + ji] = rb[d, jo * jt + ji]
-                    for k in T.serial(hid):
-                        for ji in T.vectorized(jt):
-                            acc[jo * jt + ji] = acc[jo * jt + ji] + h[k] * r[d, k, jo * jt + ji]
-                for jo in T.serial(hid // vt):  # gates i o f c
-                    for j in T.vectorized(jo * vt, jo * vt + vt):
-                        c[j] = (sig(gate(xw, wb, acc, t, b, d, 2, j)) * c[j]
-                                + sig(gate(xw, wb, acc, t, b, d, 0, j)) * tanh(gate(xw, wb, acc, t, b, d, 3, j)))
-                        h[j] = sig(gate(xw, wb, acc, t, b, d, 1, j)) * tanh(c[j])
-                        y[t, d, b, j] = h[j]
-            for j in T.serial(hid):
-                y[seq, d, b, j] = h[j]
-                y[seq + 1, d, b, j] = c[j]
-
-    return lstm
-
-
-def _qlstm(shape: RecurrentShape) -> tirx.PrimFunc:
-    """The LSTM with DynamicQuantizeLSTM's per-step quantized ``h`` (see the module docstring)."""
-    seq, batch, hid, dirs, gh, rev0, rev1, vt = _common(shape)
-    rows, rows_loop = dirs * batch, _rows_loop(shape)
-    jt = _tile(gh)
-    tanh, sig = fast_tanh, sigmoid
-
-    def gate(xw, wb, acc, t, b, d, k, j):
-        """Gate ``k``'s pre-activation at unit ``j``: (X W + B) + R h, as the unrolled graph adds."""
-        return (xw[t, b, d * gh + k * hid + j] + wb[d, k * hid + j]) + acc[k * hid + j]
-
-    @T.prim_func(private=True)
-    def qlstm(xw: T.Buffer((seq, batch, dirs * gh), "float32"), r: T.Buffer((dirs, hid, gh), "float32"),
-              wb: T.Buffer((dirs, gh), "float32"), rs: T.Buffer((dirs, gh), "float32"),
-              h0: T.Buffer((dirs, batch, hid), "float32"), c0: T.Buffer((dirs, batch, hid), "float32"),
-              y: T.Buffer((seq + 2, dirs, batch, hid), "float32")):
         T.func_attr({"tirx.noalias": True})
         for row in rows_loop(rows):
             h = T.decl_buffer((hid,), "float32", scope="local")
@@ -204,27 +160,35 @@ def _qlstm(shape: RecurrentShape) -> tirx.PrimFunc:
                 c[j] = c0[d, b, j]
             for s in T.serial(seq):
                 t = T.Select(T.Or(d == rev0, d == rev1), seq - 1 - s, s)
-                # DynamicQuantizeLinear of h: s = (hi + lo) / 255 (1 where h is all zero),
-                # zp = saturate(round(lo / s)), hq = saturate(round(h / s) + zp) - zp
-                q[0] = T.float32(0)
-                q[1] = T.float32(0)
-                for j in T.serial(hid):
-                    q[0] = T.max(q[0], h[j])
-                    q[1] = T.max(q[1], T.float32(0) - h[j])
-                q[2] = (q[0] + q[1]) / T.float32(255)
-                q[2] = T.Select(q[2] == T.float32(0), T.float32(1), q[2])
-                q[3] = T.max(T.float32(0), T.min(T.float32(255), T.nearbyint(q[1] / q[2])))
-                for jo in T.serial(hid // vt):
-                    for j in T.vectorized(jo * vt, jo * vt + vt):
-                        hq[j] = T.max(T.float32(0), T.min(T.float32(255), T.nearbyint(h[j] / q[2]) + q[3])) - q[3]
-                for jo in T.serial(gh // jt):  # acc = (hq - zp) (Rq - Rzp), then * s * r_scale
-                    for ji in T.vectorized(jt):
-                        acc[jo * jt + ji] = T.float32(0)
-                    for k in T.serial(hid):
+                if quantized:
+                    # DynamicQuantizeLinear of h: s = (hi + lo) / 255 (1 where h is all zero),
+                    # zp = saturate(round(lo / s)), hq = saturate(round(h / s) + zp) - zp
+                    q[0] = T.float32(0)
+                    q[1] = T.float32(0)
+                    for j in T.serial(hid):
+                        q[0] = T.max(q[0], h[j])
+                        q[1] = T.max(q[1], T.float32(0) - h[j])
+                    q[2] = (q[0] + q[1]) / T.float32(255)
+                    q[2] = T.Select(q[2] == T.float32(0), T.float32(1), q[2])
+                    q[3] = T.max(T.float32(0), T.min(T.float32(255), T.nearbyint(q[1] / q[2])))
+                    for jo in T.serial(hid // vt):
+                        for j in T.vectorized(jo * vt, jo * vt + vt):
+                            hq[j] = T.max(T.float32(0), T.min(T.float32(255), T.nearbyint(h[j] / q[2]) + q[3])) - q[3]
+                    for jo in T.serial(gh // jt):  # acc = (hq - zp) (Rq - Rzp) * s * r_scale
                         for ji in T.vectorized(jt):
-                            acc[jo * jt + ji] = acc[jo * jt + ji] + hq[k] * r[d, k, jo * jt + ji]
-                    for ji in T.vectorized(jt):
-                        acc[jo * jt + ji] = acc[jo * jt + ji] * (q[2] * rs[d, jo * jt + ji])
+                            acc[jo * jt + ji] = T.float32(0)
+                        for k in T.serial(hid):
+                            for ji in T.vectorized(jt):
+                                acc[jo * jt + ji] = acc[jo * jt + ji] + hq[k] * r[d, k, jo * jt + ji]
+                        for ji in T.vectorized(jt):
+                            acc[jo * jt + ji] = acc[jo * jt + ji] * (q[2] * rb[d, jo * jt + ji])
+                else:
+                    for jo in T.serial(gh // jt):  # acc = R h + Rb
+                        for ji in T.vectorized(jt):
+                            acc[jo * jt + ji] = rb[d, jo * jt + ji]
+                        for k in T.serial(hid):
+                            for ji in T.vectorized(jt):
+                                acc[jo * jt + ji] = acc[jo * jt + ji] + h[k] * r[d, k, jo * jt + ji]
                 for jo in T.serial(hid // vt):  # gates i o f c
                     for j in T.vectorized(jo * vt, jo * vt + vt):
                         c[j] = (sig(gate(xw, wb, acc, t, b, d, 2, j)) * c[j]
@@ -235,7 +199,7 @@ def _qlstm(shape: RecurrentShape) -> tirx.PrimFunc:
                 y[seq, d, b, j] = h[j]
                 y[seq + 1, d, b, j] = c[j]
 
-    return qlstm
+    return lstm
 
 
 def _gru(shape: RecurrentShape) -> tirx.PrimFunc:
