@@ -144,10 +144,14 @@ def _flags_of(mcpu: str) -> set[str]:
     (("GenuineIntel", 6, 143), "sapphirerapids", set(), "sapphirerapids"),
     (("GenuineIntel", 6, 143), "sapphirerapids", {"amx_tile", "amx_int8", "amx_bf16"}, "icelake-server"),
     (("GenuineIntel", 6, 207), "emeraldrapids", set(), "emeraldrapids"),
+    (("GenuineIntel", 6, 167), "sapphirerapids", set(), "sapphirerapids"),  # a guest's model number
+    (("GenuineIntel", 6, 167), "sapphirerapids", {"amx_tile", "amx_int8", "amx_bf16"}, "cascadelake"),
+    (("GenuineIntel", 6, 167), "graniterapids", set(), "graniterapids"),
     (("GenuineIntel", 6, 140), "cascadelake", set(), "cascadelake"),  # Tiger Lake: the generic choice
     (None, "znver5", set(), "cascadelake"),  # no CPUID fields: the ISA level
 ], ids=["zen4", "zen5", "zen5-no-avxvnni", "zen5-no-avx512", "zen3", "cascadelake", "icelake-server",
-        "sapphirerapids", "sapphirerapids-no-amx", "emeraldrapids", "tigerlake", "unknown"])
+        "sapphirerapids", "sapphirerapids-no-amx", "emeraldrapids", "amx-unknown-model",
+        "no-amx-unknown-model", "amx-fp16-unknown-model", "tigerlake", "unknown"])
 def test_x86_microarchitecture_from_cpuid(ident, flags_of, hidden, expected):
     """native names the microarchitecture (vendor, family, model) where the kernel reports
     every extension LLVM enables for it, else a CPU whose extensions it does report."""

@@ -5,7 +5,7 @@ CPUID still names a CPU model that has them; LLVM's host detection then picks an
 ``-mcpu`` whose code dies with SIGILL.  The kernel's flag list is what actually runs.
 
 On x86 the ``-mcpu`` of ``native`` names the microarchitecture where it is known
-(:func:`x86_mcpu`: Zen 4 and 5 by AMD family, Intel's AVX-512 server cores by model), so
+(:func:`x86_mcpu`: Zen 4 and 5 by AMD family, Intel's AVX-512 server cores by model or AMX), so
 that the kernels can size themselves for it -- e.g. the fp32 conv's 16-lane vectors on the
 cores that run zmm code at full clock (:func:`qcompile.kernels.float_conv2d.vector_lanes`) -- and
 only if every ISA extension LLVM enables for it is in the flag list; otherwise the ISA
@@ -46,6 +46,7 @@ X86_FEATURE_FLAGS = {
     "amx-tile": "amx_tile",
     "amx-int8": "amx_int8",
     "amx-bf16": "amx_bf16",
+    "amx-fp16": "amx_fp16",  # tells Granite Rapids from Sapphire Rapids
 }
 AARCH64_FEATURE_FLAGS = {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm", "sve": "sve", "fullfp16": "fphp"}
 
@@ -116,18 +117,26 @@ _ICX = ("icelake-server",)
 _SPR = ("sapphirerapids", *_ICX)
 INTEL_MODEL_MCPU = {106: _ICX, 108: _ICX, 143: _SPR, 207: ("emeraldrapids", *_SPR),
                     173: ("graniterapids", *_SPR), 174: ("graniterapids", *_SPR)}
+# AMX exists only on Intel's server cores from Sapphire Rapids on, so a family-6 CPU that
+# reports it is one of them whatever its model number: hypervisors may pass another (a
+# 2-vCPU KVM guest with AMX and AVX512-FP16 reports model 167, a client core's number).
+INTEL_AMX_MCPU = ("graniterapids", *_SPR)
 GENERIC_AVX512_MCPU = "cascadelake"
 
 
 def x86_mcpu(flags: set[str], ident: tuple[str, int, int] | None) -> str:
     """The LLVM ``-mcpu`` for an x86 CPU with the kernel flags ``flags`` and CPUID
-    ``(vendor, family, model)``: its microarchitecture where it is known and every
-    extension LLVM enables for it is present (a hypervisor may hide some), else the ISA
-    level (cascadelake for AVX-512 with VNNI, haswell for AVX2, nehalem, x86-64)."""
+    ``(vendor, family, model)``: its microarchitecture where it is known (by model, or for
+    an Intel model not in the table by AMX, :data:`INTEL_AMX_MCPU`) and every extension LLVM
+    enables for it is present (a hypervisor may hide some), else the ISA level (cascadelake
+    for AVX-512 with VNNI, haswell for AVX2, nehalem, x86-64)."""
     if X86_AVX512_FLAGS <= flags:
         vendor, family, model = ident or ("", 0, 0)
-        named = (AMD_FAMILY_MCPU.get(family, ()) if vendor == "AuthenticAMD" else
-                 INTEL_MODEL_MCPU.get(model, ()) if vendor == "GenuineIntel" and family == 6 else ())
+        named: tuple[str, ...] = ()
+        if vendor == "AuthenticAMD":
+            named = AMD_FAMILY_MCPU.get(family, ())
+        elif vendor == "GenuineIntel" and family == 6:
+            named = INTEL_MODEL_MCPU.get(model, INTEL_AMX_MCPU if "amx_tile" in flags else ())
         return next((mcpu for mcpu in named if not _lacks(mcpu, flags)), GENERIC_AVX512_MCPU)
     if {"avx2", "fma", "bmi2"} <= flags:
         return "haswell"
