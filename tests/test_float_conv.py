@@ -222,9 +222,9 @@ def test_nhwc_max_pool_is_scheduled_and_exact(dtype):
 
 @pytest.mark.parametrize("mcpu", ["znver5", "haswell"])
 def test_float_linear_layers_run_on_the_conv_kernel(mcpu):
-    """A float32 linear layer over tokens (x[B, T, K] @ W[K, N] + bias) becomes the float conv
-    kernel as a 1x1 conv over a 1 x (B*T) image ("float_dense") and matches numpy; a one-row
-    product (a classifier) stays a matmul."""
+    """A float32 linear layer over tokens (x[B, T, K] @ W[K, N] + bias) and a one-row product
+    (a classifier) become the float conv kernel as a 1x1 conv over a 1 x rows image
+    ("float_dense") and match numpy; a product whose N is no multiple of 8 stays a matmul."""
     import tvm
     from tvm import relax
 
@@ -238,6 +238,7 @@ def test_float_linear_layers_run_on_the_conv_kernel(mcpu):
     w = rng.standard_normal((48, 32)).astype("float32")
     b = rng.standard_normal(32).astype("float32")
     w1 = rng.standard_normal((48, 16)).astype("float32")
+    w2 = rng.standard_normal((48, 10)).astype("float32")
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType((2, 12, 48), "float32"))
     rv = relax.Var("r", relax.TensorType((1, 48), "float32"))
@@ -245,17 +246,19 @@ def test_float_linear_layers_run_on_the_conv_kernel(mcpu):
         with bb.dataflow():
             y = bb.emit(relax.op.add(relax.op.matmul(xv, relax.const(w)), relax.const(b)))
             z = bb.emit(relax.op.matmul(rv, relax.const(w1)))
-            out = bb.emit_output(relax.Tuple([y, z]))
+            c = bb.emit(relax.op.matmul(rv, relax.const(w2)))
+            out = bb.emit_output(relax.Tuple([y, z, c]))
         bb.emit_func_output(out)
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
     counts: dict = {}
     exe = compile_module(bb.get(), target, kernel_counts=counts)
-    assert counts["float_dense"] == 1, counts  # the token matmul only
+    assert counts["float_dense"] == 2, counts  # not the 10-column one
     vm = relax.VirtualMachine(exe, tvm.cpu())
     r = rng.standard_normal((1, 48)).astype("float32")
-    got_y, got_z = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r))
+    got_y, got_z, got_c = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r))
     np.testing.assert_allclose(got_y.numpy(), x @ w + b, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got_z.numpy(), r @ w1, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got_c.numpy(), r @ w2, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("width", [5, 13, 27, 55, 111])

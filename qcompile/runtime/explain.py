@@ -257,7 +257,7 @@ def _generic_reason(layer: LayerMacs | None, kernel: str, dot, build: dict) -> s
         if not layer.constant_weight:
             return "a matmul of two activations (the packed kernels need a constant weight)"
         if not int8:
-            return "a float32 matmul over fewer than 4 rows, or a weight layout the float kernel does not take"
+            return "a float32 matmul whose output channels are no multiple of 8, or a weight layout the float kernel does not take"
         return "an int8 matmul whose weight or shape the packed dense kernel does not take"
     if layer.op != "conv2d":
         return f"a {layer.op}: qcompile's packed kernels take conv2d only"
