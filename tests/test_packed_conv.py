@@ -91,6 +91,18 @@ def test_default_tile_keeps_eight_accumulators_where_the_width_allows():
     assert packed_conv2d.tile_for(5, 2) == (1, 2)
 
 
+def test_default_tile_keeps_fourteen_accumulators_on_two_dot_cores():
+    """Cores that issue two zmm vpdpbusd per cycle: 7 x 2 where 7 and 2 divide, else the
+    eight-accumulator tiles; Zen 4 and the generic AVX-512 preset keep eight."""
+    assert packed_conv2d.tile_for(56, 8, chains=14) == (7, 2)
+    assert packed_conv2d.tile_for(7, 64, chains=14) == (7, 2)
+    assert packed_conv2d.tile_for(7, 63, chains=14) == (7, 1)
+    assert packed_conv2d.tile_for(128, 24, chains=14) == (4, 2)  # 128 tokens of a dense layer
+    chains = {mcpu: packed_conv2d.dot_chains(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+              for mcpu in ("sapphirerapids", "znver5", "znver4", "cascadelake", "haswell")}
+    assert chains == {"sapphirerapids": 14, "znver5": 14, "znver4": 8, "cascadelake": 8, "haswell": 8}
+
+
 def test_folded_pack_weight_layout():
     weight = np.arange(8 * 3 * 7 * 7).reshape(8, 3, 7, 7).astype(np.int8)
     packed = packed_conv2d.pack_weight(weight, 8, fold_rows=True)

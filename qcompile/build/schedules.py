@@ -102,7 +102,7 @@ class ConvMatmulCPU(_CPURule):
                     return None
                 done = packed_conv2d.schedule(sch, anchor, dot,
                                               lambda loop: self._fuse_epilogue(sch, epilogue, loop, dot.lanes),
-                                              self.tile)
+                                              self.tile, packed_conv2d.dot_chains(target))
                 return sch if done else None
             if name.startswith(depthwise_conv2d.ANCHOR):
                 fuse = (lambda loop: self._fuse_epilogue(sch, epilogue, loop)) if epilogue else None

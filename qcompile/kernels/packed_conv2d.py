@@ -184,7 +184,7 @@ def _folded_conv2d_func(shape: ConvShape, dot: Int8Dot, dims) -> tirx.PrimFunc:
     return te.create_prim_func([x, zx, w, out])
 
 
-def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
+def tile_for(out_width: int, lane_groups: int, chains: int = 8) -> tuple[int, int]:
     """(P pixels, O lane-groups) of accumulators per register tile.
 
     Eight accumulators (4 x 2, or 2 x 4 where 4 does not divide the width) leave room in 16
@@ -192,7 +192,10 @@ def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
     temporaries; P must divide the output width (a partial tile cannot be tensorized).  On
     the 14-wide layers 2 x 4 measured 1.3-1.8x faster than 7 x 1 for 1x1 convs (mobilenet_v2
     64->384: 0.062 vs 0.112 ms, resnet18's 128->256 stride-2 shortcut: 0.060 vs 0.104 ms) and
-    level for 3x3; 7-wide layers keep 7 x 1."""
+    level for 3x3; 7-wide layers keep 7 x 1.  ``chains`` (:func:`dot_chains`) of 14 take
+    7 x 2 first where it divides."""
+    if chains >= 14 and out_width % 7 == 0 and lane_groups % 2 == 0:
+        return 7, 2
     if out_width % 4 == 0:
         return 4, 2 if lane_groups % 2 == 0 else 1
     if out_width % 2 == 0:  # 3 groups where 2 does not divide them (1000 channels: 63 groups of 16)
@@ -202,15 +205,35 @@ def tile_for(out_width: int, lane_groups: int) -> tuple[int, int]:
     return 1, next(g for g in (4, 2, 3, 1) if lane_groups % g == 0)  # one pixel: independent chains
 
 
+# LLVM -mcpu names of the x86 cores that issue two 512-bit dot products (``vpdpbusd`` zmm)
+# per cycle: Zen 5 and Intel's server cores from Ice Lake-SP on.  At a latency of 4-5 cycles
+# they need 10 independent accumulator chains to stay busy; Zen 4 issues one per cycle.
+TWO_DOT_CPUS = frozenset({"znver5", "icelake-server", "sapphirerapids", "emeraldrapids", "graniterapids"})
+
+
+def dot_chains(target) -> int:
+    """Independent accumulators the default tile aims for on ``target``: 14 (7 x 2) on the
+    AVX-512 cores of :data:`TWO_DOT_CPUS`, else 8.  Seeding on a 2-vCPU Xeon (family 6, AVX-512
+    VNNI and AMX), every tile measured and the 8-accumulator default kept unless another was
+    3% faster, picked 7 x 2 for 29 of resnet18's and mobilenet_v2's 40 int8 conv workloads;
+    resnet18 int8 ran in 5.15 ms untuned vs 3.72 ms seeded there (benchmarks/latency.py)."""
+    from qcompile.kernels.int8_dot import cpu_features
+
+    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) not in TWO_DOT_CPUS:
+        return 8
+    return 14 if "avx512f" in cpu_features(target) else 8
+
+
 def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[[object], None],
-             tile: tuple[int, int] | None = None) -> bool:
+             tile: tuple[int, int] | None = None, chains: int = 8) -> bool:
     """Tile, tensorize and parallelise the packed conv in ``sch``; ``fuse_epilogue(loop)``
     moves the consumers into the tile loop (before tensorizing, which it must precede).
-    ``tile``: (pixels, lane groups), default :func:`tile_for`; False if it does not divide
+    ``tile``: (pixels, lane groups), default :func:`tile_for` for ``chains``
+    (:func:`dot_chains`); False if it does not divide
     this conv's output (``sch`` is then untouched)."""
     n, oh, ow, co, ci, *reduction = sch.get_loops(anchor)  # (kh, kw, ico, ici) or (kh, rq, ri)
     width, lane_groups = int(sch.get(ow).extent), int(sch.get(co).extent)
-    pixels, groups = tile or tile_for(width, lane_groups)
+    pixels, groups = tile or tile_for(width, lane_groups, chains)
     if width % pixels or lane_groups % groups:
         return False
     co_o, co_i = sch.split(co, [None, groups])
