@@ -36,7 +36,14 @@ from collections.abc import Callable
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from qcompile.kernels.packed_conv2d import PAD, ConvShape, rows_outer, vectorize_pad
+from qcompile.kernels.packed_conv2d import (
+    FULL_RATE_ZMM_CPUS,
+    PAD,
+    ConvShape,
+    avx512_core_in,
+    rows_outer,
+    vectorize_pad,
+)
 from qcompile.kernels.registry import HandKernel, register
 
 ANCHOR = "conv2d_float_packed"
@@ -49,8 +56,7 @@ WIDE_LANES = 16  # one AVX-512 register (see WIDE_CPUS)
 # skylake-avx512: the generic AVX-512 choice (x86-avx512), and Xeons of that generation
 # with one 512-bit FMA unit gain nothing from zmm code, which lowers their clock (why LLVM
 # prefers 256-bit vectors there).
-WIDE_CPUS = frozenset({"znver4", "znver5", "icelake-server", "sapphirerapids", "emeraldrapids",
-                       "graniterapids"})
+WIDE_CPUS = FULL_RATE_ZMM_CPUS | {"znver4"}
 
 # (P, O) register tiles that `qcompile tune` measures (the default is `tile_for`'s); from
 # (4, 4) on they need 32 registers (AVX-512): on AVX2 they spill and lose to the others.
@@ -76,11 +82,7 @@ def vector_lanes(target) -> int:
     ``-mcpu`` is one of :data:`WIDE_CPUS` and AVX-512 is
     enabled, else :data:`LANES`.  Convs whose output channels 16 does not divide use 8
     (:func:`lanes_for`)."""
-    from qcompile.kernels.int8_dot import cpu_features
-
-    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) not in WIDE_CPUS:
-        return LANES
-    return WIDE_LANES if "avx512f" in cpu_features(target) else LANES
+    return WIDE_LANES if avx512_core_in(target, WIDE_CPUS) else LANES
 
 
 def lanes_for(out_channels: int, lanes: int) -> int:

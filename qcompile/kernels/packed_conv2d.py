@@ -205,23 +205,28 @@ def tile_for(out_width: int, lane_groups: int, chains: int = 8) -> tuple[int, in
     return 1, next(g for g in (4, 2, 3, 1) if lane_groups % g == 0)  # one pixel: independent chains
 
 
-# LLVM -mcpu names of the x86 cores that issue two 512-bit dot products (``vpdpbusd`` zmm)
-# per cycle: Zen 5 and Intel's server cores from Ice Lake-SP on.  At a latency of 4-5 cycles
-# they need 10 independent accumulator chains to stay busy; Zen 4 issues one per cycle.
-TWO_DOT_CPUS = frozenset({"znver5", "icelake-server", "sapphirerapids", "emeraldrapids", "graniterapids"})
+# LLVM -mcpu names of the x86 cores that run 512-bit FMAs and dot products at full rate, two
+# per cycle: Zen 5 and Intel's server cores from Ice Lake-SP on (Zen 4 splits each in two
+# halves).  At a latency of 4-5 cycles they need 10 independent accumulator chains to stay busy.
+FULL_RATE_ZMM_CPUS = frozenset({"znver5", "icelake-server", "sapphirerapids", "emeraldrapids", "graniterapids"})
+
+
+def avx512_core_in(target, cpus: frozenset[str]) -> bool:
+    """Whether ``target`` is an LLVM CPU target with AVX-512 whose ``-mcpu`` is in ``cpus``."""
+    from qcompile.kernels.int8_dot import cpu_features
+
+    return (target.kind.name == "llvm" and str(target.attrs.get("mcpu", "")) in cpus
+            and "avx512f" in cpu_features(target))
 
 
 def dot_chains(target) -> int:
     """Independent accumulators the default tile aims for on ``target``: 14 (7 x 2) on the
-    AVX-512 cores of :data:`TWO_DOT_CPUS`, else 8.  Seeding on a 2-vCPU Xeon (family 6, AVX-512
-    VNNI and AMX), every tile measured and the 8-accumulator default kept unless another was
-    3% faster, picked 7 x 2 for 29 of resnet18's and mobilenet_v2's 40 int8 conv workloads;
-    resnet18 int8 ran in 5.15 ms untuned vs 3.72 ms seeded there (benchmarks/latency.py)."""
-    from qcompile.kernels.int8_dot import cpu_features
-
-    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) not in TWO_DOT_CPUS:
-        return 8
-    return 14 if "avx512f" in cpu_features(target) else 8
+    AVX-512 cores of :data:`FULL_RATE_ZMM_CPUS`, else 8.  Seeding on a 2-vCPU Xeon (family 6,
+    AVX-512 VNNI and AMX), every tile measured and the 8-accumulator default kept unless
+    another was 3% faster, picked 7 x 2 for 29 of resnet18's and mobilenet_v2's 40 int8 conv
+    workloads; resnet18 int8 ran in 5.15 ms untuned vs 3.72 ms seeded there
+    (benchmarks/latency.py)."""
+    return 14 if avx512_core_in(target, FULL_RATE_ZMM_CPUS) else 8
 
 
 def schedule(sch: s_tir.Schedule, anchor, dot: Int8Dot, fuse_epilogue: Callable[[object], None],
