@@ -27,12 +27,14 @@ vCPUs together drifts by up to 1.5x for seconds at a time, so a ratio of two mea
 taken back to back holds where a ratio of medians from different moments does not.  Under the table: the
 geometric mean of each ratio column, its worst ratio and model, and how many models are over
 1.5x.  Output: ``out/benchmarks/zoo_latency.{md,json}`` (``benchmarks/results/`` with
-``--save``), rewritten after every model; the JSON holds the machine record.
+``--save``; ``zoo_latency_<target>.*`` for a ``--target`` other than native), rewritten after
+every model; the JSON holds the machine record.
 
     .venv/bin/python benchmarks/zoo_latency.py --only squeezenet1_1,conv1d_kws-onnx
     .venv/bin/python benchmarks/zoo_latency.py --classes transformer --rounds 5
     .venv/bin/python benchmarks/zoo_latency.py --save
     .venv/bin/python benchmarks/zoo_latency.py --save --resume --classes transformer
+    .venv/bin/python benchmarks/zoo_latency.py --save --target x86-zen5   # a preset's own table
 
 ``--resume`` keeps the models of the last run's JSON (refused for another CPU or other settings)
 and measures only the others, so that a long run can be completed in parts; every model's record
@@ -127,7 +129,8 @@ def build_isolated(entry: zoo.Entry, work: Path, timeout: float) -> dict[str, An
     """``build`` in a subprocess under ``timeout`` seconds; a contender it did not reach gets the
     subprocess's problem as its error."""
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--build", entry.name, "--work", str(work)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--build", entry.name, "--work", str(work),
+           "--target", zoo.TARGET]
     problem, tail = zoo.run_guarded(cmd, work / "build.log", timeout)
     try:
         record = json.loads((work / "artifacts.json").read_text())
@@ -397,6 +400,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of every contender (default 2)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for one model's builds (default 900)")
     parser.add_argument("--work", type=Path, help="keep each model's files in WORK/NAME/ (default: a temporary folder)")
+    parser.add_argument("--target", default="native",
+                        help="qcompile's target (default native); another one writes zoo_latency_TARGET.*")
     parser.add_argument("--build", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true",
@@ -405,6 +410,7 @@ def main() -> None:
     add_save_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    zoo.TARGET = args.target  # what zoo.py's builds compile for, here and in the --build subprocess
     if args.build:
         build(zoo.ZOO[args.build], args.work)
         return
@@ -414,7 +420,8 @@ def main() -> None:
     entries = zoo.select(args.only, args.classes)
     machine = machine_info(args.threads)
     out = results_dir(args.save)
-    records, earlier_runs = resumed_records(out / "zoo_latency.json", machine, args) if args.resume else ([], [])
+    stem = "zoo_latency" + ("" if args.target == "native" else f"_{args.target}")
+    records, earlier_runs = resumed_records(out / f"{stem}.json", machine, args) if args.resume else ([], [])
     done = {r["name"] for r in records}
     entries = [e for e in entries if e.name not in done]
 
@@ -422,8 +429,8 @@ def main() -> None:
         summaries = {p: summarize(records, p) for p in PAIRS}
         elapsed = sum(r["build_s"] + r["measure_s"] for r in records)
         text = render(records, summaries, args, machine, elapsed)
-        (out / "zoo_latency.md").write_text(text)
-        (out / "zoo_latency.json").write_text(json.dumps(
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(
             {"machine": machine, "target": zoo.TARGET, "batch": 1, "threads": args.threads, "rounds": args.rounds,
              "seconds": args.seconds, "calibration_samples": zoo.CALIB_SAMPLES, "limit": LIMIT,
              "summary": summaries, "models": records, **({"earlier_runs": earlier_runs} if earlier_runs else {})},
@@ -462,7 +469,7 @@ def main() -> None:
             for server in servers.values():
                 server.close()
     print(write())
-    print(f"written to {out}/zoo_latency.{{md,json}}")
+    print(f"written to {out}/{stem}.{{md,json}}")
 
 
 if __name__ == "__main__":
