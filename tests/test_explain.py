@@ -19,20 +19,20 @@ from qcompile.runtime.explain import (
 
 
 class SlowPathNet(nn.Module):
-    """conv2d_0 (to be kept float), conv2d_1 a grouped conv (4 groups: no packed kernel takes
-    it), conv2d_2 depthwise and a linear layer (packed int8 kernels), matmul_0 a product of two
+    """conv2d_0 (to be kept float), conv2d_1 a grouped conv (2 groups of 12 output channels, which
+    straddle the int8 kernel's 8- or 16-channel blocks: no packed kernel takes it), conv2d_2 depthwise and a linear layer (packed int8 kernels), matmul_0 a product of two
     activations (TVM's generic matmul)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
-        self.grouped = nn.Conv2d(16, 32, 3, padding=1, groups=4)
-        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
-        self.fc = nn.Linear(32, 10)
+        self.grouped = nn.Conv2d(16, 24, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.fc = nn.Linear(24, 10)
 
     def forward(self, x):
         y = self.depthwise(torch.relu(self.grouped(torch.relu(self.conv(x)))))
-        tokens = y.flatten(2).transpose(1, 2)  # 1 x 256 x 32
+        tokens = y.flatten(2).transpose(1, 2)  # 1 x 256 x 24
         scores = tokens @ tokens.transpose(1, 2)
         return self.fc(scores.mean(dim=2, keepdim=True) * tokens)
 
@@ -68,7 +68,7 @@ def test_explain_names_the_float_fallback_and_the_slow_kernels_with_their_shares
     assert "float32" in fallback.kernels[0]
     generic = {f.subject.split()[0]: f for f in result.findings if f.kind == GENERIC_KERNEL}
     assert set(generic) == {"conv2d_1", "matmul_0"}
-    assert "grouped conv (4 groups of 4 input channels" in generic["conv2d_1"].reason
+    assert "grouped conv (2 groups of 8 input channels" in generic["conv2d_1"].reason
     assert "two activations" in generic["matmul_0"].reason
     assert all("qc_" not in f.kernels[0] for f in generic.values())
     (fast,) = [f for f in result.findings if f.kind == INT8_KERNELS]

@@ -75,6 +75,64 @@ def test_kernel_matches_int64_reference(case):
     np.testing.assert_array_equal(out.numpy(), _conv_int(x, weight, stride, pad, dilation, 131))
 
 
+GROUPED = {  # ic, h, w, oc, k, stride, groups
+    "width_8_two_per_block": (48, 9, 9, 48, 3, 1, 6),  # RegNet: 8-wide groups, 2 or 1 per VNNI block
+    "width_8_strided": (32, 10, 10, 32, 3, 2, 4),
+    "width_32_whole_blocks": (64, 7, 7, 64, 3, 1, 2),  # ResNeXt-like: 2 or 4 blocks per group
+    "width_4_in_16_out": (16, 6, 6, 64, 1, 1, 4),  # 4 inputs, 16 outputs per group
+}
+
+
+@needs_dot
+@pytest.mark.parametrize("case", sorted(GROUPED))
+def test_grouped_kernel_matches_int64_reference(case):
+    """Grouped convs: each block of output channels reduces over its groups' inputs only (the
+    other channels of its span have zero weights); exact against the int64 grouped conv."""
+    ic, h, w, oc, k, stride, groups = GROUPED[case]
+    shape = packed_conv2d.ConvShape(1, ic, h, w, oc, k, k, (stride, stride), (1,) * 4, (1, 1), groups)
+    assert packed_conv2d.fits_groups(shape, DOT.lanes)
+    sch = ConvMatmulCPU().apply(packed_conv2d.conv2d_func(shape, DOT), HOST, False)
+    assert sch is not None, "the default schedule rule did not take the grouped kernel"
+    lib = tvm.compile(sch.mod, HOST)
+    x = RNG.integers(0, 256, (1, h, w, ic)).astype("uint8")
+    weight = RNG.integers(-63, 64, (oc, ic // groups, k, k)).astype("int8")
+    packed = packed_conv2d.pack_weight(weight, DOT.lanes, groups=groups)
+    assert packed.shape[3] * 4 == packed_conv2d.block_inputs(shape, DOT.lanes)
+    oh, ow = shape.out_hw
+    out = tvm.runtime.tensor(np.zeros((1, oh, ow, oc), "int32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(np.array([7], "uint8")), tvm.runtime.tensor(packed), out)
+    expected = conv2d_int(x.transpose(0, 3, 1, 2).astype(np.int64), weight, stride, 1, groups, 7).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_grouped_shapes_the_kernel_refuses():
+    def shape(ic, oc, groups):
+        return packed_conv2d.ConvShape(1, ic, 8, 8, oc, 3, 3, (1, 1), (1,) * 4, (1, 1), groups)
+
+    assert packed_conv2d.block_inputs(shape(48, 48, 6), 16) == 16  # two 8-wide groups per block
+    assert packed_conv2d.block_inputs(shape(64, 64, 2), 16) == 32  # a block within one group
+    assert not packed_conv2d.fits_groups(shape(24, 24, 2), 16)  # 12-wide groups straddle blocks
+    assert not packed_conv2d.fits_groups(shape(4, 32, 4), 16)  # 2 inputs per block: no whole quad
+    with pytest.raises(ValueError, match="grouped conv"):
+        packed_conv2d.conv2d_func(shape(24, 24, 2), VNNI)
+
+
+@needs_dot
+def test_realized_grouped_conv_packed_equals_unpacked():
+    """A realized int8 grouped conv (behind realize's zero-point pad) runs on the packed kernel
+    and agrees with TVM's grouped int8 conv bit for bit."""
+    x = RNG.standard_normal((1, 48, 10, 10)).astype("float32")
+    weight = RNG.integers(-63, 64, (48, 8, 3, 3)).astype("int8")
+    mod = _realized(x, weight, 0, lambda bb, xd, wd: bb.emit(relax.op.nn.relu(
+        bb.emit(relax.op.nn.conv2d(xd, wd, padding=1, groups=6)))), out_zero_point=3)
+    _, counts = pack_conv(mod, HOST)
+    assert counts["int8_grouped"] == 1 and counts["int8"] == 0, counts
+    plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own conv2d
+    results = [relax.VirtualMachine(compile_module(mod, t), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+               for t in (HOST, plain)]
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("case, rows", [("3x3", True), ("deep_3x3", False)])
 def test_wide_layers_spread_rows_deep_layers_channel_blocks(case, rows):
     ic, h, w, oc, k, stride, pad, dilation = CASES[case]
@@ -155,7 +213,7 @@ def test_realized_model_packed_equals_unpacked():
     x = RNG.standard_normal((1, 8, 12, 12)).astype("float32")
     mod = _qdq_conv(RNG.integers(-63, 64, (16, 8, 3, 3)).astype("int8"), x)
     packed, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 1, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0}
+    assert counts == {"int8": 1, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0}
     assert "qc_conv2d_int8" in [gv.name_hint for gv in packed.get_global_vars()]
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own conv2d
     assert int8_dot_for(plain) is None
@@ -173,7 +231,7 @@ def test_weights_that_would_saturate_are_not_packed():
     weight[3, 0:2, 1, 1] = 127  # one channel pair: 255 * 254 overflows int16
     mod = _qdq_conv(weight, np.zeros((1, 8, 12, 12), "float32"))
     packed, counts = pack_conv(mod, resolve_target("x86-avx2").to_tvm())
-    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 1, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0}
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 1, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0}
     assert packed.same_as(mod)  # not even converted to NHWC
 
 

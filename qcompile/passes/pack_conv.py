@@ -23,7 +23,9 @@ convs), with a note saying why.  Then, with the weight constant:
   depthwise conv the float form of the depthwise kernel, a float32 grouped conv whose groups
   hold whole lane blocks (RegNet's, ResNeXt's) the float kernel with each block reducing over
   its group's inputs ("float_grouped": on TVM's grouped conv, regnet_y_400mf's ran at
-  4 GMAC/s and took half the model's time);
+  4 GMAC/s and took half the model's time); an integer grouped conv the packed int8 kernel
+  the same way, a group narrower than the instruction's lanes sharing a block with its
+  neighbours, zero weights between them ("int8_grouped", :func:`packed_conv2d.block_inputs`);
 * an integer dense layer -- ``matmul(x[M, K], W[K, N], out_dtype="int32")`` with ``W``
   constant int8, the classifier and linear layers realize emits -- becomes the packed int8
   conv as a 1x1 conv over a 1 x M image ("int8_dense"): the weight then streams in the
@@ -62,7 +64,7 @@ from qcompile.passes.bindings import (
 )
 
 COUNTS = ("int8", "int8_depthwise", "int8_dense", "int8_inexact", "float", "float_depthwise", "float_dense",
-          "float_grouped")
+          "float_grouped", "int8_grouped")
 
 # Convolutions without a qcompile kernel keep the model's layout: ConvertLayout would make
 # them follow an NHWC input, and TVM 0.27 lowers conv2d_transpose only in NCHW (its NWC and
@@ -99,7 +101,8 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
     bindings = [v for _, v in Graph.from_main(mod["main"]).bindings]
     weights = [_oihw_weight(v) for v in bindings if dot is not None and _int8_conv(v, dot)]
     exact = [w is not None and dot.exact_for(packed_conv2d.pack_weight(w, dot.lanes)) for w in weights]
-    if not any(exact) and not any(_float_conv(v) for v in bindings) and not any(
+    grouped = any(dot is not None and _int8_conv(v, dot) and _grouped_not_depthwise(v) for v in bindings)
+    if not any(exact) and not grouped and not any(_float_conv(v) for v in bindings) and not any(
             _int8_dense(v, dot) is not None or _float_dense(v, float_lanes) is not None
             for v in bindings):  # nothing to gain: leave the layout alone
         counts["int8_inexact"] = sum(w is not None for w in weights)
@@ -146,11 +149,24 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
                           lambda: depthwise_conv2d.depthwise_func(shape, dtype))
             return _call(em, func, data, weight, shape, zero_point)
         match = _match(graph, value)
-        if match is None:
-            grouped = None if integer else _match_grouped(graph, value, float_lanes)
+        if match is None and integer:
+            grouped = _match_grouped(graph, value, dot.lanes, integer=True)
             if grouped is None:
                 return _hwio(em, value)
-            data, shape, weight, lanes = grouped
+            data, zero_point, shape, weight = grouped
+            packed = packed_conv2d.pack_weight(weight, dot.lanes, groups=shape.groups)
+            if not dot.exact_for(packed):
+                counts["int8_inexact"] += 1
+                return _hwio(em, value)
+            counts["int8_grouped"] += 1
+            func = kernel(em, "conv2d_int8", shape, lambda: packed_conv2d.conv2d_func(shape, dot))
+            return _call(em, func, data, packed, shape, zero_point)
+        if match is None:
+            grouped = _match_grouped(graph, value, float_lanes)
+            if grouped is None:
+                return _hwio(em, value)
+            data, _, shape, weight = grouped
+            lanes = next(n for n in (float_lanes, float_conv2d.LANES) if shape.oc // shape.groups % n == 0)
             counts["float_grouped"] += 1
             func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
             return _call(em, func, data, float_conv2d.pack_weight(weight, lanes), shape)
@@ -319,6 +335,13 @@ def _int8_conv(value, dot: Int8Dot) -> bool:
     return weight is not None and weight.dtype == np.int8 and dtype_of(value.args[0]) == dot.activation_dtype
 
 
+def _grouped_not_depthwise(conv) -> bool:
+    """A conv2d of several groups with more than one input channel each (OIHW or OHWI)."""
+    weight = const_value(conv.args[1])
+    axis = 1 if str(conv.attrs.kernel_layout) == "OIHW" else 3
+    return int(conv.attrs.groups) > 1 and weight is not None and weight.ndim == 4 and weight.shape[axis] > 1
+
+
 def _dense_shape(m: int, k: int, n: int) -> packed_conv2d.ConvShape:
     """``x[M, K] @ W[K, N]`` as a 1x1 conv over a 1 x M image: the M rows (tokens) are the
     pixels a register tile shares each weight vector between."""
@@ -399,10 +422,12 @@ def _match(graph: Graph, conv):
     return _with_input(graph, conv, weight, oc, ic, (kh, kw))
 
 
-def _match_grouped(graph: Graph, conv, lanes: int):
-    """(input, ConvShape, OIHW weight [OC, IC / groups, KH, KW], lanes) for a float32 NHWC/OHWI
-    grouped conv (neither one group nor depthwise) whose groups hold whole lane blocks of
-    output channels (RegNet's and ResNeXt's group width 8, 16, ...), else None."""
+def _match_grouped(graph: Graph, conv, lanes: int, integer: bool = False):
+    """(input, zero point, ConvShape, OIHW weight [OC, IC / groups, KH, KW]) for an NHWC/OHWI
+    grouped conv (neither one group nor depthwise; RegNet's and ResNeXt's group width 8, 16,
+    ...): float32 where its groups hold whole blocks of ``lanes`` (or 8) output channels,
+    integer (``integer``, realize's zero-point pad taken in) where the int8 kernel's
+    ``lanes`` fit it (:func:`packed_conv2d.fits_groups`); else None."""
     attrs = conv.attrs
     groups = int(attrs.groups)
     weight = const_value(conv.args[1])
@@ -410,15 +435,18 @@ def _match_grouped(graph: Graph, conv, lanes: int):
             (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "OHWI", "NHWC"):
         return None
     oc, kh, kw, group_in = weight.shape
-    group_out = oc // groups
-    lanes = next((n for n in (lanes, float_conv2d.LANES) if group_out % n == 0), None)
-    if lanes is None or oc % groups:
+    if oc % groups:
+        return None
+    if not integer and not any((oc // groups) % n == 0 for n in (lanes, float_conv2d.LANES)):
         return None
     match = _with_input(graph, conv, np.ascontiguousarray(weight.transpose(0, 3, 1, 2)), oc, group_in * groups, (kh, kw))
-    if match is None or match[1]:  # (a zero-point pad: integer convs only)
+    if match is None or (match[1] and not integer):  # (a zero-point pad: integer convs only)
         return None
-    data, _, shape, oihw = match
-    return data, dataclasses.replace(shape, groups=groups), oihw, lanes
+    data, zero_point, shape, oihw = match
+    shape = dataclasses.replace(shape, groups=groups)
+    if integer and not packed_conv2d.fits_groups(shape, lanes):
+        return None
+    return data, zero_point, shape, oihw
 
 
 def _match_depthwise(graph: Graph, conv):

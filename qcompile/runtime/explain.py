@@ -263,7 +263,8 @@ def _generic_reason(layer: LayerMacs | None, kernel: str, dot, build: dict) -> s
         return f"a {layer.op}: qcompile's packed kernels take conv2d only"
     if layer.groups > 1 and not layer.depthwise:
         return (f"a grouped conv ({layer.groups} groups of {layer.group_channels} input channels; "
-                "the packed kernels take 1 group or depthwise)")
+                "the packed kernels take 1 group, depthwise, or groups of output channels that fill or divide "
+                "their 8- or 16-channel blocks)")
     if int8 and dot is None:
         return "no int8 dot-product instruction on the target (no VNNI, AVX2 or dotprod)"
     if int8 and build.get("conv_kernels", {}).get("int8_inexact"):
