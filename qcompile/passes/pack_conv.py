@@ -149,16 +149,16 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
                           lambda: depthwise_conv2d.depthwise_func(shape, dtype))
             return _call(em, func, data, weight, shape, zero_point)
         match = _match(graph, value)
-        if match is None and integer:
-            grouped = _match_grouped(graph, value, dot.lanes, integer=True)
-            if grouped is None:
+        if integer:
+            match = match or _match_grouped(graph, value, dot.lanes, integer=True)
+            if match is None:
                 return _hwio(em, value)
-            data, zero_point, shape, weight = grouped
-            packed = packed_conv2d.pack_weight(weight, dot.lanes, groups=shape.groups)
+            data, zero_point, shape, weight = match
+            packed = packed_conv2d.pack_weight(weight, dot.lanes, shape.folds_rows, shape.groups)
             if not dot.exact_for(packed):
                 counts["int8_inexact"] += 1
                 return _hwio(em, value)
-            counts["int8_grouped"] += 1
+            counts["int8_grouped" if shape.groups > 1 else "int8"] += 1
             func = kernel(em, "conv2d_int8", shape, lambda: packed_conv2d.conv2d_func(shape, dot))
             return _call(em, func, data, packed, shape, zero_point)
         if match is None:
@@ -171,21 +171,12 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
             func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
             return _call(em, func, data, float_conv2d.pack_weight(weight, lanes), shape)
         data, zero_point, shape, weight = match
-        if not integer:
-            if zero_point:
-                return _hwio(em, value)
-            counts["float"] += 1
-            lanes = float_conv2d.lanes_for(shape.oc, float_lanes)  # weight and kernel alike
-            func = kernel(em, "conv2d_float32", shape,
-                          lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
-            return _call(em, func, data, float_conv2d.pack_weight(weight, lanes), shape)
-        packed = packed_conv2d.pack_weight(weight, dot.lanes, shape.folds_rows)
-        if not dot.exact_for(packed):
-            counts["int8_inexact"] += 1
+        if zero_point:
             return _hwio(em, value)
-        counts["int8"] += 1
-        func = kernel(em, "conv2d_int8", shape, lambda: packed_conv2d.conv2d_func(shape, dot))
-        return _call(em, func, data, packed, shape, zero_point)
+        counts["float"] += 1
+        lanes = float_conv2d.lanes_for(shape.oc, float_lanes)  # weight and kernel alike
+        func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
+        return _call(em, func, data, float_conv2d.pack_weight(weight, lanes), shape)
 
     # DCE: pads whose input a conv kernel now takes directly
     return relax.transform.DeadCodeElimination(["main"])(rebuild_module(mod, rewrite)), counts
