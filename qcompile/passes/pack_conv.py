@@ -166,7 +166,7 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
             if grouped is None:
                 return _hwio(em, value)
             data, _, shape, weight = grouped
-            lanes = next(n for n in (float_lanes, float_conv2d.LANES) if shape.oc // shape.groups % n == 0)
+            lanes = _float_group_lanes(shape.oc // shape.groups, float_lanes)
             counts["float_grouped"] += 1
             func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
             return _call(em, func, data, float_conv2d.pack_weight(weight, lanes), shape)
@@ -428,7 +428,7 @@ def _match_grouped(graph: Graph, conv, lanes: int, integer: bool = False):
     oc, kh, kw, group_in = weight.shape
     if oc % groups:
         return None
-    if not integer and not any((oc // groups) % n == 0 for n in (lanes, float_conv2d.LANES)):
+    if not integer and _float_group_lanes(oc // groups, lanes) is None:
         return None
     match = _with_input(graph, conv, np.ascontiguousarray(weight.transpose(0, 3, 1, 2)), oc, group_in * groups, (kh, kw))
     if match is None or (match[1] and not integer):  # (a zero-point pad: integer convs only)
@@ -438,6 +438,12 @@ def _match_grouped(graph: Graph, conv, lanes: int, integer: bool = False):
     if integer and not packed_conv2d.fits_groups(shape, lanes):
         return None
     return data, zero_point, shape, oihw
+
+
+def _float_group_lanes(group_out: int, lanes: int) -> int | None:
+    """The float kernel's lanes for groups of ``group_out`` output channels: the target's
+    ``lanes`` or 8, whichever fills whole blocks per group; None if neither does."""
+    return next((n for n in (lanes, float_conv2d.LANES) if group_out % n == 0), None)
 
 
 def _match_depthwise(graph: Graph, conv):
