@@ -158,7 +158,7 @@ def main() -> None:
                 print(f"{model}: round {index + 1}/{args.rounds} done", flush=True)
             results[model] = per
     table = render(results, args, machine)
-    stem = f"throughput_b{args.batch}"
+    stem = f"throughput_b{args.batch}" + ("" if args.target == "native" else f"_{args.target}")
     out = results_dir(args.save)
     (out / f"{stem}.md").write_text(table)
     (out / f"{stem}.json").write_text(json.dumps(

@@ -162,7 +162,7 @@ def main() -> None:
                      f"| {paired_ratio(per_round, name, ORT_DYNAMIC):.2f}x |")
     table = "\n".join(lines) + "\n"
     results = results_dir(args.save)
-    stem = f"transformer_latency_s{args.seq}_b{args.batch}"
+    stem = f"transformer_latency_s{args.seq}_b{args.batch}" + ("" if args.target == "native" else f"_{args.target}")
     (results / f"{stem}.md").write_text(table)
     (results / f"{stem}.json").write_text(json.dumps(
         {"shape": vars(args) | {"save": None}, "machine": machine, "rounds": per_round, "medians_ms": medians},
