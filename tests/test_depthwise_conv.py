@@ -105,7 +105,7 @@ def test_realized_depthwise_equals_tvm_grouped_conv():
     x = RNG.standard_normal((1, 8, 12, 12)).astype("float32")
     mod = _conv_then_depthwise(x)
     converted, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 1, "int8_depthwise": 1, "int8_dense": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0}
+    assert counts == {"int8": 1, "int8_depthwise": 1, "int8_dense": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0, "float_winograd": 0}
     assert "qc_depthwise_conv2d_int8" in [gv.name_hint for gv in converted.get_global_vars()]
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no dot product: TVM's grouped conv2d
     assert int8_dot_for(plain) is None and DOT is not None

@@ -189,7 +189,7 @@ def test_float_model_uses_the_kernels_and_matches_tvm():
         bb.emit_func_output(out)
     mod = bb.get()
     _, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 2, "float_depthwise": 1, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0}
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 2, "float_depthwise": 1, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0, "float_winograd": 0}
     gpu = tvm.target.Target("cuda")
     assert pack_conv(mod, gpu)[0].same_as(mod)  # CPU kernels only
     data = RNG.standard_normal((1, 3, 16, 16)).astype("float32")

@@ -13,7 +13,7 @@ from qcompile.target import resolve_target
 
 def test_every_kernel_module_registers_itself():
     names = {k.name for k in hand_kernels()}
-    assert names == {"packed_conv2d", "depthwise_conv2d", "float_conv2d"}
+    assert names == {"packed_conv2d", "depthwise_conv2d", "float_conv2d", "winograd_conv2d"}
     assert all(k.tiles for k in hand_kernels())
 
 

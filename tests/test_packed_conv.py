@@ -213,7 +213,7 @@ def test_realized_model_packed_equals_unpacked():
     x = RNG.standard_normal((1, 8, 12, 12)).astype("float32")
     mod = _qdq_conv(RNG.integers(-63, 64, (16, 8, 3, 3)).astype("int8"), x)
     packed, counts = pack_conv(mod, HOST)
-    assert counts == {"int8": 1, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0}
+    assert counts == {"int8": 1, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 0, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0, "float_winograd": 0}
     assert "qc_conv2d_int8" in [gv.name_hint for gv in packed.get_global_vars()]
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # no AVX2: TVM's own conv2d
     assert int8_dot_for(plain) is None
@@ -231,7 +231,7 @@ def test_weights_that_would_saturate_are_not_packed():
     weight[3, 0:2, 1, 1] = 127  # one channel pair: 255 * 254 overflows int16
     mod = _qdq_conv(weight, np.zeros((1, 8, 12, 12), "float32"))
     packed, counts = pack_conv(mod, resolve_target("x86-avx2").to_tvm())
-    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 1, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0}
+    assert counts == {"int8": 0, "int8_depthwise": 0, "int8_dense": 0, "int8_inexact": 1, "float": 0, "float_depthwise": 0, "float_dense": 0, "float_grouped": 0, "int8_grouped": 0, "float_winograd": 0}
     assert packed.same_as(mod)  # not even converted to NHWC
 
 

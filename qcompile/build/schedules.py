@@ -30,7 +30,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
-from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
+from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d, winograd_conv2d
 from qcompile.kernels.int8_dot import int8_dot_for
 
 # Output-column vector lengths, best first: powers of two keep LLVM from scalarising
@@ -107,6 +107,9 @@ class ConvMatmulCPU(_CPURule):
             if name.startswith(depthwise_conv2d.ANCHOR):
                 fuse = (lambda loop: self._fuse_epilogue(sch, epilogue, loop)) if epilogue else None
                 return sch if depthwise_conv2d.schedule(sch, anchor, fuse, self.tile) else None
+            if name.startswith(winograd_conv2d.ANCHOR):
+                registers = float_conv2d.vector_registers(target)
+                return sch if winograd_conv2d.schedule(sch, anchor, epilogue, self.tile, registers) else None
             if name.startswith(float_conv2d.ANCHOR):
                 fuse = lambda loop: self._fuse_epilogue(sch, epilogue, loop, float_conv2d.LANES)
                 registers = float_conv2d.vector_registers(target)

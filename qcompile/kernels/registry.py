@@ -31,7 +31,7 @@ def register(kernel: HandKernel) -> HandKernel:
 
 def hand_kernels() -> tuple[HandKernel, ...]:
     """Every registered kernel (importing the kernel modules registers them)."""
-    from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d  # noqa: F401
+    from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d, winograd_conv2d  # noqa: F401
 
     return tuple(_KERNELS.values())
 

@@ -51,7 +51,7 @@ import tvm
 from tvm import relax
 
 from qcompile.errors import first_line
-from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d
+from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d, winograd_conv2d
 from qcompile.kernels.int8_dot import Int8Dot, int8_dot_for
 from qcompile.passes.bindings import (
     Graph,
@@ -64,7 +64,7 @@ from qcompile.passes.bindings import (
 )
 
 COUNTS = ("int8", "int8_depthwise", "int8_dense", "int8_inexact", "float", "float_depthwise", "float_dense",
-          "float_grouped", "int8_grouped")
+          "float_grouped", "int8_grouped", "float_winograd")
 
 # Convolutions without a qcompile kernel keep the model's layout: ConvertLayout would make
 # them follow an NHWC input, and TVM 0.27 lowers conv2d_transpose only in NCHW (its NWC and
@@ -173,8 +173,12 @@ def _pack_conv(mod: tvm.IRModule, target: tvm.target.Target, counts: dict[str, i
         data, zero_point, shape, weight = match
         if zero_point:
             return _hwio(em, value)
-        counts["float"] += 1
         lanes = float_conv2d.lanes_for(shape.oc, float_lanes)  # weight and kernel alike
+        if winograd_conv2d.applies(shape):
+            counts["float_winograd"] += 1
+            func = kernel(em, "conv2d_winograd", shape, lambda: winograd_conv2d.conv2d_func(shape, lanes))
+            return _call(em, func, data, winograd_conv2d.pack_weight(weight, lanes), shape)
+        counts["float"] += 1
         func = kernel(em, "conv2d_float32", shape, lambda: float_conv2d.conv2d_func(shape, lanes, float_registers))
         return _call(em, func, data, float_conv2d.pack_weight(weight, lanes), shape)
 
