@@ -30,7 +30,12 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
-from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d, winograd_conv2d
+from qcompile.kernels import (
+    depthwise_conv2d,
+    float_conv2d,
+    packed_conv2d,
+    winograd_conv2d,
+)
 from qcompile.kernels.int8_dot import int8_dot_for
 
 # Output-column vector lengths, best first: powers of two keep LLVM from scalarising

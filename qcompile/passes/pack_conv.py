@@ -51,7 +51,12 @@ import tvm
 from tvm import relax
 
 from qcompile.errors import first_line
-from qcompile.kernels import depthwise_conv2d, float_conv2d, packed_conv2d, winograd_conv2d
+from qcompile.kernels import (
+    depthwise_conv2d,
+    float_conv2d,
+    packed_conv2d,
+    winograd_conv2d,
+)
 from qcompile.kernels.int8_dot import Int8Dot, int8_dot_for
 from qcompile.passes.bindings import (
     Graph,
