@@ -35,8 +35,7 @@ def _case(name: str):
 @pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kernel_matches_reference(case, lanes):
-    shape, x, weight, expected = _case(case)
-    assert winograd_conv2d.applies(shape)
+    shape, x, weight, expected = _case(case)  # the kernel computes any size; applies() picks where it pays
     out = _run(winograd_conv2d.conv2d_func(shape, lanes), None, x, winograd_conv2d.pack_weight(weight, lanes),
                np.zeros(expected.shape, "float32"))
     assert out is not None, "the default schedule rule did not take the Winograd kernel"
@@ -69,7 +68,8 @@ def test_transformed_weight_is_g_g_gt():
     (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (2,) * 4, (2, 2)), False),  # dilated
     (ConvShape(1, 8, 56, 56, 64, 3, 3, (1, 1), (1,) * 4, (1, 1)), False),  # too few input channels
     (ConvShape(1, 64, 56, 56, 64, 1, 1, (1, 1), (0,) * 4, (1, 1)), False),  # 1x1
-    (ConvShape(1, 64, 3, 3, 64, 3, 3, (1, 1), (1,) * 4, (1, 1)), False),  # output under 4x4
+    (ConvShape(1, 512, 7, 7, 512, 3, 3, (1, 1), (1,) * 4, (1, 1)), False),  # output under MIN_OUTPUT
+    (ConvShape(1, 64, 8, 8, 64, 3, 3, (1, 1), (1,) * 4, (1, 1)), True),
     (ConvShape(1, 64, 14, 14, 64, 3, 3, (1, 1), (1,) * 4, (1, 1), groups=4), False),
 ])
 def test_which_convs_it_takes(shape, takes):

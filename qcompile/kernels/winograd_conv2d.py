@@ -13,7 +13,7 @@ transforms' extra rounding (adds and halvings of the inputs and weights) keeps f
 results within ~1e-6 of the direct conv's.
 
 A conv takes this kernel where :func:`applies`: 3x3, stride 1, no dilation, one group,
-enough channels for the products to dominate the transforms.
+enough channels and pixels for the products to dominate the transforms.
 """
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
 # Fewest input and output channels for the kernel: below them (a stem's 3 input channels,
 # a 16-channel layer) the transforms cost as much as the multiply-adds they save.
 MIN_CHANNELS = 16
+# Smallest output height and width: a 7x7 output (ResNet's last stage) stays on the direct
+# kernel, where 4x4 tiles would waste a quarter of the products and the transformed weight
+# (16/9 of the bytes) would grow resnet18's library from 54 to 76 MB for ~10% on those layers
+# (`qcompile bench --profile`, 2-vCPU Zen 5).
+MIN_OUTPUT = 8
 
 TILES = ((7, 2), (4, 4), (8, 2), (4, 3), (7, 1), (4, 2), (14, 1), (2, 4), (4, 1), (7, 3))
 KERNEL = register(HandKernel("winograd_conv2d", ANCHOR, TILES))
@@ -46,10 +51,10 @@ KERNEL = register(HandKernel("winograd_conv2d", ANCHOR, TILES))
 
 def applies(shape: ConvShape) -> bool:
     """Whether ``shape`` runs on this kernel: 3x3, stride 1, no dilation, one group, at least
-    :data:`MIN_CHANNELS` in and out and an output of at least 4x4."""
+    :data:`MIN_CHANNELS` in and out and an output of at least :data:`MIN_OUTPUT` square."""
     oh, ow = shape.out_hw
     return ((shape.kh, shape.kw) == (3, 3) and shape.stride == (1, 1) and shape.dilation == (1, 1)
-            and shape.groups == 1 and min(shape.ic, shape.oc) >= MIN_CHANNELS and min(oh, ow) >= 4)
+            and shape.groups == 1 and min(shape.ic, shape.oc) >= MIN_CHANNELS and min(oh, ow) >= MIN_OUTPUT)
 
 
 def tiles(shape: ConvShape) -> tuple[int, int]:
