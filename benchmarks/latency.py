@@ -7,8 +7,8 @@ the next contender on 2 cores; sleeping instead distorts too.  The VM's speed dr
 tens of percent from one minute to the next on a shared VM), so ratios are taken within one run, and
 each ratio column is the median of the per-round ratios (a contender against the other
 one's median in the same round), which a phase that covers only some rounds moves less
-than a ratio of the two overall medians.  "% of peak" is the model's multiply-accumulates per
-second against this CPU's measured peak (``qcompile.runtime.peak``, once per run after the
+than a ratio of the two overall medians.  "% of peak" is the model's multiply-accumulates (those of direct
+convolutions: a Winograd kernel does fewer, so a model can exceed 100%) per second against this CPU's measured peak (``qcompile.runtime.peak``, once per run after the
 rounds, on idle CPUs): fp32 contenders against the fp32 FMA peak, int8 ones against the int8
 dot-product peak.  Writes out/benchmarks/latency_<model>.{json,md,png}
 (``latency_<model>_<target>.*`` for a ``--target`` other than native), or into benchmarks/results/
@@ -261,7 +261,7 @@ def main() -> None:
              f"{args.rounds} interleaved rounds of {args.budget:g} s "
              "per contender (median of round medians; ratios: median of per-round ratios)",
              "", describe(machine), "",
-             (f"{macs / 1e9:.2f} GMAC per run; % of peak: of this CPU's measured fp32 FMA peak "
+             (f"{macs / 1e9:.2f} GMAC per run (direct convolution); % of peak: of this CPU's measured fp32 FMA peak "
               f"({peaks.fp32.gmacs:.0f} GMAC/s, {peaks.fp32.instruction}) for fp32 contenders, of its int8 "
               f"peak ({_gmacs(peaks.int8_gmacs)}, {peaks.int8.instruction if peaks.int8 else peaks.int8_note}) "
               f"for int8 ones, {peaks.threads} threads (benchmarks/peak.py)"), "",

@@ -5,6 +5,7 @@
 ``packed_conv2d``: an int8 conv2d on a packed weight layout whose inner loop is one of them.
 ``depthwise_conv2d``: a depthwise conv2d (int8, float32) vectorized along NHWC channels.
 ``float_conv2d``: a float32 conv2d on a weight packed into output-channel blocks.
+``winograd_conv2d``: a float32 3x3 stride-1 conv2d by Winograd's F(2x2, 3x3) on the same tiles.
 ``registry``: which fused kernels are built on these (by compute-block name), and their tiles.
 """
 from __future__ import annotations

@@ -18,7 +18,10 @@ convs), with a note saying why.  Then, with the weight constant:
   instruction cannot compute exactly (AVX2 with 8-bit weights whose pairs overflow int16)
   keep TVM's conv2d: slower, never wrong ("int8_inexact");
 * an integer depthwise conv (groups = channels) becomes :mod:`qcompile.kernels.depthwise_conv2d`;
-* a float32 conv becomes :mod:`qcompile.kernels.float_conv2d` (output channels a multiple
+* a float32 3x3 stride-1 conv with enough channels and pixels
+  (:func:`qcompile.kernels.winograd_conv2d.applies`) becomes the Winograd F(2x2, 3x3) kernel
+  ("float_winograd": 2.25x fewer multiply-adds, the weight transformed at compile time);
+* any other float32 conv becomes :mod:`qcompile.kernels.float_conv2d` (output channels a multiple
   of 8; 16-lane blocks where the target's are and they divide the channels), a float32
   depthwise conv the float form of the depthwise kernel, a float32 grouped conv whose groups
   hold whole lane blocks (RegNet's, ResNeXt's) the float kernel with each block reducing over
