@@ -23,7 +23,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from qcompile.kernels.float_conv2d import padded_channels, tile_for
-from qcompile.kernels.packed_conv2d import ConvShape
+from qcompile.kernels.packed_conv2d import ConvShape, has_block
 from qcompile.kernels.registry import HandKernel, register
 
 ANCHOR = "conv2d_float_winograd"
@@ -163,7 +163,7 @@ def schedule(sch: s_tir.Schedule, anchor, epilogue: Sequence[str], tile: tuple[i
     sch.unroll(co_i)
     sch.unroll(t_i)
     # input transform: the padding inlined, one tile's 16 positions per channel vector
-    if _has(sch, PAD):
+    if has_block(sch, PAD):
         sch.compute_inline(sch.get_sblock(PAD))
     block = sch.get_sblock(INPUT)
     a, b, t, c = sch.get_loops(block)
@@ -193,6 +193,3 @@ def _vector(extent: int) -> int:
     """The widest vector (16, 8, 4 floats) that divides ``extent``, else 1."""
     return next((v for v in (16, 8, 4) if extent % v == 0), 1)
 
-
-def _has(sch: s_tir.Schedule, name: str) -> bool:
-    return name in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
