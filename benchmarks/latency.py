@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import add_save_option, describe, machine_info, results_dir
+from throughput import make_runner
 
 ORT_INT8 = "ONNX Runtime int8 (QDQ U8S8 per-channel)"
 TORCH_FP32 = "PyTorch fp32 eager"
@@ -58,9 +59,11 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: bool = True,
-               target_name: str = "native") -> tuple[dict[str, Callable[[np.ndarray], object]], int]:
-    """The runners by contender name, and the model's multiply-accumulates per run."""
+def contenders(model: str, threads: int, calib: int, work: Path, target_name: str = "native",
+               ) -> tuple[dict[str, Path], list[np.ndarray], object, int]:
+    """Every contender's file in ``work`` by contender name (qcompile's libraries with the
+    tuning records and without, the ONNX files, the ``torch.save``d PyTorch module), the
+    calibration samples, the PyTorch module and the model's multiply-accumulates per run."""
     import torch
 
     from qcompile.build import build
@@ -68,7 +71,6 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
     from qcompile.frontend import import_model
     from qcompile.frontend.from_torch import torchvision_module
     from qcompile.quantize import Int8Config, quantize_model
-    from qcompile.runtime import CompiledModel
     from qcompile.target import resolve_target
 
     torch.set_num_threads(threads)
@@ -79,7 +81,7 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
     imported = import_model(model)
     qmodel = quantize_model(imported, [{"x": s} for s in samples], Int8Config(num_samples=calib),
                                   target.to_tvm())
-    built = {}
+    files: dict[str, Path] = {}
     for label, source in (("fp32", imported), ("int8", qmodel)):
         for logs in (None, False):  # committed tuning records, then none (the default schedule)
             artifact = build(source, target, work / f"{label}-{logs is None}", name=f"{model}-{label}",
@@ -89,31 +91,12 @@ def contenders(model: str, threads: int, calib: int, work: Path, torch_int8: boo
                    else "untuned: default schedule")
             if logs is None and not tuning.get("hits"):
                 continue  # no records for this model: the untuned build below covers it
-            built[f"qcompile {label} ({how})"] = CompiledModel.load(artifact.library)
-
-    onnx_path = export_onnx(net, samples[0], work / f"{model}.onnx")
-    ort_int8_path = ort_quantize_qdq(onnx_path, samples, work / f"{model}-ort-int8.onnx")
-    ort_fp32, ort_int8 = ort_session(onnx_path, threads), ort_session(ort_int8_path, threads)
-
-    def torch_fp32(x):
-        with torch.no_grad():
-            return net(torch.from_numpy(x))
-
-    extra = {}
-    if torch_int8:
-        try:
-            extra["PyTorch int8 (PT2E X86InductorQuantizer + torch.compile)"] = _torch_pt2e_int8(net, samples)
-        except Exception as exc:  # noqa: BLE001 (recorded, not hidden: the output says it did not run)
-            print(f"PyTorch int8 (PT2E + inductor) did not run: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-
-    runners = {name: (lambda x, m=compiled: m.run({"x": x})) for name, compiled in built.items()}
-    return {
-        **runners,
-        TORCH_FP32: torch_fp32,
-        "ONNX Runtime fp32": lambda x: ort_fp32.run(None, {"x": x}),
-        ORT_INT8: lambda x: ort_int8.run(None, {"x": x}),
-        **extra,
-    }, count_macs(imported.mod).total
+            files[f"qcompile {label} ({how})"] = artifact.library
+    files[TORCH_FP32] = work / f"{model}.pt"
+    torch.save(net, files[TORCH_FP32])
+    files["ONNX Runtime fp32"] = export_onnx(net, samples[0], work / f"{model}.onnx")
+    files[ORT_INT8] = ort_quantize_qdq(files["ONNX Runtime fp32"], samples, work / f"{model}-ort-int8.onnx")
+    return files, samples, net, count_macs(imported.mod).total
 
 
 def ort_quantize_qdq(fp32: Path, samples: list[np.ndarray], out: Path, input_name: str = "x") -> Path:
@@ -176,6 +159,27 @@ def _torch_pt2e_int8(net, samples):
     return run
 
 
+def measure_standalone(files: dict[str, Path], x: np.ndarray, rounds: int, budget_s: float, threads: int,
+                       work: Path) -> dict[str, list[float]]:
+    """Each contender in its own process (``standalone.Server``): per contender the median
+    latency (ms) of each round; a contender that fails is named and left out."""
+    from standalone import Server, interleaved_rounds
+
+    np.savez(work / "feeds.npz", x=x)
+    servers = {name: Server(name, threads, work / f"serve-{i}.log") for i, name in enumerate(files)}
+    try:
+        per_round, errors, waits = interleaved_rounds({n: str(p) for n, p in files.items()}, servers,
+                                                      str(work / "feeds.npz"), rounds, budget_s)
+    finally:
+        for server in servers.values():
+            server.close()
+    for name, error in errors.items():
+        print(f"{name} did not run: {error}")
+    print(f"waited {waits['idle_wait_s']:.1f} s for idle CPUs; {waits['busy_starts']} measurements started "
+          "on busy CPUs")
+    return per_round
+
+
 def wait_for_idle_cpus(max_busy: float = 0.1, window_s: float = 1.0, limit_s: float = 120.0) -> float:
     """Wait (this process asleep) until the machine's CPUs are at most ``max_busy`` busy over
     ``window_s``: compilers' leftover worker processes, or anything else still running, would
@@ -197,12 +201,13 @@ def wait_for_idle_cpus(max_busy: float = 0.1, window_s: float = 1.0, limit_s: fl
     return time.perf_counter() - start
 
 
-def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: float) -> dict[str, list[float]]:
-    """Per contender: the median latency (ms) of each round."""
+def measure(runners: dict[str, Callable[[], object]], rounds: int, budget_s: float,
+            gap_s: float) -> dict[str, list[float]]:
+    """In one process: per contender the median latency (ms) of each round."""
     waited = wait_for_idle_cpus()
     print(f"waited {waited:.1f} s for idle CPUs before the rounds")
     for run in runners.values():  # warm-up
-        run(x)
+        run()
     per_round: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for index in range(rounds):
@@ -214,7 +219,7 @@ def measure(runners: dict, x: np.ndarray, rounds: int, budget_s: float, gap_s: f
             start_round = time.perf_counter()
             while not times or (time.perf_counter() - start_round < budget_s and len(times) < 200):
                 t0 = time.perf_counter()
-                run(x)
+                run()
                 times.append((time.perf_counter() - t0) * 1000.0)
             per_round[name].append(float(np.median(times)))
     return per_round
@@ -242,14 +247,29 @@ def main() -> None:
                         help="qcompile's target (e.g. x86-avx2 on an AVX-512 CPU: the AVX2 kernels on the same cores)")
     parser.add_argument("--no-torch-int8", dest="torch_int8", action="store_false",
                         help="skip PyTorch int8 (PT2E + torch.compile, which compiles for minutes)")
+    parser.add_argument("--standalone", action="store_true",
+                        help="each contender in its own process (no PyTorch int8); writes latency_MODEL_standalone.*")
     add_save_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype("float32")
     with tempfile.TemporaryDirectory() as tmp:
-        runners, macs = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.torch_int8,
-                                   args.target)
-        per_round = measure(runners, x, args.rounds, args.budget, gap_s=0.05)
+        files, samples, net, macs = contenders(args.model, args.threads, args.calib_samples, Path(tmp), args.target)
+        if args.standalone:
+            if args.torch_int8:
+                print("PyTorch int8 (PT2E + torch.compile) runs only in one process (it compiles there for "
+                      "minutes): not measured with --standalone")
+            per_round = measure_standalone(files, x, args.rounds, args.budget, args.threads, Path(tmp))
+        else:
+            runners = {name: make_runner(name, str(path), args.threads, {"x": x}) for name, path in files.items()}
+            if args.torch_int8:
+                try:
+                    run_int8 = _torch_pt2e_int8(net, samples)
+                    runners["PyTorch int8 (PT2E X86InductorQuantizer + torch.compile)"] = lambda: run_int8(x)
+                except Exception as exc:  # noqa: BLE001 (recorded, not hidden: the output says it did not run)
+                    print(f"PyTorch int8 (PT2E + inductor) did not run: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]}")
+            per_round = measure(runners, args.rounds, args.budget, gap_s=0.05)
     from qcompile.runtime.peak import measure_peaks
 
     wait_for_idle_cpus()  # a peak measured beside another process reads low
@@ -257,7 +277,9 @@ def main() -> None:
     medians = {name: float(np.median(v)) for name, v in per_round.items()}
     shares = {name: share_of_peak(name, ms, macs, peaks) for name, ms in medians.items()}
     machine = machine_info(args.threads)
-    lines = [f"{args.model}, qcompile target {args.target}, batch 1, {args.threads} threads, "
+    mode = ("each contender standalone in its own process" if args.standalone
+            else "all contenders in one process")
+    lines = [f"{args.model}, qcompile target {args.target}, batch 1, {args.threads} threads, {mode}, "
              f"{args.rounds} interleaved rounds of {args.budget:g} s "
              "per contender (median of round medians; ratios: median of per-round ratios)",
              "", describe(machine), "",
@@ -280,10 +302,12 @@ def main() -> None:
                   f"{paired_ratio(per_round, fp32, 'ONNX Runtime fp32'):.2f}x its latency"]
     table = "\n".join(lines) + "\n"
     results = results_dir(args.save)
-    stem = f"latency_{args.model}" + ("" if args.target == "native" else f"_{args.target}")
+    stem = (f"latency_{args.model}" + ("_standalone" if args.standalone else "")
+            + ("" if args.target == "native" else f"_{args.target}"))
     (results / f"{stem}.md").write_text(table)
     (results / f"{stem}.json").write_text(json.dumps(
-        {"model": args.model, "target": args.target, "threads": args.threads, "rounds_run": args.rounds,
+        {"model": args.model, "target": args.target, "threads": args.threads,
+         "mode": "standalone" if args.standalone else "in-process", "rounds_run": args.rounds,
          "budget_s": args.budget, "machine": machine, "rounds": per_round, "medians_ms": medians, "macs": macs,
          "peaks": peaks.to_json(), "share_of_peak": shares}, indent=2) + "\n")
     _bar_chart(args.model, medians, results / f"{stem}.png")

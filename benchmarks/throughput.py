@@ -70,7 +70,20 @@ def make_runner(contender: str, path: str, threads: int, feeds: dict[str, np.nda
     """``contender``'s artifact at ``path`` loaded in this process, as a call that runs ``feeds``
     once: by name where the model's input names are the feeds', else in the feeds' order.
     qcompile runs on ``TVM_NUM_THREADS`` of this process, ONNX Runtime on ``threads`` intra-op
-    threads with its default graph optimizations."""
+    threads with its default graph optimizations; a PyTorch contender's file is a whole
+    ``torch.save``d module, run eagerly on the feeds in order, on ``threads`` threads."""
+    if contender.startswith("PyTorch"):
+        import torch
+
+        torch.set_num_threads(threads)
+        net = torch.load(path, weights_only=False).eval()
+        tensors = [torch.from_numpy(a) for a in feeds.values()]
+
+        def run():
+            with torch.no_grad():
+                return net(*tensors)
+
+        return run
     if contender.startswith("qcompile"):
         import qcompile
 

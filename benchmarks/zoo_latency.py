@@ -14,7 +14,7 @@ For every zoo model (``zoo.py``'s cases, exports and calibration samples):
   that file against ONNX Runtime running the same file, in the int8 columns; their float32 is
   the base model's.
 
-Every contender runs standalone in its own long-lived process (``--serve``: qcompile on
+Every contender runs standalone in its own long-lived process (``standalone.py``'s servers: qcompile on
 ``TVM_NUM_THREADS``, ONNX Runtime on ``intra_op_num_threads``, both ``--threads``), one
 measurement at a time with ``throughput.py``'s loader and timer: load the artifact, warm up,
 wait for idle CPUs, run for ``--seconds``, median ms.  Per model the builds run first in a
@@ -43,13 +43,10 @@ names the commit it was measured at, and the table says so where there are sever
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import select
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,15 +60,12 @@ sys.path.insert(0, str(HERE))
 
 import zoo
 from machine import add_save_option, describe, machine_info, results_dir
-from throughput import make_runner, time_runner
+from standalone import Server, interleaved_rounds
 
 QC_FP32, ORT_FP32, QC_INT8, ORT_INT8 = "qcompile fp32", "ONNX Runtime fp32", "qcompile int8", "ONNX Runtime int8"
 CONTENDERS = (QC_FP32, ORT_FP32, QC_INT8, ORT_INT8)
 PAIRS = {"fp32": (QC_FP32, ORT_FP32), "int8": (QC_INT8, ORT_INT8)}
 LIMIT = 1.5  # a ratio above this counts as a model worse than ONNX Runtime
-IDLE_WINDOW_S = 0.5  # the idle-CPU check before each measurement
-RESTART_RSS_MB = 3072  # a serving process above this is replaced before its next measurement
-REQUEST_TIMEOUT_S = 300.0  # load, warm-up and idle wait of one measurement (plus --seconds)
 
 
 # ----------------------------------------------------------------------------- building
@@ -146,116 +140,16 @@ def build_isolated(entry: zoo.Entry, work: Path, timeout: float) -> dict[str, An
 
 # ----------------------------------------------------------------------------- measuring
 
-def rss_mb() -> float:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def serve(contender: str, threads: int) -> None:
-    """A contender's standalone process: per JSON line on stdin ({"path", "feeds", "seconds"})
-    one measurement, answered as one JSON line ({"ms", "runs", "waited_s", "rss_mb"} or
-    {"error"}).  Anything the libraries print goes to stderr."""
-    reply_to = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    for line in sys.stdin:
-        request = json.loads(line)
-        run = None
-        try:
-            with np.load(request["feeds"]) as arrays:
-                feeds = {name: arrays[name] for name in arrays.files}
-            run = make_runner(contender, request["path"], threads, feeds)
-            reply: dict[str, Any] = time_runner(run, request["seconds"], IDLE_WINDOW_S)
-        except Exception as exc:  # noqa: BLE001 (answered: the cell says failed)
-            reply = {"error": zoo.first_line(exc)}
-        del run
-        gc.collect()
-        reply["rss_mb"] = round(rss_mb())
-        reply_to.write(json.dumps(reply) + "\n")
-        reply_to.flush()
-
-
-class MeasureError(RuntimeError):
-    """A measurement that gave no time: the artifact failed to load or run, or its process died."""
-
-
-class Server:
-    """The driver's handle on one contender's ``--serve`` process, started on first use and
-    replaced after a crash, a hang or when it holds more than ``RESTART_RSS_MB``."""
-
-    def __init__(self, contender: str, threads: int, log: Path) -> None:
-        self.contender, self.threads, self.log = contender, threads, log
-        self.proc: subprocess.Popen | None = None
-
-    def _start(self) -> subprocess.Popen:
-        env = dict(os.environ, TVM_NUM_THREADS=str(self.threads), OMP_NUM_THREADS=str(self.threads))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", self.contender, "--threads", str(self.threads)]
-        with open(self.log, "a") as err:
-            return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    env=env, start_new_session=True)
-
-    def measure(self, path: str, feeds: str, seconds: float) -> dict[str, Any]:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = self._start()
-        self.proc.stdin.write(json.dumps({"path": path, "feeds": feeds, "seconds": seconds}) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], REQUEST_TIMEOUT_S + seconds)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            code = self.proc.poll()
-            self.close()
-            raise MeasureError(f"its process {'hung' if code is None else f'exited ({code})'}; see {self.log}")
-        reply = json.loads(line)
-        if reply.get("rss_mb", 0) > RESTART_RSS_MB:
-            self.close()
-        if "error" in reply:
-            raise MeasureError(reply["error"])
-        return reply
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 def measure_model(artifacts: dict[str, Any], servers: dict[str, Server], rounds: int,
                   seconds: float) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
-    """``rounds`` interleaved rounds over the contenders that have a file (each round starts one
-    contender later): ({contender: ms per round}, {contender: error}, {"idle_wait_s": seconds
-    waited for idle CPUs, "busy_starts": measurements that started without idle CPUs}).
-    A contender that fails once is not asked again."""
-    live = [c for c in CONTENDERS if c in artifacts["files"]]
-    per_round: dict[str, list[float]] = {c: [] for c in live}
-    errors: dict[str, str] = {}
-    waits = {"idle_wait_s": 0.0, "busy_starts": 0}
+    """``rounds`` interleaved rounds over the contenders that have a file: in each round the
+    two contenders of a precision run back to back, which of the two first and which
+    precision first alternating (:func:`standalone.interleaved_rounds`'s results)."""
+    files = {c: artifacts["files"][c] for c in CONTENDERS if c in artifacts["files"]}
     pairs = list(PAIRS.values())
-    for index in range(rounds):
-        # the two contenders of a precision back to back; who goes first alternates
-        order = [c for pair in (pairs if index % 2 == 0 else pairs[::-1])
-                 for c in (pair if index % 4 < 2 else pair[::-1]) if c in live]
-        for contender in order:
-            if contender in errors:
-                continue
-            try:
-                reply = servers[contender].measure(artifacts["files"][contender], artifacts["feeds"], seconds)
-            except MeasureError as exc:
-                errors[contender] = str(exc)
-                per_round.pop(contender)
-                continue
-            per_round[contender].append(reply["ms"])
-            waits["idle_wait_s"] += reply["waited_s"]
-            waits["busy_starts"] += not reply["idle"]
-    waits["idle_wait_s"] = round(waits["idle_wait_s"], 1)
-    return per_round, errors, waits
+    orders = [[c for pair in (pairs if index % 2 == 0 else pairs[::-1])
+               for c in (pair if index % 4 < 2 else pair[::-1]) if c in files] for index in range(rounds)]
+    return interleaved_rounds(files, servers, artifacts["feeds"], rounds, seconds, orders)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -403,7 +297,6 @@ def main() -> None:
     parser.add_argument("--target", default="native",
                         help="qcompile's target (default native); another one writes zoo_latency_TARGET.*")
     parser.add_argument("--build", help=argparse.SUPPRESS)
-    parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true",
                         help="keep the models of the last run's zoo_latency.json (same CPU and settings) and "
                              "measure only the others")
@@ -413,9 +306,6 @@ def main() -> None:
     zoo.TARGET = args.target  # what zoo.py's builds compile for, here and in the --build subprocess
     if args.build:
         build(zoo.ZOO[args.build], args.work)
-        return
-    if args.serve:
-        serve(args.serve, args.threads)
         return
     entries = zoo.select(args.only, args.classes)
     machine = machine_info(args.threads)
