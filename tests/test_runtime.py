@@ -74,8 +74,19 @@ def test_default_inputs_are_seeded_standard_normal(loaded, tiny_net):
     ],
 )
 def test_bad_inputs(loaded, inputs, message):
+    loaded.run({"x": np.zeros((1, 3, 32, 32), "float32")})  # held inputs: run()'s fast path is on
     with pytest.raises(RuntimeInputError, match=message):
         loaded.run(inputs)
+
+
+def test_inputs_the_fast_path_does_not_take_are_converted(loaded, tiny_net, tiny_input):
+    """After a first run, arrays of the model's shape and dtype go straight to the held input
+    tensors; a strided view or a Fortran-ordered copy still goes through the checks and is copied in."""
+    loaded.run(tiny_input)
+    strided = np.repeat(tiny_input, 2, axis=3)[..., ::2]
+    assert not strided.flags.c_contiguous
+    for inputs in ({"x": strided}, [np.asfortranarray(tiny_input)], (tiny_input,)):
+        np.testing.assert_allclose(loaded.run(inputs)["output0"], reference(tiny_net, tiny_input), atol=1e-4, rtol=0)
 
 
 def test_benchmark_statistics(loaded, tiny_net, tiny_input):

@@ -119,6 +119,8 @@ class CompiledModel:
         self._input_views: list[np.ndarray] | None = None
         self._main = None  # the VM's ``main``, called directly with those tensors (see run)
         self._output_names = tuple(o.name for o in manifest.outputs)
+        # what a run's inputs must be, in the forms numpy compares fastest (see _ready_inputs)
+        self._expected = tuple((i.name, tuple(i.shape), np.dtype(i.dtype)) for i in manifest.inputs)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -212,8 +214,32 @@ class CompiledModel:
             if all(v.flags.writeable and v.shape == a.shape for v, a in zip(views, arrays)):
                 self._tensors, self._input_views = tensors, views
 
+    def _ready_inputs(self, inputs: Inputs | None) -> list[np.ndarray] | None:
+        """``inputs`` in signature order if each is already an array of the model's shape and
+        dtype (the common call), else None: ``check_inputs`` then converts them or says what
+        is wrong.  On a model whose kernels take ~20 us, the general checks cost ~3 us a run."""
+        expected = self._expected
+        if isinstance(inputs, dict) and len(inputs) == len(expected):
+            arrays = [inputs.get(name) for name, _, _ in expected]
+        elif isinstance(inputs, (list, tuple)) and len(inputs) == len(expected):
+            arrays = list(inputs)
+        elif isinstance(inputs, np.ndarray) and len(expected) == 1:
+            arrays = [inputs]
+        else:
+            return None
+        for array, (_, shape, dtype) in zip(arrays, expected):
+            if type(array) is not np.ndarray or array.shape != shape or array.dtype != dtype:
+                return None
+        return arrays
+
     def run(self, inputs: Inputs | None = None) -> dict[str, np.ndarray]:
         """Run once; returns ``{output name: array}``."""
+        if self._main is not None:  # local CPU, inputs held since an earlier run (see _set_inputs)
+            arrays = self._ready_inputs(inputs)
+            if arrays is not None:
+                for view, array in zip(self._input_views, arrays):
+                    np.copyto(view, array)
+                return self._collect_outputs(self._main(*self._tensors))
         arrays = check_inputs(self.manifest.inputs, self.default_inputs() if inputs is None else inputs)
         with self._remote_guard("run"):
             self._set_inputs(arrays)
