@@ -66,7 +66,9 @@ def test_transformed_weight_is_g_g_gt():
     (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (1,) * 4, (1, 1)), True),
     (ConvShape(1, 64, 56, 56, 64, 3, 3, (2, 2), (1,) * 4, (1, 1)), False),  # strided
     (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (2,) * 4, (2, 2)), False),  # dilated
-    (ConvShape(1, 8, 56, 56, 64, 3, 3, (1, 1), (1,) * 4, (1, 1)), False),  # too few input channels
+    (ConvShape(1, 16, 56, 56, 64, 3, 3, (1, 1), (1,) * 4, (1, 1)), False),  # too few input channels
+    (ConvShape(1, 64, 56, 56, 16, 3, 3, (1, 1), (1,) * 4, (1, 1)), False),  # too few output channels
+    (ConvShape(1, 32, 23, 23, 32, 3, 3, (1, 1), (1,) * 4, (1, 1)), True),
     (ConvShape(1, 64, 56, 56, 64, 1, 1, (1, 1), (0,) * 4, (1, 1)), False),  # 1x1
     (ConvShape(1, 512, 7, 7, 512, 3, 3, (1, 1), (1,) * 4, (1, 1)), False),  # output under MIN_OUTPUT
     (ConvShape(1, 64, 8, 8, 64, 3, 3, (1, 1), (1,) * 4, (1, 1)), True),
@@ -77,18 +79,18 @@ def test_which_convs_it_takes(shape, takes):
 
 
 def test_model_routes_3x3_convs_and_matches_tvm():
-    """conv 3x3 16->32 (+bias, relu), a residual 3x3 32->32 (+ the input), a strided 3x3:
+    """conv 3x3 32->32 (+bias, relu), a residual 3x3 32->32 (+ the input), a strided 3x3:
     the two stride-1 convs take the Winograd kernel with their epilogues fused, the strided
     one the direct kernel; the model == TVM's own NCHW convs."""
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 14, 14), "float32"))
+    x = relax.Var("x", relax.TensorType((1, 32, 14, 14), "float32"))
 
     def weight(*shape):
         return relax.const((RNG.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype("float32"))
 
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, weight(32, 16, 3, 3), padding=1))
+            y = bb.emit(relax.op.nn.conv2d(x, weight(32, 32, 3, 3), padding=1))
             y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, weight(1, 32, 1, 1)))))
             z = bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(y, weight(32, 32, 3, 3), padding=1)), y))
             z = bb.emit(relax.op.nn.conv2d(z, weight(32, 32, 3, 3), strides=2, padding=1))
@@ -97,7 +99,7 @@ def test_model_routes_3x3_convs_and_matches_tvm():
     mod = bb.get()
     _, counts = pack_conv(mod, HOST)
     assert counts["float_winograd"] == 2 and counts["float"] == 1
-    data = RNG.standard_normal((1, 16, 14, 14)).astype("float32")
+    data = RNG.standard_normal((1, 32, 14, 14)).astype("float32")
     got, plain = _with_and_without_kernels(mod, data)
     assert got.shape == (1, 32, 7, 7)
     np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4)
