@@ -225,6 +225,22 @@ def measure(runners: dict[str, Callable[[], object]], rounds: int, budget_s: flo
     return per_round
 
 
+def measure_peaks_apart(threads: int):
+    """This CPU's peaks (``qcompile.runtime.peak``, native, over TVM's pool of ``threads``)
+    measured in a fresh process, as ``peak.py`` does: in the process that built and ran the
+    contenders it can read about half of them."""
+    import subprocess
+    import sys
+
+    from qcompile.runtime.peak import Peaks
+
+    code = ("import json; from qcompile.runtime.peak import measure_peaks; "
+            "print(json.dumps(measure_peaks('native').to_json()))")
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return Peaks.from_json(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def share_of_peak(name: str, median_ms: float, macs: int, peaks) -> float | None:
     """The share of this CPU's measured peak a contender reaches: int8 contenders against the
     int8 dot-product peak, the others against the fp32 FMA peak."""
@@ -270,10 +286,8 @@ def main() -> None:
                     print(f"PyTorch int8 (PT2E + inductor) did not run: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0]}")
             per_round = measure(runners, args.rounds, args.budget, gap_s=0.05)
-    from qcompile.runtime.peak import measure_peaks
-
     wait_for_idle_cpus()  # a peak measured beside another process reads low
-    peaks = measure_peaks("native")  # this CPU's, over TVM's pool (TVM_NUM_THREADS = --threads)
+    peaks = measure_peaks_apart(args.threads)
     medians = {name: float(np.median(v)) for name, v in per_round.items()}
     shares = {name: share_of_peak(name, ms, macs, peaks) for name, ms in medians.items()}
     machine = machine_info(args.threads)
