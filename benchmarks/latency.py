@@ -10,13 +10,18 @@ one's median in the same round), which a phase that covers only some rounds move
 than a ratio of the two overall medians.  "% of peak" is the model's multiply-accumulates (those of direct
 convolutions: a Winograd kernel does fewer, so a model can exceed 100%) per second against this CPU's measured peak (``qcompile.runtime.peak``, once per run after the
 rounds, on idle CPUs): fp32 contenders against the fp32 FMA peak, int8 ones against the int8
-dot-product peak.  Writes out/benchmarks/latency_<model>.{json,md,png}
+dot-product peak.  ``--standalone`` runs each contender in a long-lived process of its own
+instead (``standalone.py``: the way a user runs ``qcompile bench`` or an ONNX Runtime script;
+PyTorch int8, which compiles for minutes in the process that runs it, is left out), one
+measurement of ``--budget`` seconds at a time, interleaved the same way, into
+``latency_<model>_standalone.*``.  Writes out/benchmarks/latency_<model>.{json,md,png}
 (``latency_<model>_<target>.*`` for a ``--target`` other than native), or into benchmarks/results/
 with ``--save``; the JSON records the machine (CPU, flags, threads), the git commit and the date.
 
     .venv/bin/python benchmarks/latency.py resnet18 --rounds 5
     .venv/bin/python benchmarks/latency.py resnet18 --target x86-avx2   # AVX2 kernels on an AVX-512 CPU
     .venv/bin/python benchmarks/latency.py mobilenet_v2 --rounds 20 --budget 0.3 --save
+    .venv/bin/python benchmarks/latency.py resnet18 --standalone --rounds 7 --no-torch-int8 --save
 """
 from __future__ import annotations
 
