@@ -25,17 +25,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
 IDLE_WINDOW_S = 0.5  # the idle-CPU check before each measurement
 RESTART_RSS_MB = 3072  # a serving process above this is replaced before its next measurement
 REQUEST_TIMEOUT_S = 300.0  # load, warm-up and idle wait of one measurement (plus the seconds timed)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def rss_mb() -> float:
@@ -51,6 +43,7 @@ def serve(contender: str, threads: int) -> None:
     one measurement, answered as one JSON line ({"ms", "runs", "waited_s", "idle", "rss_mb"}
     or {"error"}).  Anything the libraries print goes to stderr."""
     from throughput import make_runner, time_runner
+    from zoo import first_line
 
     reply_to = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
